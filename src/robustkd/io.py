@@ -112,7 +112,8 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, meta: Mapping[str, Any],
                     extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write ``model.safetensors`` (weights + ``extra.*`` tensors such as a trigger) and ``meta.json``."""
+    """Write ``model.safetensors`` (weights, plus ``extra.*`` tensors such as a trigger) and
+    ``meta.json``."""
     run_dir = Path(run_dir)
     tensors = dict(model.state_dict())
     for key, value in (extra_tensors or {}).items():
@@ -124,7 +125,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, meta: Mapping[s
 
 def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                   dict[str, torch.Tensor]]:
-    """Return ``(model_state, meta, extra_tensors)`` of a run directory written by save_checkpoint."""
+    """``(model_state, meta, extra_tensors)`` of a run directory written by save_checkpoint."""
     run_dir = Path(run_dir)
     weights, meta_path = run_dir / WEIGHTS_FILE, run_dir / META_FILE
     if not weights.exists() or not meta_path.exists():

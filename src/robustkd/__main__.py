@@ -1,0 +1,5 @@
+import sys
+
+from robustkd.cli import main
+
+sys.exit(main())

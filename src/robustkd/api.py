@@ -1,0 +1,287 @@
+"""The Python API behind every CLI command: train, attack, evaluate.
+
+Each function reads data, builds or loads models, runs the one training loop, writes a
+run directory (checkpoint per epoch, ``meta.json``, ``record.json``) and returns the
+record as a dict.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustkd.attacks import AttackContext, get_attack, poison_dataset
+from robustkd.data import load_dataset, per_class_subset
+from robustkd.data.dataset import DatasetSplits
+from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import evaluate_model, feature_variance
+from robustkd.io import load_state_dict
+from robustkd.models import build_model
+from robustkd.runs import load_run, run_meta, save_run_model, write_record
+from robustkd.training.classifier import train_classifier
+from robustkd.training.loop import EpochResult
+from robustkd.training.optim import OptimConfig
+from robustkd.utils import describe_device, resolve_device, seed_everything
+
+STATE_DIR = "state"
+
+
+def _log(message: str) -> None:
+    tqdm.write(message)
+
+
+def _prepare_data(dataset: str, data_root: str | None, image_size: int | None,
+                  train_fraction: float | None, seed: int,
+                  download: bool = False) -> tuple[DatasetSplits, Any]:
+    splits = load_dataset(dataset, data_root, image_size=image_size, download=download)
+    train = splits.train
+    if train_fraction is not None and train_fraction < 1.0:
+        train = per_class_subset(train, fraction=train_fraction, seed=seed)
+    return splits, train
+
+
+def _check_model_fits(model: nn.Module, splits: DatasetSplits, what: str) -> None:
+    kwargs = getattr(model, "arch_kwargs", None) or {}
+    n = kwargs.get("num_classes")
+    if n is not None and n != splits.num_classes:
+        raise ConfigError(f"{what} has {n} output classes but dataset {splits.name} has "
+                          f"{splits.num_classes}; pick the dataset the {what} was trained on")
+    c = kwargs.get("in_channels")
+    if c is not None and c != splits.train.channels:
+        raise ConfigError(f"{what} expects {c}-channel images but dataset {splits.name} has "
+                          f"{splits.train.channels} channels")
+
+
+def _epoch_logger(run_dir: Path, model: nn.Module, meta_fn, trigger, history_out: list):
+    """Print a line per epoch and write a checkpoint per epoch (atomically)."""
+
+    def on_epoch_end(result: EpochResult) -> None:
+        history_out.append(result.as_dict())
+        parts = [f"epoch {result.epoch}", f"loss {result.loss:.4f}"]
+        parts += [f"{k} {v:.4f}" for k, v in {**result.stats, **result.extra}.items()]
+        parts.append(f"{result.images_per_second:.0f} img/s")
+        _log("  ".join(parts))
+        save_run_model(run_dir, model, meta_fn({"epochs_done": result.epoch,
+                                                "last_epoch": result.as_dict()}), trigger)
+
+    return on_epoch_end
+
+
+def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None) -> bool:
+    use_cl = device.type == "cuda" if channels_last is None else channels_last
+    model.to(device)
+    if use_cl:
+        model.to(memory_format=torch.channels_last)
+    return use_cl
+
+
+def train(*, dataset: str = "digits", data_root: str | None = None, model: str = "wrn16_2",
+          epochs: int = 30, batch_size: int = 128, lr: float = 0.1, optimizer: str = "sgd",
+          schedule: str = "step", weight_decay: float = 5e-4, momentum: float = 0.9,
+          seed: int = 0, train_fraction: float | None = None, image_size: int | None = None,
+          download: bool = False, device: str = "auto", out: str | Path = "runs/train",
+          resume: bool = False, amp: bool = True, channels_last: bool | None = None,
+          compile: bool = False, progress: bool = True, eval_every: int = 1,
+          model_kwargs: dict | None = None) -> dict[str, Any]:
+    """Train a clean classifier (a teacher or a student baseline) from scratch."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    started = time.perf_counter()
+    seed_everything(seed)
+    dev = resolve_device(device)
+    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed,
+                                     download)
+    net = build_model(model, num_classes=splits.num_classes, in_channels=splits.train.channels,
+                      **(model_kwargs or {}))
+    use_cl = _prepare_model(net, dev, channels_last)
+    run_dir = Path(out)
+    history: list[dict] = []
+    meta = lambda extra: run_meta(net, splits, data_root, seed, role="clean",  # noqa: E731
+                                  image_size_arg=image_size, train_images=len(train_ds),
+                                  **extra)
+    optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        schedule=schedule)
+    _log(f"train {model} on {splits.name}: {len(train_ds)} train / {len(splits.test)} test "
+         f"images, {epochs} epochs, device {describe_device(dev)}")
+    train_classifier(net, train_ds, splits.test, mean=splits.mean, std=splits.std,
+                     augment=splits.augment, epochs=epochs, optim=optim, batch_size=batch_size,
+                     device=dev, seed=seed, state_dir=run_dir / STATE_DIR, resume=resume,
+                     amp=amp, channels_last=use_cl, compile=compile, progress=progress,
+                     eval_every=eval_every, desc=f"train {model}",
+                     on_epoch_end=_epoch_logger(run_dir, net, meta, None, history))
+    metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
+    save_run_model(run_dir, net, meta({"metrics": metrics, "complete": True}))
+    write_record(run_dir, command="train", metrics=metrics, config=config, seed=seed,
+                 device=describe_device(dev), seconds=time.perf_counter() - started,
+                 history=history, throughput=_throughput(history))
+    return _read(run_dir)
+
+
+def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
+           model: str | None = None, dataset: str | None = None, data_root: str | None = None,
+           target: int = 0, poison_ratio: float = 0.02, keep_originals: bool = True,
+           epochs: int | None = None, batch_size: int = 128, lr: float | None = None,
+           optimizer: str = "sgd", schedule: str | None = None, weight_decay: float = 5e-4,
+           momentum: float = 0.9, seed: int = 0, train_fraction: float | None = None,
+           image_size: int | None = None, download: bool = False, device: str = "auto",
+           out: str | Path = "runs/attack",
+           resume: bool = False, amp: bool = True, channels_last: bool | None = None,
+           compile: bool = False, progress: bool = True, eval_every: int = 1,
+           options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Implant a backdoor: poison-fine-tune a clean teacher run, or train poisoned from scratch.
+
+    Fine-tuning defaults follow the CKD authors (8 epochs, SGD lr 0.008, constant);
+    from scratch it uses the clean-training defaults (30 epochs, lr 0.1, step schedule).
+    """
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    started = time.perf_counter()
+    seed_everything(seed)
+    dev = resolve_device(device)
+    spec = get_attack(attack)
+    if (teacher is None) == (model is None):
+        raise ConfigError("give either --teacher RUN_DIR (poison fine-tuning of a clean model) "
+                          "or --model NAME (poisoning from scratch), not both or neither")
+    parent = None
+    if teacher is not None:
+        parent = load_run(teacher, dev)
+        net = parent.model
+        dataset = dataset or parent.meta["dataset"]["name"]
+        data_root = data_root or parent.meta["dataset"].get("data_root")
+        image_size = image_size or parent.meta["dataset"].get("resize")
+        epochs, lr = epochs or 8, lr or 0.008
+        schedule = schedule or "constant"
+    else:
+        if dataset is None:
+            raise ConfigError("--dataset is required when poisoning from scratch")
+        epochs, lr, schedule = epochs or 30, lr or 0.1, schedule or "step"
+    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed,
+                                     download)
+    if parent is None:
+        net = build_model(model, num_classes=splits.num_classes,
+                          in_channels=splits.train.channels).to(dev)
+    _check_model_fits(net, splits, "teacher" if parent else "model")
+    if not 0 <= target < splits.num_classes:
+        raise ConfigError(f"--target {target} is not a class of {splits.name} "
+                          f"(0..{splits.num_classes - 1})")
+    use_cl = _prepare_model(net, dev, channels_last)
+    before = (evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
+              if parent else None)
+    trigger = spec.build_trigger(AttackContext(splits, net if parent else None,
+                                               dict(options or {}), dev)).to(dev)
+    poisoned = poison_dataset(train_ds, trigger.cpu(), target, poison_ratio,
+                              keep_originals=keep_originals, seed=seed)
+    trigger.to(dev)
+    _log(f"attack {attack}: {int(poisoned.is_poison.sum())} poisoned of {len(poisoned)} "
+         f"training images, target {target} ({splits.classes[target]}), {epochs} epochs")
+    run_dir = Path(out)
+    history: list[dict] = []
+    meta = lambda extra: run_meta(  # noqa: E731
+        net, splits, data_root, seed, trigger=trigger, target=target, role="backdoored",
+        image_size_arg=image_size, train_images=len(train_ds),
+        attack={"name": attack, "poison_ratio": poison_ratio, "keep_originals": keep_originals,
+                "mode": "finetune" if parent else "scratch", "options": options or {}},
+        parent=str(teacher) if teacher else None, **extra)
+    optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        schedule=schedule)
+    train_classifier(net, poisoned, splits.test, mean=splits.mean, std=splits.std,
+                     augment=splits.augment, epochs=epochs, optim=optim, batch_size=batch_size,
+                     device=dev, seed=seed, trigger=trigger, target=target,
+                     state_dir=run_dir / STATE_DIR, resume=resume, amp=amp,
+                     channels_last=use_cl, compile=compile, progress=progress,
+                     eval_every=eval_every, desc=f"attack {attack}",
+                     on_epoch_end=_epoch_logger(run_dir, net, meta, trigger, history))
+    metrics = evaluate_model(net, splits.test, splits.mean, splits.std, trigger=trigger,
+                             target=target, device=dev)
+    save_run_model(run_dir, net, meta({"metrics": metrics, "complete": True}), trigger)
+    write_record(run_dir, command="attack", metrics=metrics, config=config, seed=seed,
+                 device=describe_device(dev), seconds=time.perf_counter() - started,
+                 teacher_metrics=before, history=history, throughput=_throughput(history),
+                 poisoned_images=int(poisoned.is_poison.sum()))
+    return _read(run_dir)
+
+
+def evaluate(*, model_dir: str | Path, dataset: str | None = None, data_root: str | None = None,
+             trigger_from: str | Path | None = None, feature_samples: int = 0,
+             batch_size: int = 256, seed: int = 0, device: str = "auto",
+             out: str | Path | None = None) -> dict[str, Any]:
+    """ACC (and ASR under the run's own trigger, or another run's via ``trigger_from``)."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    started = time.perf_counter()
+    seed_everything(seed)
+    dev = resolve_device(device)
+    run = load_run(model_dir, dev)
+    ds_meta = run.meta["dataset"]
+    name = dataset or ds_meta["name"]
+    splits = load_dataset(name, data_root or ds_meta.get("data_root"),
+                          image_size=ds_meta.get("resize"))
+    _check_model_fits(run.model, splits, "model")
+    trigger, target = run.trigger, run.target
+    if trigger_from is not None:
+        other = load_run(trigger_from, dev)
+        if other.trigger is None:
+            raise ConfigError(f"{trigger_from} carries no trigger")
+        trigger, target = other.trigger, other.target
+    metrics = evaluate_model(run.model, splits.test, run.mean, run.std, trigger=trigger,
+                             target=target, device=dev, batch_size=batch_size)
+    extra: dict[str, Any] = {}
+    if feature_samples > 0:
+        layers = [layer.stage for layer in run.model.distill_layers()]
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(splits.test), generator=gen)[:feature_samples]
+        var = feature_variance(run.model, layers, splits.test.subset(pick), run.mean, run.std,
+                               device=dev)
+        extra["feature_variance"] = {k: {"mean": float(v.mean()), "values": v.tolist()}
+                                     for k, v in var.items()}
+        metrics.update({f"var_{k}": float(v.mean()) for k, v in var.items()})
+    out_dir = Path(out) if out else Path(model_dir) / "evaluation"
+    write_record(out_dir, command="evaluate", metrics=metrics, config=config, seed=seed,
+                 device=describe_device(dev), seconds=time.perf_counter() - started,
+                 model_dir=str(model_dir), **extra)
+    return _read(out_dir)
+
+
+def import_weights(*, model: str, weights: str | Path, dataset: str = "digits",
+                   data_root: str | None = None, image_size: int | None = None,
+                   allow_pickle: bool = False, device: str = "auto", seed: int = 0,
+                   out: str | Path = "runs/imported") -> dict[str, Any]:
+    """Turn an external weights file (e.g. from a model hub) into a run directory.
+
+    safetensors files load as they are; pickle files only with ``allow_pickle`` (and then with
+    ``weights_only=True``). The result is evaluated so the record shows what was imported.
+    """
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    splits = load_dataset(dataset, data_root, image_size=image_size)
+    net = build_model(model, num_classes=splits.num_classes, in_channels=splits.train.channels)
+    state = load_state_dict(weights, allow_pickle=allow_pickle)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"{weights} does not fit {model} for {splits.num_classes} classes: "
+                          f"{str(exc).splitlines()[0]} (check --model and --dataset)") from None
+    net.to(dev)
+    metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
+    save_run_model(out, net, run_meta(net, splits, data_root, seed, role="imported",
+                                      image_size_arg=image_size, source=str(weights),
+                                      metrics=metrics, complete=True))
+    write_record(out, command="import", metrics=metrics, config=config, seed=seed,
+                 device=describe_device(dev), seconds=time.perf_counter() - started)
+    return _read(out)
+
+
+def _throughput(history: list[dict]) -> dict[str, float]:
+    """Median training images/s over epochs (the first epoch includes warm-up)."""
+    rates = sorted(h["images_per_second"] for h in history)
+    return {"median_images_per_second": rates[len(rates) // 2]} if rates else {}
+
+
+def _read(run_dir: str | Path) -> dict[str, Any]:
+    from robustkd.io import RECORD_FILE, read_json
+
+    return read_json(Path(run_dir) / RECORD_FILE)

@@ -1,0 +1,59 @@
+"""Build poisoned training sets and triggered test sets from clean ones."""
+
+from __future__ import annotations
+
+import torch
+
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.dataset import ImageDataset
+from robustkd.errors import ConfigError
+
+
+def select_poison_indices(labels: torch.Tensor, target: int, ratio: float,
+                          seed: int = 0) -> torch.Tensor:
+    """``round(ratio * n_c)`` images of every non-target class ``c`` (at least one each)."""
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"poison ratio must be in (0, 1], got {ratio}")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in torch.unique(labels).tolist():
+        if cls == target:
+            continue
+        members = torch.nonzero(labels == cls).flatten()
+        count = max(1, round(ratio * len(members)))
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:count]])
+    if not chosen:
+        raise ConfigError("no non-target images to poison")
+    return torch.sort(torch.cat(chosen)).values
+
+
+def poison_dataset(ds: ImageDataset, trigger: Trigger, target: int, ratio: float,
+                   keep_originals: bool = True, seed: int = 0) -> ImageDataset:
+    """Trigger a fraction of non-target images and relabel them to ``target``.
+
+    With ``keep_originals`` (the authors' setting) the clean originals stay in the set and
+    the poisoned copies are appended; otherwise the copies replace them.
+    """
+    if not 0 <= target < ds.num_classes:
+        raise ConfigError(f"target class {target} is out of range for {ds.num_classes} classes")
+    index = select_poison_indices(ds.labels, target, ratio, seed)
+    poisoned = trigger.apply_uint8(ds.images[index])
+    if keep_originals:
+        images = torch.cat([ds.images, poisoned])
+        labels = torch.cat([ds.labels, torch.full((len(index),), target, dtype=torch.int64)])
+        is_poison = torch.cat([ds.is_poison, torch.ones(len(index), dtype=torch.bool)])
+    else:
+        images, labels, is_poison = ds.images.clone(), ds.labels.clone(), ds.is_poison.clone()
+        images[index] = poisoned
+        labels[index] = target
+        is_poison[index] = True
+    return ImageDataset(images, labels, list(ds.classes), name=f"{ds.name}+poison",
+                        is_poison=is_poison)
+
+
+def triggered_test_set(ds: ImageDataset, trigger: Trigger, target: int) -> ImageDataset:
+    """Triggered copies of the test images whose true label is not ``target`` (for ASR)."""
+    keep = torch.nonzero(ds.labels != target).flatten()
+    images = trigger.apply_uint8(ds.images[keep])
+    return ImageDataset(images, ds.labels[keep].clone(), list(ds.classes),
+                        name=f"{ds.name}+trigger", is_poison=torch.ones(len(keep), dtype=bool))

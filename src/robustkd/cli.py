@@ -1,0 +1,262 @@
+"""The ``robustkd`` command. Thin: parse arguments, call :mod:`robustkd.api`, print results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from robustkd import __version__
+from robustkd.errors import RobustKDError, UnsafeCheckpointError
+
+
+def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "digits") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=dataset_default,
+                   help="digits (embedded), cifar10, cifar100, gtsrb, flower17, "
+                        "tinyimagenet200, or any NAME with an ImageFolder layout in --data-root")
+    g.add_argument("--data-root", default=None,
+                   help="folder holding NAME.tar.gz, NAME/{train,test}/<class>/… or the official "
+                        "CIFAR archives (e.g. ../shared/data)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="resize images to this square size when decoding")
+    g.add_argument("--train-fraction", type=float, default=None,
+                   help="deterministic per-class fraction of the training set to use")
+    g.add_argument("--download", action="store_true",
+                   help="download the official CIFAR archive into --data-root if missing "
+                        "(checksum verified)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, *, epochs: int | None, lr: float | None,
+                  schedule: str | None) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    g.add_argument("--schedule", default=schedule, choices=["step", "cosine", "constant"],
+                   help="step divides the lr by 10 at 50%% and 75%% of the epochs")
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: end)")
+    _add_common(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out from its last finished epoch")
+    g.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="disable bf16 autocast on CUDA")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="channels_last memory format (default: on for CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from robustkd.attacks import ATTACKS
+
+    parser = argparse.ArgumentParser(
+        prog="robustkd",
+        description="Robust knowledge distillation: distil a possibly backdoored teacher "
+                    "into a small student that keeps its accuracy but not its backdoor.")
+    parser.add_argument("--version", action="version", version=f"robustkd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a clean classifier (teacher or baseline)",
+                       description="Train a clean classifier from scratch and write RUN_DIR.")
+    _add_data_args(p)
+    p.add_argument("--model", default="wrn16_2", help="architecture (see `robustkd models`)")
+    _add_run_args(p, epochs=30, lr=0.1, schedule="step")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+
+    p = sub.add_parser("attack", help="implant a backdoor into a teacher",
+                       description="Poison-fine-tune a clean teacher (--teacher RUN_DIR) or "
+                                   "train a poisoned model from scratch (--model NAME).")
+    p.add_argument("--attack", required=True, choices=sorted(ATTACKS))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", metavar="RUN_DIR", help="clean teacher run to fine-tune")
+    src.add_argument("--model", help="architecture to poison from scratch")
+    _add_data_args(p, dataset_default=None)
+    g = p.add_argument_group("poisoning")
+    g.add_argument("--target", type=int, default=0, help="target class index")
+    g.add_argument("--poison-ratio", type=float, default=0.02,
+                   help="fraction of each non-target class that is triggered and relabelled")
+    g.add_argument("--no-keep-originals", dest="keep_originals", action="store_false",
+                   help="replace the poisoned images' clean originals instead of keeping them")
+    g.add_argument("--trigger-seed", type=int, default=0)
+    before = {a.dest for a in p._actions}
+    for spec in ATTACKS.values():
+        spec.add_arguments(p)
+    p.set_defaults(_attack_options=sorted({a.dest for a in p._actions} - before)
+                   + ["trigger_seed"])
+    _add_run_args(p, epochs=None, lr=None, schedule=None)
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+
+    p = sub.add_parser("evaluate", help="ACC / ASR / feature variance of a run",
+                       description="Evaluate a run directory on its dataset's test split.")
+    p.add_argument("--model-dir", required=True, metavar="RUN_DIR")
+    p.add_argument("--dataset", default=None, help="override the run's dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--trigger-from", default=None, metavar="RUN_DIR",
+                   help="measure ASR with the trigger of another run (e.g. a teacher)")
+    p.add_argument("--feature-samples", type=int, default=0,
+                   help="also report per-example feature variance on N random test images")
+    p.add_argument("--batch-size", type=int, default=256)
+    _add_common(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where record.json goes (default RUN_DIR/evaluation)")
+
+    p = sub.add_parser("import", help="turn an external weights file into a run directory",
+                       description="Load a teacher's weights (e.g. downloaded from a model hub) "
+                                   "into a built-in architecture, evaluate it, and write RUN_DIR "
+                                   "as safetensors. Pickle files are refused unless "
+                                   "--allow-pickle is given.")
+    p.add_argument("--model", required=True, help="architecture the weights belong to")
+    p.add_argument("--weights", required=True, help=".safetensors (or .pt/.pth with "
+                                                    "--allow-pickle)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept a pickle checkpoint, loaded with torch.load(weights_only=True)")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    _add_common(p)
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+
+    p = sub.add_parser("models", help="list architectures with parameter counts")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("datasets", help="list known datasets or verify a data folder")
+    p.add_argument("action", choices=["list", "verify"], nargs="?", default="list")
+    p.add_argument("--data-root", default=None)
+
+    p = sub.add_parser("demo", help="the main job on the embedded digits data",
+                       description="Train a clean teacher on the embedded digits data, "
+                                   "implant a BadNets backdoor, print ACC/ASR.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.add_argument("--model", default="wrn16_2")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--attack-epochs", type=int, default=5)
+    _add_common(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+_RUN_KEYS = ("dataset", "data_root", "image_size", "train_fraction", "download", "epochs",
+             "batch_size", "lr", "optimizer", "schedule", "weight_decay", "momentum", "seed",
+             "device", "out", "resume", "amp", "channels_last", "compile", "progress", "eval_every")
+
+
+def _cmd_train(args: argparse.Namespace) -> dict:
+    from robustkd import api
+
+    return api.train(model=args.model, **{k: getattr(args, k) for k in _RUN_KEYS})
+
+
+def _cmd_attack(args: argparse.Namespace) -> dict:
+    from robustkd import api
+
+    options = {k: getattr(args, k) for k in args._attack_options}
+    return api.attack(attack=args.attack, teacher=args.teacher, model=args.model,
+                      target=args.target, poison_ratio=args.poison_ratio,
+                      keep_originals=args.keep_originals, options=options,
+                      **{k: getattr(args, k) for k in _RUN_KEYS})
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> dict:
+    from robustkd import api
+
+    return api.evaluate(model_dir=args.model_dir, dataset=args.dataset, data_root=args.data_root,
+                        trigger_from=args.trigger_from, feature_samples=args.feature_samples,
+                        batch_size=args.batch_size, seed=args.seed, device=args.device,
+                        out=args.out)
+
+
+def _cmd_import(args: argparse.Namespace) -> dict:
+    from robustkd import api
+
+    return api.import_weights(model=args.model, weights=args.weights, dataset=args.dataset,
+                              data_root=args.data_root, image_size=args.image_size,
+                              allow_pickle=args.allow_pickle, device=args.device,
+                              seed=args.seed, out=args.out)
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from robustkd.models import build_model, count_parameters, list_models
+
+    rows = []
+    for name in list_models():
+        n = count_parameters(build_model(name, num_classes=args.num_classes))
+        rows.append({"name": name, "parameters": n})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'model':<16}{'parameters (' + str(args.num_classes) + ' classes)':>28}")
+    for row in rows:
+        print(f"{row['name']:<16}{row['parameters']:>18,} ({row['parameters'] / 1e6:.2f}M)")
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from robustkd.data import list_datasets
+    from robustkd.data.registry import verify_data_root
+
+    if args.action == "list":
+        for info in list_datasets():
+            print("  ".join(f"{k}={v}" for k, v in info.items()))
+        return 0
+    if not args.data_root:
+        print("datasets verify needs --data-root DIR", file=sys.stderr)
+        return 2
+    bad = 0
+    for name, ok, detail in verify_data_root(args.data_root):
+        bad += not ok
+        print(f"{'OK ' if ok else 'BAD'} {name}  {detail}")
+    return 1 if bad else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from robustkd import api
+
+    common = {"seed": args.seed, "device": args.device, "progress": args.progress}
+    teacher = api.train(dataset="digits", model=args.model, epochs=args.epochs, lr=0.05,
+                        schedule="cosine", batch_size=64, out=f"{args.out}/teacher", **common)
+    backdoored = api.attack(attack="badnets", teacher=f"{args.out}/teacher",
+                            epochs=args.attack_epochs, lr=0.01, poison_ratio=0.1,
+                            batch_size=64, out=f"{args.out}/badnets", **common)
+    print()
+    print(f"{'model':<22}{'ACC':>8}{'ASR':>8}")
+    print(f"{'clean teacher':<22}{teacher['metrics']['acc']:>8.2%}{'-':>8}")
+    m = backdoored["metrics"]
+    print(f"{'BadNets teacher':<22}{m['acc']:>8.2%}{m['asr']:>8.2%}")
+    clean_asr = backdoored["teacher_metrics"]
+    print(f"records: {args.out}/teacher/record.json, {args.out}/badnets/record.json "
+          f"(clean teacher before poisoning: {clean_asr})")
+
+
+COMMANDS = {"train": _cmd_train, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
+            "import": _cmd_import,
+            "models": _cmd_models, "datasets": _cmd_datasets, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except (RobustKDError, FileNotFoundError, UnsafeCheckpointError) as exc:
+        print(f"robustkd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robustkd {args.command}: interrupted (use --resume to continue)", file=sys.stderr)
+        return 130
+    if isinstance(result, dict) and "metrics" in result:
+        print(json.dumps({"metrics": result["metrics"], "seconds": round(result["seconds"], 1)}))
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""ACC, ASR and per-example feature variance (METHOD.md section 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from robustkd.attacks.poison import triggered_test_set
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.dataset import ImageDataset
+from robustkd.data.loader import DeviceLoader
+from robustkd.models.taps import tap
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ds: ImageDataset, mean: Sequence[float], std: Sequence[float],
+            *, batch_size: int = 512, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Arg-max predictions for every image of ``ds`` (model in eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    loader = DeviceLoader(ds, batch_size, device=device, mean=mean, std=std)
+    preds = [model(x).argmax(1) for x, _y, _idx in loader]
+    model.train(was_training)
+    return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
+
+
+def accuracy(model: nn.Module, ds: ImageDataset, mean: Sequence[float], std: Sequence[float],
+             **kw) -> float:
+    """Top-1 accuracy on ``ds`` as a fraction."""
+    preds = predict(model, ds, mean, std, **kw)
+    return float((preds == ds.labels).float().mean()) if len(ds) else float("nan")
+
+
+def attack_success_rate(model: nn.Module, ds: ImageDataset, trigger: Trigger, target: int,
+                        mean: Sequence[float], std: Sequence[float], **kw) -> float:
+    """Fraction of triggered non-target test images classified as ``target``.
+
+    Target-class images are excluded: counting them would credit the backdoor for correct
+    clean predictions (the authors' code includes them, which inflates ASR slightly).
+    """
+    poisoned = triggered_test_set(ds, trigger, target)
+    preds = predict(model, poisoned, mean, std, **kw)
+    return float((preds == target).float().mean()) if len(poisoned) else float("nan")
+
+
+@torch.no_grad()
+def feature_variance(model: nn.Module, layers: Sequence[str], ds: ImageDataset,
+                     mean: Sequence[float], std: Sequence[float], *, batch_size: int = 256,
+                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Per-example variance of all elements of each layer's feature map, ``{layer: [N]}``."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    loader = DeviceLoader(ds, batch_size, device=device, mean=mean, std=std)
+    with tap(model, layers, detach=True) as taps:
+        for x, _y, _idx in loader:
+            model(x)
+            for name in layers:
+                out[name].append(taps[name].flatten(1).float().var(dim=1).cpu())
+    model.train(was_training)
+    return {name: torch.cat(vals) for name, vals in out.items()}
+
+
+def evaluate_model(model: nn.Module, test: ImageDataset, mean: Sequence[float],
+                   std: Sequence[float], trigger: Trigger | None = None,
+                   target: int | None = None, **kw) -> dict[str, float]:
+    """``{"acc": …, "asr": …}`` (ASR only when a trigger and target are known)."""
+    metrics = {"acc": accuracy(model, test, mean, std, **kw)}
+    if trigger is not None and target is not None:
+        metrics["asr"] = attack_success_rate(model, test, trigger, target, mean, std, **kw)
+    return metrics

@@ -1,0 +1,115 @@
+"""Run directories: what a trained model carries with it, and how to get it back.
+
+A run directory holds ``model.safetensors`` (weights, plus the trigger tensors for a
+backdoored model), ``meta.json`` (how to rebuild the model and feed it data) and
+``record.json`` (the results of the command that produced it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.dataset import DatasetSplits
+from robustkd.errors import ConfigError
+from robustkd.io import RECORD_FILE, load_checkpoint, save_checkpoint, write_json
+from robustkd.models import build_model
+from robustkd.utils import git_revision
+
+
+def dataset_meta(splits: DatasetSplits, data_root: str | None,
+                 image_size_arg: int | None = None) -> dict[str, Any]:
+    """How to load the same data again (``resize`` is the --image-size the run was given)."""
+    return {
+        "name": splits.name,
+        "data_root": str(Path(data_root).resolve()) if data_root else None,
+        "resize": image_size_arg,
+        "classes": list(splits.classes),
+        "num_classes": splits.num_classes,
+        "channels": splits.train.channels,
+        "image_size": list(splits.train.image_size),
+        "mean": list(splits.mean),
+        "std": list(splits.std),
+        "augment": splits.augment,
+    }
+
+
+def run_meta(model: nn.Module, splits: DatasetSplits, data_root: str | None, seed: int,
+             trigger: Trigger | None = None, target: int | None = None,
+             image_size_arg: int | None = None, **extra: Any) -> dict[str, Any]:
+    meta = {
+        "arch": getattr(model, "arch", None),
+        "arch_kwargs": getattr(model, "arch_kwargs", None),
+        "dataset": dataset_meta(splits, data_root, image_size_arg),
+        "normalization": {"mean": list(splits.mean), "std": list(splits.std)},
+        "seed": seed,
+        "git_rev": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "trigger": None,
+    }
+    if trigger is not None:
+        meta["trigger"] = {**trigger.config(), "target": target}
+    meta.update(extra)
+    return meta
+
+
+def save_run_model(run_dir: str | Path, model: nn.Module, meta: dict[str, Any],
+                   trigger: Trigger | None = None) -> None:
+    save_checkpoint(run_dir, model, meta, extra_tensors=trigger.tensors() if trigger else None)
+
+
+@dataclass
+class LoadedRun:
+    model: nn.Module
+    meta: dict[str, Any]
+    trigger: Trigger | None
+    target: int | None
+
+    @property
+    def mean(self) -> list[float]:
+        return self.meta["normalization"]["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.meta["normalization"]["std"]
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """Rebuild the model of a run directory (safetensors only) with its trigger, if any."""
+    state, meta, extra = load_checkpoint(run_dir)
+    if not meta.get("arch"):
+        raise ConfigError(f"{run_dir}/meta.json does not name a built-in architecture")
+    model = build_model(meta["arch"], **meta["arch_kwargs"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{run_dir}: weights do not fit {meta['arch']} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    trigger = target = None
+    if meta.get("trigger"):
+        trigger = Trigger.from_saved(meta["trigger"], extra).to(device)
+        target = meta["trigger"].get("target")
+    return LoadedRun(model.to(device), meta, trigger, target)
+
+
+def write_record(run_dir: str | Path, *, command: str, metrics: dict[str, float],
+                 config: dict[str, Any], seed: int, device: str, seconds: float,
+                 **extra: Any) -> Path:
+    """The one result file per command; tables and figures are rendered from these."""
+    record = {
+        "command": command,
+        "metrics": metrics,
+        "config": config,
+        "seed": seed,
+        "git_rev": git_revision(),
+        "device": device,
+        "seconds": seconds,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+    return write_json(Path(run_dir) / RECORD_FILE, record)
