@@ -1,0 +1,108 @@
+"""FKD: "A Comprehensive Overhaul of Feature Distillation" (Heo et al. 2019).
+
+Pre-ReLU teacher features at the end of each stage, a margin ReLU on the teacher side
+(per-channel margin from the following BN, or measured on clean data), a 1x1 conv + BN
+connector on the student side, the partial L2 distance, stage weights 1/2^(L-l), and
+``CE + beta * L_FD / (batch * 1000)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkd.distill.base import Distiller, register_method
+from robustkd.distill.losses import bn_margin, empirical_margin, fkd_feature_loss
+from robustkd.errors import ConfigError
+from robustkd.models.taps import resolve_modules, tap
+
+
+def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
+    """1x1 conv (no bias) + BN mapping student channels to the teacher's."""
+    conv = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / teacher_channels))
+    bn = nn.BatchNorm2d(teacher_channels)
+    return nn.Sequential(conv, bn)
+
+
+@register_method
+class FeatureDistillation(Distiller):
+    name = "fkd"
+    defaults = {"beta": 1.0, "scale": 1000.0, "teacher_bn": "train", "spatial": "error"}
+
+    def __init__(self, setup) -> None:
+        super().__init__(setup)
+        if len(setup.teacher_layers) != len(setup.student_layers):
+            raise ConfigError(f"FKD pairs layers one to one: teacher has "
+                              f"{len(setup.teacher_layers)} distillation layers, student "
+                              f"{len(setup.student_layers)}; name matching layers")
+        if self.options["spatial"] not in ("error", "pool"):
+            raise ConfigError("FKD option spatial must be 'error' or 'pool'")
+        self.t_names = [layer.prerelu for layer in setup.teacher_layers]
+        self.s_names = [layer.prerelu for layer in setup.student_layers]
+        self.connectors = nn.ModuleList()
+        self.register_buffer("_margins_ready", torch.zeros((), dtype=torch.bool))
+
+    def teacher_mode(self) -> str:
+        return self.options["teacher_bn"]
+
+    @torch.no_grad()
+    def prepare(self, probe: torch.Tensor) -> None:
+        """Build connectors from the features' shapes and compute the teacher's margins."""
+        _, t_feats = self.teacher_forward(probe, self.t_names)
+        was_training = self.student.training
+        self.student.eval()
+        with tap(self.student, self.s_names, detach=True) as s_feats:
+            self.student(probe)
+        self.student.train(was_training)
+        margins = []
+        bns = resolve_modules(self.teacher, [layer.bn for layer in self.setup.teacher_layers
+                                             if layer.bn])
+        for t_layer, t_name, s_name in zip(self.setup.teacher_layers, self.t_names,
+                                           self.s_names, strict=True):
+            t, s = t_feats[t_name], s_feats[s_name]
+            if t.dim() != 4 or s.dim() != 4:
+                raise ConfigError(f"FKD needs [B, C, H, W] features; teacher {t_name} gives "
+                                  f"{tuple(t.shape)}, student {s_name} gives {tuple(s.shape)}")
+            if t.shape[2:] != s.shape[2:] and self.options["spatial"] == "error":
+                raise ConfigError(
+                    f"teacher layer {t_name} is {t.shape[2]}x{t.shape[3]} but student layer "
+                    f"{s_name} is {s.shape[2]}x{s.shape[3]}; pick layers of equal spatial size "
+                    "or pass the FKD option spatial=pool to average-pool the larger map")
+            self.connectors.append(connector(s.shape[1], t.shape[1]).to(probe.device))
+            if t_layer.bn:
+                bn = bns[t_layer.bn]
+                margin = bn_margin(bn.weight, bn.bias)
+            else:
+                margin = empirical_margin(t)
+            if margin.numel() != t.shape[1]:
+                raise ConfigError(f"margin BN {t_layer.bn} has {margin.numel()} channels but "
+                                  f"feature {t_name} has {t.shape[1]}")
+            margins.append(margin.to(probe.device))
+        for i, margin in enumerate(margins):
+            self.register_buffer(f"margin{i}", margin)
+
+    def margins(self) -> list[torch.Tensor]:
+        return [getattr(self, f"margin{i}") for i in range(len(self.t_names))]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor):
+        _, t_feats = self.teacher_forward(x, self.t_names)
+        with tap(self.student, self.s_names) as s_taps:
+            logits = self.student(x)
+        s_feats, t_list = [], []
+        for conn, t_name, s_name in zip(self.connectors, self.t_names, self.s_names, strict=True):
+            s, t = conn(s_taps[s_name]), t_feats[t_name]
+            if s.shape[2:] != t.shape[2:]:
+                size = tuple(min(a, b) for a, b in zip(s.shape[2:], t.shape[2:], strict=True))
+                s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+            s_feats.append(s)
+            t_list.append(t)
+        feat = fkd_feature_loss(s_feats, t_list, self.margins())
+        feat = feat / (x.shape[0] * self.options["scale"])
+        ce = F.cross_entropy(logits, y)
+        loss = ce + self.options["beta"] * feat
+        return loss, {"train_acc": (logits.argmax(1) == y).sum(),
+                      "feat_loss": feat.detach() * x.shape[0]}

@@ -1,0 +1,106 @@
+"""Train a student from a teacher with any registered method, on the one training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.dataset import ImageDataset
+from robustkd.data.loader import DeviceLoader
+from robustkd.distill.base import Distiller, DistillSetup, frozen_teacher, get_method, layers_of
+from robustkd.evaluation.metrics import evaluate_model
+from robustkd.models.taps import Replacement
+from robustkd.training.loop import EpochResult, fit
+from robustkd.training.optim import OptimConfig
+
+# FKD's CIFAR schedule: SGD nesterov, momentum 0.9, wd 5e-4, lr 0.1, /10 at 50% and 75%.
+FKD_SCHEDULE = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True,
+                           schedule="step", milestones=(0.5, 0.75))
+
+
+def build_distiller(method: str, teacher: nn.Module, student: nn.Module, *,
+                    teacher_layers: Sequence[str] | None = None,
+                    student_layers: Sequence[str] | None = None,
+                    options: Mapping[str, Any] | None = None,
+                    teacher_replace: Mapping[str, Replacement] | None = None) -> Distiller:
+    cls = get_method(method)
+    needs_layers = method not in ("ce", "kd")
+    setup = DistillSetup(
+        teacher=teacher, student=student,
+        teacher_layers=layers_of(teacher, teacher_layers) if needs_layers else [],
+        student_layers=layers_of(student, student_layers) if needs_layers else [],
+        options=dict(options or {}), teacher_replace=dict(teacher_replace or {}))
+    return cls(setup)
+
+
+def distill_student(
+    teacher: nn.Module,
+    student: nn.Module,
+    train: ImageDataset,
+    test: ImageDataset | None = None,
+    *,
+    method: str = "fkd",
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: dict | None = None,
+    epochs: int = 200,
+    optim: OptimConfig = FKD_SCHEDULE,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    teacher_layers: Sequence[str] | None = None,
+    student_layers: Sequence[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    teacher_replace: Mapping[str, Replacement] | None = None,
+    trigger: Trigger | None = None,
+    target: int | None = None,
+    eval_every: int = 1,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    amp: bool = True,
+    channels_last: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+) -> tuple[list[EpochResult], Distiller]:
+    """Distil ``teacher`` into ``student`` on ``train`` (the defender's clean data).
+
+    The teacher is frozen (and left unchanged); ``teacher_replace`` stays active in its
+    forward passes. Each evaluated epoch records the student's test ACC and, when a trigger
+    is known, its ASR.
+    """
+    device = torch.device(device)
+    distiller = build_distiller(method, teacher, student, teacher_layers=teacher_layers,
+                                student_layers=student_layers, options=options,
+                                teacher_replace=teacher_replace)
+    loader = DeviceLoader(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
+                          augment=augment, drop_last=len(train) > batch_size, seed=seed,
+                          channels_last=channels_last)
+    with frozen_teacher(teacher, distiller.teacher_mode()):
+        probe = next(iter(DeviceLoader(train, min(batch_size, len(train)), device=device,
+                                       mean=mean, std=std, shuffle=True, seed=seed)))[0]
+        distiller.prepare(probe)
+        distiller.to(device)
+
+        def epoch_end(result: EpochResult) -> None:
+            if test is not None and eval_every and (result.epoch % eval_every == 0
+                                                    or result.epoch == epochs):
+                metrics = evaluate_model(student, test, mean, std, trigger=trigger,
+                                         target=target, device=device,
+                                         batch_size=max(batch_size, 256))
+                result.extra.update({f"test_{k}": v for k, v in metrics.items()})
+            if on_epoch_end is not None:
+                on_epoch_end(result)
+
+        params = list(student.parameters()) + list(distiller.parameters())
+        history = fit(params, lambda x, y, _idx: distiller.loss(x, y), loader, epochs, optim,
+                      train_modules=[student, distiller],
+                      state_modules={"student": student, "distiller": distiller},
+                      device=device, amp=amp, on_epoch_end=epoch_end, state_dir=state_dir,
+                      resume=resume, progress=progress, desc=f"distill {method}")
+    return history, distiller
+
