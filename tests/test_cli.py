@@ -110,4 +110,4 @@ def test_import_refuses_pickle_unless_opted_in(tmp_path, capsys):
     assert 0.0 <= rec["metrics"]["acc"] <= 1.0
     assert main(["import", "--model", "wrn10_2", "--weights", str(out / "model.safetensors"),
                  "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
-    assert "does not fit wrn10_2" in capsys.readouterr().err
+    assert "does not fit the wrn10_2" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from robustkd.attacks import AttackContext, get_attack, poison_dataset
 from robustkd.data import load_dataset, per_class_subset
 from robustkd.data.dataset import DatasetSplits
+from robustkd.distill import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model, feature_variance
 from robustkd.io import load_state_dict
@@ -73,7 +74,9 @@ def _epoch_logger(run_dir: Path, model: nn.Module, meta_fn, trigger, history_out
 
 
 def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool | None) -> bool:
-    use_cl = device.type == "cuda" if channels_last is None else channels_last
+    """Move to the device; channels_last by default (faster for convs on CUDA and, measured
+    here, ~10-25% faster for WRN training on 2 CPU cores too)."""
+    use_cl = True if channels_last is None else channels_last
     model.to(device)
     if use_cl:
         model.to(memory_format=torch.channels_last)
@@ -244,6 +247,142 @@ def evaluate(*, model_dir: str | Path, dataset: str | None = None, data_root: st
     return _read(out_dir)
 
 
+def load_factory(spec: str, num_classes: int, in_channels: int) -> nn.Module:
+    """Build a user model from ``MODULE:FUNC``, passing num_classes/in_channels if it takes them."""
+    import importlib
+    import inspect
+
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"factory {spec!r} must look like MODULE:FUNC (e.g. mypkg.nets:make)")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load factory {spec!r}: {exc}") from None
+    params = inspect.signature(func).parameters
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+              if k in params}
+    model = func(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_weights_into(model: nn.Module, weights: str | Path, allow_pickle: bool,
+                       what: str) -> None:
+    state = load_state_dict(weights, allow_pickle=allow_pickle)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"{weights} does not fit the {what}: {str(exc).splitlines()[0]} "
+                          "(check the architecture and the dataset's class count)") from None
+
+
+def _check_output_classes(model: nn.Module, splits: DatasetSplits, what: str,
+                          device: torch.device) -> None:
+    """Probe one image: a model whose output size differs from the class count is an error."""
+    x = torch.zeros(1, splits.train.channels, *splits.train.image_size, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as exc:
+        raise ConfigError(f"the {what} cannot process {splits.name} images of shape "
+                          f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    if out.dim() != 2 or out.shape[1] != splits.num_classes:
+        raise ConfigError(f"the {what} has {out.shape[-1]} output classes but dataset "
+                          f"{splits.name} has {splits.num_classes}")
+
+
+def distill(*, method: str = "fkd", teacher: str | Path | None = None,
+            teacher_factory: str | None = None, teacher_weights: str | Path | None = None,
+            teacher_layers: list[str] | None = None, student: str | None = "wrn16_1",
+            student_factory: str | None = None, student_layers: list[str] | None = None,
+            allow_pickle: bool = False, trigger_from: str | Path | None = None,
+            dataset: str | None = None, data_root: str | None = None,
+            image_size: int | None = None, clean_fraction: float | None = None,
+            epochs: int = 200, batch_size: int = 128, lr: float = 0.1, optimizer: str = "sgd",
+            schedule: str = "step", weight_decay: float = 5e-4, momentum: float = 0.9,
+            options: dict[str, Any] | None = None, seed: int = 0, device: str = "auto",
+            out: str | Path = "runs/student", resume: bool = False, amp: bool = True,
+            channels_last: bool | None = None, progress: bool = True, eval_every: int = 1,
+            ) -> dict[str, Any]:
+    """Distil a (possibly backdoored) teacher into a student on clean data.
+
+    The teacher is a run directory (``teacher``) or a user model (``teacher_factory`` +
+    ``teacher_weights`` [+ ``teacher_layers``]); the student a registered name or a factory.
+    Records the student's ACC and, when the teacher's trigger is known, its ASR.
+    """
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    started = time.perf_counter()
+    seed_everything(seed)
+    dev = resolve_device(device)
+    trigger = target = None
+    if (teacher is None) == (teacher_factory is None):
+        raise ConfigError("give either --teacher RUN_DIR or --teacher-factory MODULE:FUNC "
+                          "with --teacher-weights FILE")
+    if teacher is not None:
+        parent = load_run(teacher, dev)
+        t_net, trigger, target = parent.model, parent.trigger, parent.target
+        dataset = dataset or parent.meta["dataset"]["name"]
+        data_root = data_root or parent.meta["dataset"].get("data_root")
+        image_size = image_size or parent.meta["dataset"].get("resize")
+    elif dataset is None or teacher_weights is None:
+        raise ConfigError("a factory teacher needs --teacher-weights FILE and --dataset NAME")
+    splits, train_ds = _prepare_data(dataset, data_root, image_size, clean_fraction, seed)
+    if teacher_factory is not None:
+        t_net = load_factory(teacher_factory, splits.num_classes, splits.train.channels)
+        _load_weights_into(t_net, teacher_weights, allow_pickle, "teacher")
+        t_net.to(dev)
+    if trigger_from is not None:
+        other = load_run(trigger_from, dev)
+        trigger, target = other.trigger, other.target
+    _check_output_classes(t_net, splits, "teacher", dev)
+    if (student is None) == (student_factory is None):
+        raise ConfigError("give either --student NAME or --student-factory MODULE:FUNC")
+    s_net = (build_model(student, num_classes=splits.num_classes,
+                         in_channels=splits.train.channels) if student_factory is None
+             else load_factory(student_factory, splits.num_classes, splits.train.channels))
+    use_cl = _prepare_model(s_net, dev, channels_last)
+    if use_cl:
+        t_net.to(memory_format=torch.channels_last)
+    _check_output_classes(s_net, splits, "student", dev)
+    teacher_metrics = evaluate_model(t_net, splits.test, splits.mean, splits.std,
+                                     trigger=trigger, target=target, device=dev)
+    run_dir = Path(out)
+    history: list[dict] = []
+    meta = lambda extra: run_meta(  # noqa: E731
+        s_net, splits, data_root, seed, role="student", image_size_arg=image_size,
+        distillation={"method": method, "options": options or {},
+                      "teacher": str(teacher or teacher_factory),
+                      "clean_images": len(train_ds)},
+        factory=student_factory, **extra)
+    _log(f"distill ({method}) {teacher or teacher_factory} -> {student or student_factory} on "
+         f"{len(train_ds)} clean images of {splits.name}, {epochs} epochs; teacher "
+         f"{teacher_metrics}")
+    optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        schedule=schedule)
+    distill_student(t_net, s_net, train_ds, splits.test, method=method, mean=splits.mean,
+                    std=splits.std, augment=splits.augment, epochs=epochs, optim=optim,
+                    batch_size=batch_size, device=dev, seed=seed, teacher_layers=teacher_layers,
+                    student_layers=student_layers, options=options, trigger=trigger,
+                    target=target, eval_every=eval_every, state_dir=run_dir / STATE_DIR,
+                    resume=resume, amp=amp, channels_last=use_cl, progress=progress,
+                    on_epoch_end=_epoch_logger(run_dir, s_net, meta, None, history))
+    metrics = evaluate_model(s_net, splits.test, splits.mean, splits.std, trigger=trigger,
+                             target=target, device=dev)
+    save_run_model(run_dir, s_net, meta({"metrics": metrics, "complete": True}))
+    write_record(run_dir, command="distill", metrics=metrics, config=config, seed=seed,
+                 device=describe_device(dev), seconds=time.perf_counter() - started,
+                 teacher_metrics=teacher_metrics, history=history,
+                 throughput=_throughput(history), clean_images=len(train_ds))
+    return _read(run_dir)
+
+
 def import_weights(*, model: str, weights: str | Path, dataset: str = "digits",
                    data_root: str | None = None, image_size: int | None = None,
                    allow_pickle: bool = False, device: str = "auto", seed: int = 0,
@@ -258,13 +397,7 @@ def import_weights(*, model: str, weights: str | Path, dataset: str = "digits",
     dev = resolve_device(device)
     splits = load_dataset(dataset, data_root, image_size=image_size)
     net = build_model(model, num_classes=splits.num_classes, in_channels=splits.train.channels)
-    state = load_state_dict(weights, allow_pickle=allow_pickle)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"{weights} does not fit {model} for {splits.num_classes} classes: "
-                          f"{str(exc).splitlines()[0]} (check --model and --dataset)") from None
+    _load_weights_into(net, weights, allow_pickle, f"{model} for {splits.num_classes} classes")
     net.to(dev)
     metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
     save_run_model(out, net, run_meta(net, splits, data_root, seed, role="imported",

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from robustkd import __version__
-from robustkd.errors import RobustKDError, UnsafeCheckpointError
+from robustkd.errors import ConfigError, RobustKDError, UnsafeCheckpointError
 
 
 def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "digits") -> None:
@@ -46,10 +46,14 @@ def _add_run_args(p: argparse.ArgumentParser, *, epochs: int | None, lr: float |
                    help="continue an interrupted run in --out from its last finished epoch")
     g.add_argument("--no-amp", dest="amp", action="store_false",
                    help="disable bf16 autocast on CUDA")
-    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
-                   help="channels_last memory format (default: on for CUDA)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   default=None, help="keep NCHW memory format (default: channels_last)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -95,6 +99,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_attack_options=sorted({a.dest for a in p._actions} - before)
                    + ["trigger_seed"])
     _add_run_args(p, epochs=None, lr=None, schedule=None)
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+
+    p = sub.add_parser("distill", help="distil a teacher into a student on clean data",
+                       description="Train a student from a (possibly backdoored) teacher on the "
+                                   "clean training data or the defender's clean subset; reports "
+                                   "ACC, and ASR under the teacher's trigger when it is known.")
+    from robustkd.distill import METHODS
+
+    p.add_argument("--method", default="fkd", choices=sorted(METHODS))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", metavar="RUN_DIR", help="teacher run directory")
+    src.add_argument("--teacher-factory", metavar="MODULE:FUNC",
+                     help="build your own teacher nn.Module (takes num_classes/in_channels "
+                          "if it accepts them)")
+    p.add_argument("--teacher-weights", metavar="FILE", help="weights for --teacher-factory")
+    p.add_argument("--teacher-layers", type=_names, default=None, metavar="A,B,C",
+                   help="teacher modules to distil (default: the model's declared layers)")
+    stu = p.add_mutually_exclusive_group()
+    stu.add_argument("--student", default=None, help="student architecture (default wrn16_1)")
+    stu.add_argument("--student-factory", metavar="MODULE:FUNC")
+    p.add_argument("--student-layers", type=_names, default=None, metavar="A,B,C")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle teacher weights (loaded with weights_only=True)")
+    p.add_argument("--trigger-from", default=None, metavar="RUN_DIR",
+                   help="measure the student's ASR with this run's trigger")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help="default: the teacher run's dataset")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--image-size", type=int, default=None)
+    g.add_argument("--clean-fraction", type=float, default=None,
+                   help="per-class fraction of the clean training set the defender holds")
+    g = p.add_argument_group("method options (only those the method takes)")
+    g.add_argument("--temperature", type=float, default=None, help="kd: softmax temperature")
+    g.add_argument("--kd-alpha", dest="alpha", type=float, default=None,
+                   help="kd: weight of the soft-target term")
+    g.add_argument("--beta", type=float, default=None, help="fkd: feature-loss weight")
+    g.add_argument("--teacher-bn", default=None, choices=["train", "eval"],
+                   help="fkd: teacher BN on batch statistics (train, FKD's choice) or running")
+    g.add_argument("--spatial", default=None, choices=["error", "pool"],
+                   help="fkd: what to do when teacher/student maps differ in size")
+    p.set_defaults(_method_options=["temperature", "alpha", "beta", "teacher_bn", "spatial"])
+    _add_run_args(p, epochs=200, lr=0.1, schedule="step")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
 
     p = sub.add_parser("evaluate", help="ACC / ASR / feature variance of a run",
@@ -168,6 +214,27 @@ def _cmd_attack(args: argparse.Namespace) -> dict:
                       **{k: getattr(args, k) for k in _RUN_KEYS})
 
 
+def _cmd_distill(args: argparse.Namespace) -> dict:
+    from robustkd import api
+    from robustkd.distill import get_method
+
+    accepted = set(get_method(args.method).defaults)
+    options = {k: getattr(args, k) for k in args._method_options if getattr(args, k) is not None}
+    wrong = sorted(set(options) - accepted)
+    if wrong:
+        raise ConfigError(f"--method {args.method} does not take {', '.join(wrong)}; "
+                          f"it takes {sorted(accepted) or 'no options'}")
+    student = args.student or (None if args.student_factory else "wrn16_1")
+    keys = [k for k in _RUN_KEYS if k not in ("train_fraction", "download")]
+    return api.distill(method=args.method, teacher=args.teacher,
+                       teacher_factory=args.teacher_factory, teacher_weights=args.teacher_weights,
+                       teacher_layers=args.teacher_layers, student=student,
+                       student_factory=args.student_factory, student_layers=args.student_layers,
+                       allow_pickle=args.allow_pickle, trigger_from=args.trigger_from,
+                       clean_fraction=args.clean_fraction, options=options,
+                       **{k: getattr(args, k) for k in keys if k != "compile"})
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
     from robustkd import api
 
@@ -239,7 +306,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
-            "import": _cmd_import,
+            "import": _cmd_import, "distill": _cmd_distill,
             "models": _cmd_models, "datasets": _cmd_datasets, "demo": _cmd_demo}
 
 

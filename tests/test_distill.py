@@ -1,0 +1,129 @@
+"""Distillation methods end to end on tiny models and the embedded digits data."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robustkd.cli import main
+from robustkd.data import load_dataset
+from robustkd.distill import build_distiller, distill_student
+from robustkd.distill.base import frozen_teacher
+from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import accuracy
+from robustkd.models import build_model
+from robustkd.training.classifier import train_classifier
+from robustkd.training.optim import OptimConfig
+from tests.toy_models import TinyNet
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    torch.manual_seed(0)
+    net = build_model("wrn10_2", num_classes=10, in_channels=1)
+    train_classifier(net, digits.train, digits.test, mean=digits.mean, std=digits.std,
+                     augment=digits.augment, epochs=6, optim=OptimConfig(lr=0.05,
+                     schedule="cosine"), batch_size=64, progress=False, eval_every=0)
+    return net
+
+
+@pytest.mark.parametrize("method", ["fkd", "kd", "ce"])
+def test_student_learns_and_teacher_is_untouched(method, digits, teacher):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(1)
+    student = build_model("wrn10_1", num_classes=10, in_channels=1)
+    history, distiller = distill_student(
+        teacher, student, digits.train, digits.test, method=method, mean=digits.mean,
+        std=digits.std, augment=digits.augment, epochs=4, batch_size=64, progress=False,
+        optim=OptimConfig(lr=0.05, schedule="cosine"))
+    assert history[-1].loss < history[0].loss
+    assert history[-1].extra["test_acc"] > 0.8
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"teacher {key} changed during {method}"
+    if method == "fkd":
+        assert len(distiller.connectors) == 3
+        assert history[-1].stats["feat_loss"] > 0
+
+
+def test_fkd_margins_come_from_teacher_bn(digits, teacher):
+    student = build_model("wrn10_1", num_classes=10, in_channels=1)
+    d = build_distiller("fkd", teacher, student)
+    x = torch.randn(4, 1, 16, 16)
+    with frozen_teacher(teacher, "train"):
+        d.prepare(x)
+    from robustkd.distill.losses import bn_margin
+
+    assert torch.allclose(d.margins()[-1], bn_margin(teacher.bn1.weight, teacher.bn1.bias))
+    assert len(d.margins()) == 3 and all((m <= 0).all() for m in d.margins())
+
+
+def test_fkd_on_user_models_with_named_layers(digits):
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    d = build_distiller("fkd", teacher, student, teacher_layers=["bn1", "bn2"],
+                        student_layers=["bn1", "bn2"])
+    assert [layer.bn for layer in d.setup.teacher_layers] == ["bn1", "bn2"]
+    with frozen_teacher(teacher, "train"):
+        d.prepare(torch.randn(4, 1, 16, 16))
+    assert d.connectors[0][0].weight.shape == (16, 8, 1, 1)
+    # conv outputs have no BN of their own: margins are measured on the probe batch
+    d2 = build_distiller("fkd", teacher, student, teacher_layers=["conv1", "conv2"],
+                         student_layers=["conv1", "conv2"])
+    with frozen_teacher(teacher, "eval"):
+        d2.prepare(torch.randn(8, 1, 16, 16))
+    assert all((m <= 0).all() for m in d2.margins())
+
+
+def test_fkd_spatial_mismatch_is_a_clear_error():
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    d = build_distiller("fkd", teacher, student, teacher_layers=["bn1", "bn2"],
+                        student_layers=["bn2", "bn1"])
+    with pytest.raises(ConfigError, match="spatial=pool"), frozen_teacher(teacher, "train"):
+        d.prepare(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ConfigError, match="pairs layers one to one"):
+        build_distiller("fkd", teacher, student, teacher_layers=["bn1"],
+                        student_layers=["bn1", "bn2"])
+    with pytest.raises(ConfigError, match="has no option"):
+        build_distiller("kd", teacher, student, options={"beta": 2.0})
+
+
+def test_cli_distill_with_factory_teacher_and_pickle_guard(tmp_path, capsys, digits):
+    torch.manual_seed(0)
+    net = TinyNet(width=16)
+    save_file(net.state_dict(), str(tmp_path / "t.safetensors"))
+    torch.save(net.state_dict(), tmp_path / "t.pt")
+    base = ["distill", "--method", "fkd", "--teacher-factory", "tests.toy_models:make_wide",
+            "--teacher-layers", "bn1,bn2", "--student-factory", "tests.toy_models:make",
+            "--student-layers", "bn1,bn2", "--dataset", "digits", "--epochs", "1",
+            "--clean-fraction", "0.3", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--teacher-weights", str(tmp_path / "t.pt"),
+                 "--out", str(tmp_path / "s0")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main([*base, "--teacher-weights", str(tmp_path / "t.safetensors"),
+                 "--out", str(tmp_path / "s1")]) == 0
+    rec = json.loads((tmp_path / "s1" / "record.json").read_text())
+    assert 0 <= rec["metrics"]["acc"] <= 1 and rec["clean_images"] < len(digits.train) / 2
+    assert main([*base, "--teacher-weights", str(tmp_path / "t.safetensors"),
+                 "--temperature", "3", "--out", str(tmp_path / "s2")]) == 2
+    assert "does not take temperature" in capsys.readouterr().err
+
+
+def test_cli_teacher_with_wrong_class_count(tmp_path, capsys):
+    net = TinyNet(num_classes=7)
+    save_file(net.state_dict(), str(tmp_path / "t.safetensors"))
+
+    assert main(["distill", "--teacher-factory", "tests.toy_models:make", "--teacher-weights",
+                 str(tmp_path / "t.safetensors"), "--dataset", "digits", "--epochs", "1",
+                 "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the teacher" in err
+
+
+def test_accuracy_helper_on_untrained_model(digits):
+    net = TinyNet()
+    assert 0.0 <= accuracy(net, digits.test, digits.mean, digits.std) <= 1.0
