@@ -7,30 +7,18 @@ import torch
 from safetensors.torch import save_file
 
 from robustkd.cli import main
-from robustkd.data import load_dataset
 from robustkd.distill import build_distiller, distill_student
 from robustkd.distill.base import frozen_teacher
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy
 from robustkd.models import build_model
-from robustkd.training.classifier import train_classifier
 from robustkd.training.optim import OptimConfig
 from tests.toy_models import TinyNet
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
-def teacher(digits):
-    torch.manual_seed(0)
-    net = build_model("wrn10_2", num_classes=10, in_channels=1)
-    train_classifier(net, digits.train, digits.test, mean=digits.mean, std=digits.std,
-                     augment=digits.augment, epochs=6, optim=OptimConfig(lr=0.05,
-                     schedule="cosine"), batch_size=64, progress=False, eval_every=0)
-    return net
+@pytest.fixture
+def teacher(digits_teacher):
+    return digits_teacher
 
 
 @pytest.mark.parametrize("method", ["fkd", "kd", "ce"])
@@ -43,7 +31,7 @@ def test_student_learns_and_teacher_is_untouched(method, digits, teacher):
         std=digits.std, augment=digits.augment, epochs=4, batch_size=64, progress=False,
         optim=OptimConfig(lr=0.05, schedule="cosine"))
     assert history[-1].loss < history[0].loss
-    assert history[-1].extra["test_acc"] > 0.8
+    assert history[-1].extra["test_acc"] > 0.7  # chance is 0.1
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), f"teacher {key} changed during {method}"
     if method == "fkd":

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustkd.attacks import AttackContext, get_attack, poison_dataset
+from robustkd.attacks.render import render_trigger
 from robustkd.data import load_dataset, per_class_subset
 from robustkd.data.dataset import DatasetSplits
 from robustkd.distill import distill_student
@@ -173,14 +174,19 @@ def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
     use_cl = _prepare_model(net, dev, channels_last)
     before = (evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
               if parent else None)
-    trigger = spec.build_trigger(AttackContext(splits, net if parent else None,
-                                               dict(options or {}), dev)).to(dev)
+    trigger_started = time.perf_counter()
+    trigger = spec.build_trigger(AttackContext(
+        splits, net if parent else None,
+        {**(options or {}), "target": target, "progress": progress}, dev)).to(dev)
+    trigger_seconds = time.perf_counter() - trigger_started
+    run_dir = Path(out)
+    pick = torch.linspace(0, len(splits.test) - 1, 6).long()
+    render_trigger(trigger, splits.test.images[pick], run_dir)
     poisoned = poison_dataset(train_ds, trigger.cpu(), target, poison_ratio,
                               keep_originals=keep_originals, seed=seed)
     trigger.to(dev)
     _log(f"attack {attack}: {int(poisoned.is_poison.sum())} poisoned of {len(poisoned)} "
          f"training images, target {target} ({splits.classes[target]}), {epochs} epochs")
-    run_dir = Path(out)
     history: list[dict] = []
     meta = lambda extra: run_meta(  # noqa: E731
         net, splits, data_root, seed, trigger=trigger, target=target, role="backdoored",
@@ -203,7 +209,8 @@ def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
     write_record(run_dir, command="attack", metrics=metrics, config=config, seed=seed,
                  device=describe_device(dev), seconds=time.perf_counter() - started,
                  teacher_metrics=before, history=history, throughput=_throughput(history),
-                 poisoned_images=int(poisoned.is_poison.sum()))
+                 poisoned_images=int(poisoned.is_poison.sum()), trigger_seconds=trigger_seconds,
+                 trigger=trigger.config())
     return _read(run_dir)
 
 

@@ -94,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the poisoned images' clean originals instead of keeping them")
     g.add_argument("--trigger-seed", type=int, default=0)
     before = {a.dest for a in p._actions}
+    shared = []
     for spec in ATTACKS.values():
         spec.add_arguments(p)
+        shared += [f for f in spec.shared_arguments if f not in shared]
+    for add in shared:
+        add(p)
     p.set_defaults(_attack_options=sorted({a.dest for a in p._actions} - before)
                    + ["trigger_seed"])
     _add_run_args(p, epochs=None, lr=None, schedule=None)

@@ -31,6 +31,8 @@ class AttackSpec:
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # flag groups several attacks share (added once to the CLI, deduplicated by identity)
+    shared_arguments: tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
 
 
 ATTACKS: dict[str, AttackSpec] = {}

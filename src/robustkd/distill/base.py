@@ -93,6 +93,8 @@ def frozen_teacher(teacher: nn.Module, mode: str):
     grads = [(p, p.requires_grad) for p in teacher.parameters()]
     bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
+    tracked = [m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
+               for m in bns]
     try:
         for p, _ in grads:
             p.requires_grad_(False)
@@ -103,8 +105,10 @@ def frozen_teacher(teacher: nn.Module, mode: str):
     finally:
         for p, flag in grads:
             p.requires_grad_(flag)
-        for m, momentum in zip(bns, momenta, strict=True):
+        for m, momentum, count in zip(bns, momenta, tracked, strict=True):
             m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
         teacher.train(was_training)
 
 
