@@ -1,5 +1,8 @@
 """Batches from a device-resident uint8 dataset, with batched on-device augmentation.
 
+Host-to-device copies of the (small) per-batch random offsets are ``non_blocking`` so the
+loop never waits for the GPU queue to drain.
+
 :class:`DeviceLoader` copies a dataset's uint8 images to the device once and yields
 ``(x, y, idx)`` batches: ``x`` float32 normalised ``[B, C, H, W]``, ``y`` int64 labels
 (on the device) and ``idx`` the dataset row of each sample (int64, on the CPU, so it can
@@ -106,13 +109,15 @@ def _crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> tor
     if flip:
         flips = torch.rand(b, generator=g) < 0.5
         cols = torch.where(flips[:, None], cols.flip(1), cols)
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).to(dev)
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w)
+    flat = flat.to(dev, non_blocking=True)
     out = x.reshape(b, c, hp * wp).gather(2, flat.expand(b, c, h * w))
     return out.reshape(b, c, h, w)
 
 
 def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    flips = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    flips = torch.rand(x.shape[0], generator=g) < 0.5
+    flips = flips.to(x.device, non_blocking=True)
     return torch.where(flips[:, None, None, None], x.flip(3), x)
 
 
@@ -137,7 +142,7 @@ def _resized_crop(
         sx = torch.where(flips, -sw, sw)
     zero = torch.zeros(b, dtype=torch.float64)
     theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1).to(
-        device=x.device, dtype=x.dtype
+        device=x.device, dtype=x.dtype, non_blocking=True
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
