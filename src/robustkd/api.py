@@ -19,11 +19,13 @@ from robustkd.attacks import AttackContext, get_attack, poison_dataset
 from robustkd.attacks.render import render_trigger
 from robustkd.data import load_dataset, per_class_subset
 from robustkd.data.dataset import DatasetSplits
+from robustkd.defenses.robustkd import RobustKDConfig, run_robustkd
 from robustkd.distill import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model, feature_variance
-from robustkd.io import load_state_dict
+from robustkd.io import load_state_dict, save_tensors, write_json
 from robustkd.models import build_model
+from robustkd.models.taps import tap
 from robustkd.runs import load_run, run_meta, save_run_model, write_record
 from robustkd.training.classifier import train_classifier
 from robustkd.training.loop import EpochResult
@@ -31,6 +33,8 @@ from robustkd.training.optim import OptimConfig
 from robustkd.utils import describe_device, resolve_device, seed_everything
 
 STATE_DIR = "state"
+DETOX_FILE = "detox.safetensors"
+DETOX_META = "detox.json"
 
 
 def _log(message: str) -> None:
@@ -106,7 +110,7 @@ def train(*, dataset: str = "digits", data_root: str | None = None, model: str =
     history: list[dict] = []
     meta = lambda extra: run_meta(net, splits, data_root, seed, role="clean",  # noqa: E731
                                   image_size_arg=image_size, train_images=len(train_ds),
-                                  **extra)
+                                  train_fraction=train_fraction, **extra)
     optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                         schedule=schedule)
     _log(f"train {model} on {splits.name}: {len(train_ds)} train / {len(splits.test)} test "
@@ -156,6 +160,8 @@ def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
         dataset = dataset or parent.meta["dataset"]["name"]
         data_root = data_root or parent.meta["dataset"].get("data_root")
         image_size = image_size or parent.meta["dataset"].get("resize")
+        if train_fraction is None:  # poison the data the teacher was trained on
+            train_fraction = parent.meta.get("train_fraction")
         epochs, lr = epochs or 8, lr or 0.008
         schedule = schedule or "constant"
     else:
@@ -190,7 +196,7 @@ def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
     history: list[dict] = []
     meta = lambda extra: run_meta(  # noqa: E731
         net, splits, data_root, seed, trigger=trigger, target=target, role="backdoored",
-        image_size_arg=image_size, train_images=len(train_ds),
+        image_size_arg=image_size, train_images=len(train_ds), train_fraction=train_fraction,
         attack={"name": attack, "poison_ratio": poison_ratio, "keep_originals": keep_originals,
                 "mode": "finetune" if parent else "scratch", "options": options or {}},
         parent=str(teacher) if teacher else None, **extra)
@@ -314,10 +320,10 @@ def distill(*, method: str = "fkd", teacher: str | Path | None = None,
             image_size: int | None = None, clean_fraction: float | None = None,
             epochs: int = 200, batch_size: int = 128, lr: float = 0.1, optimizer: str = "sgd",
             schedule: str = "step", weight_decay: float = 5e-4, momentum: float = 0.9,
-            options: dict[str, Any] | None = None, seed: int = 0, device: str = "auto",
-            out: str | Path = "runs/student", resume: bool = False, amp: bool = True,
-            channels_last: bool | None = None, progress: bool = True, eval_every: int = 1,
-            ) -> dict[str, Any]:
+            options: dict[str, Any] | None = None, robustkd: dict[str, Any] | None = None,
+            seed: int = 0, device: str = "auto", out: str | Path = "runs/student",
+            resume: bool = False, amp: bool = True, channels_last: bool | None = None,
+            progress: bool = True, eval_every: int = 1) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
     The teacher is a run directory (``teacher``) or a user model (``teacher_factory`` +
@@ -373,20 +379,55 @@ def distill(*, method: str = "fkd", teacher: str | Path | None = None,
          f"{teacher_metrics}")
     optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                         schedule=schedule)
-    distill_student(t_net, s_net, train_ds, splits.test, method=method, mean=splits.mean,
-                    std=splits.std, augment=splits.augment, epochs=epochs, optim=optim,
-                    batch_size=batch_size, device=dev, seed=seed, teacher_layers=teacher_layers,
-                    student_layers=student_layers, options=options, trigger=trigger,
-                    target=target, eval_every=eval_every, state_dir=run_dir / STATE_DIR,
-                    resume=resume, amp=amp, channels_last=use_cl, progress=progress,
-                    on_epoch_end=_epoch_logger(run_dir, s_net, meta, None, history))
+    common = dict(mean=splits.mean, std=splits.std, augment=splits.augment, epochs=epochs,
+                  optim=optim, batch_size=batch_size, device=dev, seed=seed, trigger=trigger,
+                  target=target, progress=progress, channels_last=use_cl, amp=amp,
+                  state_dir=run_dir / STATE_DIR, resume=resume,
+                  on_epoch_end=_epoch_logger(run_dir, s_net, meta, None, history))
+    extra: dict[str, Any] = {}
+    if method == "robustkd":
+        if teacher_layers or student_layers:
+            raise ConfigError("robustkd uses the models' declared distillation layers")
+        rk_cfg = RobustKDConfig(**(robustkd or {}))
+
+        def fresh_student() -> nn.Module:
+            net = (build_model(student, num_classes=splits.num_classes,
+                               in_channels=splits.train.channels) if student_factory is None
+                   else load_factory(student_factory, splits.num_classes,
+                                     splits.train.channels)).to(dev)
+            return net.to(memory_format=torch.channels_last) if use_cl else net
+
+        report = run_robustkd(t_net, s_net, train_ds, splits.test, rk_cfg,
+                              fkd_options=options, student_factory=fresh_student,
+                              eval_every=eval_every, **common)
+        masks = report.pop("masks")
+        save_tensors(run_dir / DETOX_FILE, masks.tensors())
+        write_json(run_dir / DETOX_META, {**masks.config(), "config": rk_cfg.as_dict(),
+                                          "teacher": str(teacher)})
+        with tap(t_net, replace=masks.replacements()):
+            detoxed = evaluate_model(t_net, splits.test, splits.mean, splits.std,
+                                     trigger=trigger, target=target, device=dev)
+        extra = {"robustkd": {**report, "config": rk_cfg.as_dict(),
+                              "detoxified_teacher_metrics": detoxed},
+                 "selection": report["selection"], "chosen_tau": report["chosen_tau"],
+                 "detox_seconds": report["detox_seconds"],
+                 "distill_seconds": report["distill_seconds"]}
+    else:
+        if robustkd:
+            raise ConfigError(f"detoxification options only apply to --method robustkd, "
+                              f"not {method}")
+        started_distill = time.perf_counter()
+        distill_student(t_net, s_net, train_ds, splits.test, method=method,
+                        teacher_layers=teacher_layers, student_layers=student_layers,
+                        options=options, eval_every=eval_every, **common)
+        extra = {"distill_seconds": time.perf_counter() - started_distill}
     metrics = evaluate_model(s_net, splits.test, splits.mean, splits.std, trigger=trigger,
                              target=target, device=dev)
     save_run_model(run_dir, s_net, meta({"metrics": metrics, "complete": True}))
     write_record(run_dir, command="distill", metrics=metrics, config=config, seed=seed,
                  device=describe_device(dev), seconds=time.perf_counter() - started,
                  teacher_metrics=teacher_metrics, history=history,
-                 throughput=_throughput(history), clean_images=len(train_ds))
+                 throughput=_throughput(history), clean_images=len(train_ds), **extra)
     return _read(run_dir)
 
 

@@ -52,6 +52,10 @@ def _add_run_args(p: argparse.ArgumentParser, *, epochs: int | None, lr: float |
     g.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -111,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ACC, and ASR under the teacher's trigger when it is known.")
     from robustkd.distill import METHODS
 
-    p.add_argument("--method", default="fkd", choices=sorted(METHODS))
+    p.add_argument("--method", default="fkd", choices=sorted([*METHODS, "robustkd"]),
+                   help="robustkd = detoxification masks + FKD from the detoxified teacher")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", metavar="RUN_DIR", help="teacher run directory")
     src.add_argument("--teacher-factory", metavar="MODULE:FUNC",
@@ -144,6 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spatial", default=None, choices=["error", "pool"],
                    help="fkd: what to do when teacher/student maps differ in size")
     p.set_defaults(_method_options=["temperature", "alpha", "beta", "teacher_bn", "spatial"])
+    g = p.add_argument_group("robustkd (detoxification) options; defaults = the paper's reading")
+    g.add_argument("--tau", type=float, default=None, help="mask threshold (default 0.2)")
+    g.add_argument("--taus", type=_floats, default=None, metavar="T1,T2,…",
+                   help="thresholds to choose from with --selection")
+    g.add_argument("--selection", default=None, choices=["blind", "oracle"],
+                   help="blind: clean data only (default); oracle: needs the trigger (research)")
+    g.add_argument("--epsilon", type=float, default=None,
+                   help="accuracy tolerance of the selection rule (default 0.02)")
+    g.add_argument("--mask-variant", dest="variant", default=None, choices=["eq7", "eq15"])
+    g.add_argument("--layers", default=None, choices=["all", "last", "last2"],
+                   help="distillation layers to detoxify (default all)")
+    g.add_argument("--detox-loss", dest="loss", default=None, choices=["ce+var", "ce", "var"])
+    g.add_argument("--lam", type=float, default=None, help="weight of the variance term (1)")
+    g.add_argument("--detox-epochs", type=int, default=None, help="default 40")
+    g.add_argument("--detox-lr", type=float, default=None, help="Adam lr (default 1e-3)")
+    g.add_argument("--mask-init", type=float, default=None, help="initial mask (default tau/2)")
+    p.set_defaults(_robustkd_options=["tau", "taus", "selection", "epsilon", "variant",
+                                      "layers", "loss", "lam", "detox_epochs", "detox_lr",
+                                      "mask_init"])
     _add_run_args(p, epochs=200, lr=0.1, schedule="step")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
 
@@ -222,7 +246,12 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
     from robustkd import api
     from robustkd.distill import get_method
 
-    accepted = set(get_method(args.method).defaults)
+    accepted = set(get_method("fkd" if args.method == "robustkd" else args.method).defaults)
+    robustkd = {k: getattr(args, k) for k in args._robustkd_options
+                if getattr(args, k) is not None}
+    if robustkd and args.method != "robustkd":
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in robustkd)} apply to "
+                          "--method robustkd")
     options = {k: getattr(args, k) for k in args._method_options if getattr(args, k) is not None}
     wrong = sorted(set(options) - accepted)
     if wrong:
@@ -236,6 +265,7 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
                        student_factory=args.student_factory, student_layers=args.student_layers,
                        allow_pickle=args.allow_pickle, trigger_from=args.trigger_from,
                        clean_fraction=args.clean_fraction, options=options,
+                       robustkd=robustkd if args.method == "robustkd" else None,
                        **{k: getattr(args, k) for k in keys if k != "compile"})
 
 

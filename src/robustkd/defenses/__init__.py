@@ -1,0 +1,1 @@
+"""Defences: RobustKD feature detoxification (and, later, fine-tuning and NAD baselines)."""

@@ -1,0 +1,155 @@
+"""RobustKD step (I): detoxification masks on a frozen teacher (METHOD.md section 5.1-5.2).
+
+For each chosen stage ``l`` two learnable tensors of the feature's shape, shared by all
+inputs: a mask ``m`` in [0, tau] and a replacement feature ``delta`` (initialised with the
+clean mean feature). The stage output is replaced inside the forward pass, so later stages
+compute on the detoxified feature:
+
+* ``eq7`` (default): ``(1 - m) * F + m * delta``
+* ``eq15``: ``F + m * delta``
+
+The masks are trained with ``CE(teacher logits, y) + lambda * mean_b Var(F~_L(x_b))`` on
+clean data (teacher weights frozen), clamping ``m`` into [0, tau] after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkd.data.dataset import ImageDataset
+from robustkd.data.loader import DeviceLoader
+from robustkd.distill.base import frozen_teacher
+from robustkd.errors import ConfigError
+from robustkd.models.taps import tap
+from robustkd.training.loop import EpochResult, fit
+from robustkd.training.optim import OptimConfig
+
+VARIANTS = ("eq7", "eq15")
+DETOX_LOSSES = ("ce+var", "ce", "var")
+
+
+class DetoxMasks(nn.Module):
+    """Masks and replacement features for a set of named teacher modules."""
+
+    def __init__(self, names: Sequence[str], deltas: Sequence[torch.Tensor], tau: float,
+                 variant: str = "eq7", mask_init: float | None = None) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ConfigError(f"mask variant must be one of {VARIANTS}, got {variant!r}")
+        if not tau > 0:
+            raise ConfigError(f"mask threshold tau must be > 0, got {tau}")
+        self.names = list(names)
+        self.tau, self.variant = float(tau), variant
+        init = tau / 2 if mask_init is None else float(mask_init)
+        self.masks = nn.ParameterList(
+            [nn.Parameter(torch.full_like(d, min(init, tau))) for d in deltas])
+        self.deltas = nn.ParameterList([nn.Parameter(d.detach().clone()) for d in deltas])
+
+    def mix(self, index: int, feature: torch.Tensor) -> torch.Tensor:
+        m = self.masks[index].to(feature.dtype)
+        d = self.deltas[index].to(feature.dtype)
+        if self.variant == "eq7":
+            return (1 - m) * feature + m * d
+        return feature + m * d
+
+    def replacements(self) -> dict[str, Any]:
+        """Forward-hook replacements for :func:`robustkd.models.taps.tap`."""
+        return {name: partial(self.mix, i) for i, name in enumerate(self.names)}
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        for m in self.masks:
+            m.clamp_(0.0, self.tau)
+
+    def config(self) -> dict[str, Any]:
+        return {"names": self.names, "tau": self.tau, "variant": self.variant,
+                "shapes": [list(d.shape) for d in self.deltas]}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, name in enumerate(self.names):
+            out[f"detox.{name}.mask"] = self.masks[i].detach()
+            out[f"detox.{name}.delta"] = self.deltas[i].detach()
+        return out
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DetoxMasks:
+        names = config["names"]
+        deltas = [tensors[f"detox.{n}.delta"] for n in names]
+        masks = cls(names, deltas, config["tau"], config["variant"])
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                masks.masks[i].copy_(tensors[f"detox.{n}.mask"])
+        return masks
+
+
+def per_example_variance(feature: torch.Tensor) -> torch.Tensor:
+    """Variance of all elements of each example's feature map, ``[B]`` (Eq. 8's quantity)."""
+    return feature.float().flatten(1).var(dim=1)
+
+
+def detox_loss(logits: torch.Tensor, labels: torch.Tensor, last_feature: torch.Tensor,
+               mode: str = "ce+var", lam: float = 1.0) -> torch.Tensor:
+    """``L_CE + lambda * L_var`` (Eq. 10) or one of its ablations (``ce``, ``var``)."""
+    if mode not in DETOX_LOSSES:
+        raise ConfigError(f"detox loss must be one of {DETOX_LOSSES}, got {mode!r}")
+    loss = logits.new_zeros((), dtype=torch.float32)
+    if "ce" in mode:
+        loss = loss + F.cross_entropy(logits.float(), labels)
+    if "var" in mode:
+        loss = loss + lam * per_example_variance(last_feature).mean()
+    return loss
+
+
+@torch.no_grad()
+def clean_mean_features(teacher: nn.Module, ds: ImageDataset, names: Sequence[str],
+                        mean: Sequence[float], std: Sequence[float], device,
+                        batch_size: int = 256) -> list[torch.Tensor]:
+    """Mean stage output ``[C, H, W]`` over clean images: the initial replacement feature."""
+    sums: dict[str, torch.Tensor] = {}
+    with frozen_teacher(teacher, "eval"), tap(teacher, names, detach=True) as t:
+        for x, _y, _idx in DeviceLoader(ds, batch_size, device=device, mean=mean, std=std):
+            teacher(x)
+            for n in names:
+                sums[n] = sums.get(n, 0) + t[n].float().sum(0)
+    return [sums[n] / len(ds) for n in names]
+
+
+def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[str], *,
+                      tau: float = 0.2, variant: str = "eq7", loss_mode: str = "ce+var",
+                      lam: float = 1.0, epochs: int = 40, lr: float = 1e-3,
+                      batch_size: int = 128, mean: Sequence[float], std: Sequence[float],
+                      augment: dict | None = None, device="cpu", seed: int = 0,
+                      mask_init: float | None = None, teacher_bn: str = "eval",
+                      progress: bool = True) -> tuple[DetoxMasks, list[EpochResult]]:
+    """Optimise masks and replacement features on clean data; the teacher stays frozen.
+
+    ``names`` are stage-output modules; the last one carries ``L_var``.
+    """
+    if not names:
+        raise ConfigError("no layers to detoxify")
+    deltas = clean_mean_features(teacher, clean, names, mean, std, device)
+    masks = DetoxMasks(names, deltas, tau, variant, mask_init).to(device)
+    last = names[-1]
+    loader = DeviceLoader(clean, batch_size, device=device, mean=mean, std=std, shuffle=True,
+                          augment=augment, drop_last=len(clean) > batch_size, seed=seed)
+
+    def step(x: torch.Tensor, y: torch.Tensor, _idx: torch.Tensor):
+        with tap(teacher, [last], replace=masks.replacements()) as t:
+            logits = teacher(x)
+        loss = detox_loss(logits, y, t[last], loss_mode, lam)
+        return loss, {"train_acc": (logits.argmax(1) == y).sum(),
+                      "variance": per_example_variance(t[last]).detach().sum()}
+
+    with frozen_teacher(teacher, teacher_bn):
+        history = fit(masks.parameters(), step, loader, epochs,
+                      OptimConfig(name="adam", lr=lr, weight_decay=0.0, schedule="constant"),
+                      device=device, amp=False, after_step=masks.project_, progress=progress,
+                      desc=f"detox tau={tau}")
+    return masks, history
