@@ -48,7 +48,8 @@ def main() -> None:
     p.add_argument("--train-fraction", type=float, default=0.2)
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--attack-epochs", type=int, default=3)
-    p.add_argument("--poison-ratio", type=float, default=0.05)
+    p.add_argument("--attack-lr", type=float, default=0.01)
+    p.add_argument("--poison-ratio", type=float, default=0.1)
     p.add_argument("--clean-fraction", type=float, default=0.1)
     p.add_argument("--student-epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +78,7 @@ def main() -> None:
                   "eval_every": args.student_epochs, **common}
     for attack in args.attacks.split(","):
         rec = stage(out, f"{attack}-teacher", api.attack, attack=attack,
-                    teacher=str(teacher_dir), epochs=args.attack_epochs, lr=0.008,
+                    teacher=str(teacher_dir), epochs=args.attack_epochs, lr=args.attack_lr,
                     poison_ratio=args.poison_ratio, train_fraction=args.train_fraction,
                     options=ATTACKS[attack], eval_every=args.attack_epochs, **common)
         rows.append({"teacher": attack, "method": "-", "acc": rec["metrics"]["acc"],

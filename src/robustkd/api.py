@@ -178,13 +178,14 @@ def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
         raise ConfigError(f"--target {target} is not a class of {splits.name} "
                           f"(0..{splits.num_classes - 1})")
     use_cl = _prepare_model(net, dev, channels_last)
-    before = (evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
-              if parent else None)
     trigger_started = time.perf_counter()
     trigger = spec.build_trigger(AttackContext(
         splits, net if parent else None,
         {**(options or {}), "target": target, "progress": progress}, dev)).to(dev)
     trigger_seconds = time.perf_counter() - trigger_started
+    # the clean model under the new trigger: the ASR a backdoor-free model already shows
+    before = (evaluate_model(net, splits.test, splits.mean, splits.std, trigger=trigger,
+                             target=target, device=dev) if parent else None)
     run_dir = Path(out)
     pick = torch.linspace(0, len(splits.test) - 1, 6).long()
     render_trigger(trigger, splits.test.images[pick], run_dir)
@@ -454,6 +455,45 @@ def import_weights(*, model: str, weights: str | Path, dataset: str = "digits",
     write_record(out, command="import", metrics=metrics, config=config, seed=seed,
                  device=describe_device(dev), seconds=time.perf_counter() - started)
     return _read(out)
+
+
+def scan(*, model_dir: str | Path, reference: str | Path | None = None, samples: int = 100,
+         dataset: str | None = None, data_root: str | None = None, seed: int = 0,
+         device: str = "auto", out: str | Path | None = None) -> dict[str, Any]:
+    """Per-layer feature-variance statistics on clean test images (paper Fig. 2), with a
+    comparison against a reference model and a histogram PNG when matplotlib is present."""
+    from robustkd.evaluation.scan import plot_histograms, summarise
+
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    run = load_run(model_dir, dev)
+    ds_meta = run.meta["dataset"]
+    splits = load_dataset(dataset or ds_meta["name"], data_root or ds_meta.get("data_root"),
+                          image_size=ds_meta.get("resize"))
+    pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(seed))
+    images = splits.test.subset(pick[:samples])
+    layers = [layer.stage for layer in run.model.distill_layers()]
+    values = feature_variance(run.model, layers, images, run.mean, run.std, device=dev)
+    ref_values = ref_layers = None
+    if reference is not None:
+        ref = load_run(reference, dev)
+        ref_layers = [layer.stage for layer in ref.model.distill_layers()]
+        ref_values = feature_variance(ref.model, ref_layers, images, ref.mean, ref.std,
+                                      device=dev)
+    stats, lines = summarise(layers, values, ref_values, ref_layers)
+    out_dir = Path(out) if out else Path(model_dir) / "scan"
+    png = plot_histograms(out_dir / "variance.png", layers, values, ref_values,
+                          (str(model_dir), str(reference)), ref_layers)
+    for line in lines:
+        _log(line)
+    metrics = {f"var_{k}": v["model"]["mean"] for k, v in stats.items()}
+    metrics.update({f"ratio_{k}": v["ratio"] for k, v in stats.items() if "ratio" in v})
+    write_record(out_dir, command="scan", metrics=metrics, config=config, seed=seed,
+                 device=describe_device(dev), seconds=time.perf_counter() - started,
+                 layers=stats, summary=lines, figure=str(png) if png else None,
+                 values={k: v.tolist() for k, v in values.items()})
+    return _read(out_dir)
 
 
 def _throughput(history: list[dict]) -> dict[str, float]:
