@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from robustkd.attacks.ckd import toxic_channels
-from robustkd.attacks.learned import feature_names, mean_features, optimise_trigger
+from robustkd.attacks.learned import feature_names, optimise_trigger
 from robustkd.cli import main
 from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import mean_features
 
 
 def test_toxic_channels_are_the_largest_means():
@@ -23,7 +24,7 @@ def test_trigger_optimisation_lowers_loss_and_respects_bounds(digits, digits_tea
     assert names == ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"]
     small = digits.train.subset(torch.arange(0, 400))
     goal = {n: v * 0 + 2.0 for n, v in mean_features(
-        digits_teacher, small, names, digits.mean, digits.std, "cpu").items()}
+        digits_teacher, small, names, digits.mean, digits.std).items()}
 
     def loss(feats):
         return sum(((feats[n] - goal[n]) ** 2).mean() for n in names)

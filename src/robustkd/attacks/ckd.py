@@ -15,13 +15,13 @@ import torch
 from robustkd.attacks.learned import (
     feature_names,
     learned_trigger_arguments,
-    mean_features,
     optimise_trigger,
     trigger_images,
 )
 from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
 from robustkd.attacks.triggers import Trigger
 from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import mean_features
 
 
 def toxic_channels(channel_means: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -45,7 +45,7 @@ def _build(ctx: AttackContext) -> Trigger:
     splits, model, device = ctx.splits, ctx.model, ctx.device
     names = feature_names(model, o.get("feature_layers"))
     images = trigger_images(splits.train, o.get("trigger_images", 2000), o.get("trigger_seed", 0))
-    means = mean_features(model, images, names, splits.mean, splits.std, device)
+    means = mean_features(model, images, names, splits.mean, splits.std, device=device)
     fraction = o.get("toxic_fraction", 0.1)
     toxic, values = {}, {}
     for n in names:

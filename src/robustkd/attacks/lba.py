@@ -8,13 +8,13 @@ import torch
 from robustkd.attacks.learned import (
     feature_names,
     learned_trigger_arguments,
-    mean_features,
     optimise_trigger,
     trigger_images,
 )
 from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
 from robustkd.attacks.triggers import Trigger
 from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import mean_features
 
 
 def _build(ctx: AttackContext) -> Trigger:
@@ -27,7 +27,7 @@ def _build(ctx: AttackContext) -> Trigger:
     count = o.get("trigger_images", 2000)
     seed = o.get("trigger_seed", 0)
     target_set = splits.train.subset(torch.nonzero(splits.train.labels == target).flatten())
-    goal = mean_features(model, target_set, names, splits.mean, splits.std, device)
+    goal = mean_features(model, target_set, names, splits.mean, splits.std, device=device)
     images = trigger_images(splits.train, count, seed, exclude_class=target)
 
     def loss(feats: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -55,20 +55,6 @@ def trigger_images(ds: ImageDataset, count: int, seed: int,
     return per_class_subset(ds, fraction=fraction, seed=seed)
 
 
-@torch.no_grad()
-def mean_features(model: nn.Module, ds: ImageDataset, names: Sequence[str],
-                  mean: Sequence[float], std: Sequence[float], device,
-                  batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Average feature map ``[C, H, W]`` of each named module over ``ds`` (eval mode)."""
-    sums: dict[str, torch.Tensor] = {}
-    with frozen_teacher(model, "eval"), tap(model, names, detach=True) as t:
-        for x, _y, _idx in DeviceLoader(ds, batch_size, device=device, mean=mean, std=std):
-            model(x)
-            for n in names:
-                sums[n] = sums.get(n, 0) + t[n].float().sum(0)
-    return {n: v / len(ds) for n, v in sums.items()}
-
-
 def optimise_trigger(model: nn.Module, images: ImageDataset, names: Sequence[str],
                      feature_loss: FeatureLoss, *, mask_max: float, mean: Sequence[float],
                      std: Sequence[float], device, epochs: int = 5, lr: float = 0.005,

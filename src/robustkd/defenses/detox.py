@@ -26,6 +26,7 @@ from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
 from robustkd.distill.base import frozen_teacher
 from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import mean_features
 from robustkd.models.taps import tap
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
@@ -107,20 +108,6 @@ def detox_loss(logits: torch.Tensor, labels: torch.Tensor, last_feature: torch.T
     return loss
 
 
-@torch.no_grad()
-def clean_mean_features(teacher: nn.Module, ds: ImageDataset, names: Sequence[str],
-                        mean: Sequence[float], std: Sequence[float], device,
-                        batch_size: int = 256) -> list[torch.Tensor]:
-    """Mean stage output ``[C, H, W]`` over clean images: the initial replacement feature."""
-    sums: dict[str, torch.Tensor] = {}
-    with frozen_teacher(teacher, "eval"), tap(teacher, names, detach=True) as t:
-        for x, _y, _idx in DeviceLoader(ds, batch_size, device=device, mean=mean, std=std):
-            teacher(x)
-            for n in names:
-                sums[n] = sums.get(n, 0) + t[n].float().sum(0)
-    return [sums[n] / len(ds) for n in names]
-
-
 def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[str], *,
                       tau: float = 0.2, variant: str = "eq7", loss_mode: str = "ce+var",
                       lam: float = 1.0, epochs: int = 40, lr: float = 1e-3,
@@ -134,7 +121,9 @@ def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[s
     """
     if not names:
         raise ConfigError("no layers to detoxify")
-    deltas = clean_mean_features(teacher, clean, names, mean, std, device)
+    # the replacement starts as the clean mean feature (paper section 4.2.1)
+    means = mean_features(teacher, clean, names, mean, std, device=device)
+    deltas = [means[n] for n in names]
     masks = DetoxMasks(names, deltas, tau, variant, mask_init).to(device)
     last = names[-1]
     loader = DeviceLoader(clean, batch_size, device=device, mean=mean, std=std, shuffle=True,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from robustkd.attacks.poison import triggered_test_set
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
 from robustkd.models.taps import tap
+
+if TYPE_CHECKING:
+    from robustkd.attacks.triggers import Trigger
 
 
 @torch.no_grad()
@@ -40,6 +42,8 @@ def attack_success_rate(model: nn.Module, ds: ImageDataset, trigger: Trigger, ta
     Target-class images are excluded: counting them would credit the backdoor for correct
     clean predictions (the authors' code includes them, which inflates ASR slightly).
     """
+    from robustkd.attacks.poison import triggered_test_set  # attacks import this module
+
     poisoned = triggered_test_set(ds, trigger, target)
     preds = predict(model, poisoned, mean, std, **kw)
     return float((preds == target).float().mean()) if len(poisoned) else float("nan")
@@ -61,6 +65,23 @@ def feature_variance(model: nn.Module, layers: Sequence[str], ds: ImageDataset,
                 out[name].append(taps[name].flatten(1).float().var(dim=1).cpu())
     model.train(was_training)
     return {name: torch.cat(vals) for name, vals in out.items()}
+
+
+@torch.no_grad()
+def mean_features(model: nn.Module, ds: ImageDataset, names: Sequence[str],
+                  mean: Sequence[float], std: Sequence[float], *, device="cpu",
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Average output ``[C, H, W]`` of each named module over ``ds`` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    with tap(model, names, detach=True) as taps:
+        for x, _y, _idx in DeviceLoader(ds, batch_size, device=device, mean=mean, std=std):
+            model(x)
+            for name in names:
+                sums[name] = sums.get(name, 0) + taps[name].float().sum(0)
+    model.train(was_training)
+    return {name: value / len(ds) for name, value in sums.items()}
 
 
 def evaluate_model(model: nn.Module, test: ImageDataset, mean: Sequence[float],
