@@ -41,9 +41,14 @@ def _log(message: str) -> None:
     tqdm.write(message)
 
 
-def _prepare_data(dataset: str, data_root: str | None, image_size: int | None,
-                  train_fraction: float | None, seed: int,
-                  download: bool = False) -> tuple[DatasetSplits, Any]:
+def _prepare_data(
+    dataset: str,
+    data_root: str | None,
+    image_size: int | None,
+    train_fraction: float | None,
+    seed: int,
+    download: bool = False,
+) -> tuple[DatasetSplits, Any]:
     splits = load_dataset(dataset, data_root, image_size=image_size, download=download)
     train = splits.train
     if train_fraction is not None and train_fraction < 1.0:
@@ -55,12 +60,16 @@ def _check_model_fits(model: nn.Module, splits: DatasetSplits, what: str) -> Non
     kwargs = getattr(model, "arch_kwargs", None) or {}
     n = kwargs.get("num_classes")
     if n is not None and n != splits.num_classes:
-        raise ConfigError(f"{what} has {n} output classes but dataset {splits.name} has "
-                          f"{splits.num_classes}; pick the dataset the {what} was trained on")
+        raise ConfigError(
+            f"{what} has {n} output classes but dataset {splits.name} has "
+            f"{splits.num_classes}; pick the dataset the {what} was trained on"
+        )
     c = kwargs.get("in_channels")
     if c is not None and c != splits.train.channels:
-        raise ConfigError(f"{what} expects {c}-channel images but dataset {splits.name} has "
-                          f"{splits.train.channels} channels")
+        raise ConfigError(
+            f"{what} expects {c}-channel images but dataset {splits.name} has "
+            f"{splits.train.channels} channels"
+        )
 
 
 def _epoch_logger(run_dir: Path, model: nn.Module, meta_fn, trigger, history_out: list):
@@ -72,8 +81,12 @@ def _epoch_logger(run_dir: Path, model: nn.Module, meta_fn, trigger, history_out
         parts += [f"{k} {v:.4f}" for k, v in {**result.stats, **result.extra}.items()]
         parts.append(f"{result.images_per_second:.0f} img/s")
         _log("  ".join(parts))
-        save_run_model(run_dir, model, meta_fn({"epochs_done": result.epoch,
-                                                "last_epoch": result.as_dict()}), trigger)
+        save_run_model(
+            run_dir,
+            model,
+            meta_fn({"epochs_done": result.epoch, "last_epoch": result.as_dict()}),
+            trigger,
+        )
 
     return on_epoch_end
 
@@ -88,58 +101,138 @@ def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool |
     return use_cl
 
 
-def train(*, dataset: str = "digits", data_root: str | None = None, model: str = "wrn16_2",
-          epochs: int = 30, batch_size: int = 128, lr: float = 0.1, optimizer: str = "sgd",
-          schedule: str = "step", weight_decay: float = 5e-4, momentum: float = 0.9,
-          seed: int = 0, train_fraction: float | None = None, image_size: int | None = None,
-          download: bool = False, device: str = "auto", out: str | Path = "runs/train",
-          resume: bool = False, amp: bool = True, channels_last: bool | None = None,
-          compile: bool = False, progress: bool = True, eval_every: int = 1,
-          model_kwargs: dict | None = None) -> dict[str, Any]:
+def train(
+    *,
+    dataset: str = "digits",
+    data_root: str | None = None,
+    model: str = "wrn16_2",
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    optimizer: str = "sgd",
+    schedule: str = "step",
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    seed: int = 0,
+    train_fraction: float | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    device: str = "auto",
+    out: str | Path = "runs/train",
+    resume: bool = False,
+    amp: bool = True,
+    channels_last: bool | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    eval_every: int = 1,
+    model_kwargs: dict | None = None,
+) -> dict[str, Any]:
     """Train a clean classifier (a teacher or a student baseline) from scratch."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
     seed_everything(seed)
     dev = resolve_device(device)
-    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed,
-                                     download)
-    net = build_model(model, num_classes=splits.num_classes, in_channels=splits.train.channels,
-                      **(model_kwargs or {}))
+    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed, download)
+    net = build_model(
+        model,
+        num_classes=splits.num_classes,
+        in_channels=splits.train.channels,
+        **(model_kwargs or {}),
+    )
     use_cl = _prepare_model(net, dev, channels_last)
     run_dir = Path(out)
     history: list[dict] = []
-    meta = lambda extra: run_meta(net, splits, data_root, seed, role="clean",  # noqa: E731
-                                  image_size_arg=image_size, train_images=len(train_ds),
-                                  train_fraction=train_fraction, **extra)
-    optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        schedule=schedule)
-    _log(f"train {model} on {splits.name}: {len(train_ds)} train / {len(splits.test)} test "
-         f"images, {epochs} epochs, device {describe_device(dev)}")
-    train_classifier(net, train_ds, splits.test, mean=splits.mean, std=splits.std,
-                     augment=splits.augment, epochs=epochs, optim=optim, batch_size=batch_size,
-                     device=dev, seed=seed, state_dir=run_dir / STATE_DIR, resume=resume,
-                     amp=amp, channels_last=use_cl, compile=compile, progress=progress,
-                     eval_every=eval_every, desc=f"train {model}",
-                     on_epoch_end=_epoch_logger(run_dir, net, meta, None, history))
+
+    def meta(extra: dict) -> dict:
+        return run_meta(
+            net,
+            splits,
+            data_root,
+            seed,
+            role="clean",
+            image_size_arg=image_size,
+            train_images=len(train_ds),
+            train_fraction=train_fraction,
+            **extra,
+        )
+
+    optim = OptimConfig(
+        name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule
+    )
+    _log(
+        f"train {model} on {splits.name}: {len(train_ds)} train / {len(splits.test)} test "
+        f"images, {epochs} epochs, device {describe_device(dev)}"
+    )
+    done = train_classifier(
+        net,
+        train_ds,
+        splits.test,
+        mean=splits.mean,
+        std=splits.std,
+        augment=splits.augment,
+        epochs=epochs,
+        optim=optim,
+        batch_size=batch_size,
+        device=dev,
+        seed=seed,
+        state_dir=run_dir / STATE_DIR,
+        resume=resume,
+        amp=amp,
+        channels_last=use_cl,
+        compile=compile,
+        progress=progress,
+        eval_every=eval_every,
+        desc=f"train {model}",
+        on_epoch_end=_epoch_logger(run_dir, net, meta, None, history),
+    )
+    history[:] = [h.as_dict() for h in done]  # includes epochs restored by --resume
     metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
     save_run_model(run_dir, net, meta({"metrics": metrics, "complete": True}))
-    write_record(run_dir, command="train", metrics=metrics, config=config, seed=seed,
-                 device=describe_device(dev), seconds=time.perf_counter() - started,
-                 history=history, throughput=_throughput(history))
+    write_record(
+        run_dir,
+        command="train",
+        metrics=metrics,
+        config=config,
+        seed=seed,
+        device=describe_device(dev),
+        seconds=time.perf_counter() - started,
+        history=history,
+        throughput=_throughput(history),
+    )
     return _read(run_dir)
 
 
-def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
-           model: str | None = None, dataset: str | None = None, data_root: str | None = None,
-           target: int = 0, poison_ratio: float = 0.02, keep_originals: bool = True,
-           epochs: int | None = None, batch_size: int = 128, lr: float | None = None,
-           optimizer: str = "sgd", schedule: str | None = None, weight_decay: float = 5e-4,
-           momentum: float = 0.9, seed: int = 0, train_fraction: float | None = None,
-           image_size: int | None = None, download: bool = False, device: str = "auto",
-           out: str | Path = "runs/attack",
-           resume: bool = False, amp: bool = True, channels_last: bool | None = None,
-           compile: bool = False, progress: bool = True, eval_every: int = 1,
-           options: dict[str, Any] | None = None) -> dict[str, Any]:
+def attack(
+    *,
+    attack: str = "badnets",
+    teacher: str | Path | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    target: int = 0,
+    poison_ratio: float = 0.02,
+    keep_originals: bool = True,
+    epochs: int | None = None,
+    batch_size: int = 128,
+    lr: float | None = None,
+    optimizer: str = "sgd",
+    schedule: str | None = None,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    seed: int = 0,
+    train_fraction: float | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    device: str = "auto",
+    out: str | Path = "runs/attack",
+    resume: bool = False,
+    amp: bool = True,
+    channels_last: bool | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    eval_every: int = 1,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Implant a backdoor: poison-fine-tune a clean teacher run, or train poisoned from scratch.
 
     Fine-tuning defaults follow the CKD authors (8 epochs, SGD lr 0.008, constant);
@@ -151,8 +244,10 @@ def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
     dev = resolve_device(device)
     spec = get_attack(attack)
     if (teacher is None) == (model is None):
-        raise ConfigError("give either --teacher RUN_DIR (poison fine-tuning of a clean model) "
-                          "or --model NAME (poisoning from scratch), not both or neither")
+        raise ConfigError(
+            "give either --teacher RUN_DIR (poison fine-tuning of a clean model) "
+            "or --model NAME (poisoning from scratch), not both or neither"
+        )
     parent = None
     if teacher is not None:
         parent = load_run(teacher, dev)
@@ -168,63 +263,133 @@ def attack(*, attack: str = "badnets", teacher: str | Path | None = None,
         if dataset is None:
             raise ConfigError("--dataset is required when poisoning from scratch")
         epochs, lr, schedule = epochs or 30, lr or 0.1, schedule or "step"
-    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed,
-                                     download)
+    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed, download)
     if parent is None:
-        net = build_model(model, num_classes=splits.num_classes,
-                          in_channels=splits.train.channels).to(dev)
+        net = build_model(
+            model, num_classes=splits.num_classes, in_channels=splits.train.channels
+        ).to(dev)
     _check_model_fits(net, splits, "teacher" if parent else "model")
     if not 0 <= target < splits.num_classes:
-        raise ConfigError(f"--target {target} is not a class of {splits.name} "
-                          f"(0..{splits.num_classes - 1})")
+        raise ConfigError(
+            f"--target {target} is not a class of {splits.name} (0..{splits.num_classes - 1})"
+        )
     use_cl = _prepare_model(net, dev, channels_last)
     trigger_started = time.perf_counter()
-    trigger = spec.build_trigger(AttackContext(
-        splits, net if parent else None,
-        {**(options or {}), "target": target, "progress": progress}, dev)).to(dev)
+    trigger = spec.build_trigger(
+        AttackContext(
+            splits,
+            net if parent else None,
+            {**(options or {}), "target": target, "progress": progress},
+            dev,
+        )
+    ).to(dev)
     trigger_seconds = time.perf_counter() - trigger_started
     # the clean model under the new trigger: the ASR a backdoor-free model already shows
-    before = (evaluate_model(net, splits.test, splits.mean, splits.std, trigger=trigger,
-                             target=target, device=dev) if parent else None)
+    before = (
+        evaluate_model(
+            net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
+        )
+        if parent
+        else None
+    )
     run_dir = Path(out)
     pick = torch.linspace(0, len(splits.test) - 1, 6).long()
     render_trigger(trigger, splits.test.images[pick], run_dir)
-    poisoned = poison_dataset(train_ds, trigger.cpu(), target, poison_ratio,
-                              keep_originals=keep_originals, seed=seed)
+    poisoned = poison_dataset(
+        train_ds, trigger.cpu(), target, poison_ratio, keep_originals=keep_originals, seed=seed
+    )
     trigger.to(dev)
-    _log(f"attack {attack}: {int(poisoned.is_poison.sum())} poisoned of {len(poisoned)} "
-         f"training images, target {target} ({splits.classes[target]}), {epochs} epochs")
+    _log(
+        f"attack {attack}: {int(poisoned.is_poison.sum())} poisoned of {len(poisoned)} "
+        f"training images, target {target} ({splits.classes[target]}), {epochs} epochs"
+    )
     history: list[dict] = []
-    meta = lambda extra: run_meta(  # noqa: E731
-        net, splits, data_root, seed, trigger=trigger, target=target, role="backdoored",
-        image_size_arg=image_size, train_images=len(train_ds), train_fraction=train_fraction,
-        attack={"name": attack, "poison_ratio": poison_ratio, "keep_originals": keep_originals,
-                "mode": "finetune" if parent else "scratch", "options": options or {}},
-        parent=str(teacher) if teacher else None, **extra)
-    optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        schedule=schedule)
-    train_classifier(net, poisoned, splits.test, mean=splits.mean, std=splits.std,
-                     augment=splits.augment, epochs=epochs, optim=optim, batch_size=batch_size,
-                     device=dev, seed=seed, trigger=trigger, target=target,
-                     state_dir=run_dir / STATE_DIR, resume=resume, amp=amp,
-                     channels_last=use_cl, compile=compile, progress=progress,
-                     eval_every=eval_every, desc=f"attack {attack}",
-                     on_epoch_end=_epoch_logger(run_dir, net, meta, trigger, history))
-    metrics = evaluate_model(net, splits.test, splits.mean, splits.std, trigger=trigger,
-                             target=target, device=dev)
+
+    def meta(extra: dict) -> dict:
+        return run_meta(
+            net,
+            splits,
+            data_root,
+            seed,
+            trigger=trigger,
+            target=target,
+            role="backdoored",
+            image_size_arg=image_size,
+            train_images=len(train_ds),
+            train_fraction=train_fraction,
+            attack={
+                "name": attack,
+                "poison_ratio": poison_ratio,
+                "keep_originals": keep_originals,
+                "mode": "finetune" if parent else "scratch",
+                "options": options or {},
+            },
+            parent=str(teacher) if teacher else None,
+            **extra,
+        )
+
+    optim = OptimConfig(
+        name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule
+    )
+    done = train_classifier(
+        net,
+        poisoned,
+        splits.test,
+        mean=splits.mean,
+        std=splits.std,
+        augment=splits.augment,
+        epochs=epochs,
+        optim=optim,
+        batch_size=batch_size,
+        device=dev,
+        seed=seed,
+        trigger=trigger,
+        target=target,
+        state_dir=run_dir / STATE_DIR,
+        resume=resume,
+        amp=amp,
+        channels_last=use_cl,
+        compile=compile,
+        progress=progress,
+        eval_every=eval_every,
+        desc=f"attack {attack}",
+        on_epoch_end=_epoch_logger(run_dir, net, meta, trigger, history),
+    )
+    history[:] = [h.as_dict() for h in done]
+    metrics = evaluate_model(
+        net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
+    )
     save_run_model(run_dir, net, meta({"metrics": metrics, "complete": True}), trigger)
-    write_record(run_dir, command="attack", metrics=metrics, config=config, seed=seed,
-                 device=describe_device(dev), seconds=time.perf_counter() - started,
-                 teacher_metrics=before, history=history, throughput=_throughput(history),
-                 poisoned_images=int(poisoned.is_poison.sum()), trigger_seconds=trigger_seconds,
-                 trigger=trigger.config())
+    write_record(
+        run_dir,
+        command="attack",
+        metrics=metrics,
+        config=config,
+        seed=seed,
+        device=describe_device(dev),
+        seconds=time.perf_counter() - started,
+        teacher_metrics=before,
+        history=history,
+        throughput=_throughput(history),
+        poisoned_images=int(poisoned.is_poison.sum()),
+        trigger_seconds=trigger_seconds,
+        trigger=trigger.config(),
+    )
     return _read(run_dir)
 
 
-def evaluate(*, model_dir: str | Path, dataset: str | None = None, data_root: str | None = None,
-             trigger_from: str | Path | None = None, feature_samples: int = 0,
-             batch_size: int = 256, seed: int = 0, device: str = "auto",
-             out: str | Path | None = None) -> dict[str, Any]:
+def evaluate(
+    *,
+    model_dir: str | Path,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    trigger_from: str | Path | None = None,
+    feature_samples: int = 0,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> dict[str, Any]:
     """ACC (and ASR under the run's own trigger, or another run's via ``trigger_from``)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
@@ -233,8 +398,9 @@ def evaluate(*, model_dir: str | Path, dataset: str | None = None, data_root: st
     run = load_run(model_dir, dev)
     ds_meta = run.meta["dataset"]
     name = dataset or ds_meta["name"]
-    splits = load_dataset(name, data_root or ds_meta.get("data_root"),
-                          image_size=ds_meta.get("resize"))
+    splits = load_dataset(
+        name, data_root or ds_meta.get("data_root"), image_size=ds_meta.get("resize")
+    )
     _check_model_fits(run.model, splits, "model")
     trigger, target = run.trigger, run.target
     if trigger_from is not None:
@@ -242,22 +408,40 @@ def evaluate(*, model_dir: str | Path, dataset: str | None = None, data_root: st
         if other.trigger is None:
             raise ConfigError(f"{trigger_from} carries no trigger")
         trigger, target = other.trigger, other.target
-    metrics = evaluate_model(run.model, splits.test, run.mean, run.std, trigger=trigger,
-                             target=target, device=dev, batch_size=batch_size)
+    metrics = evaluate_model(
+        run.model,
+        splits.test,
+        run.mean,
+        run.std,
+        trigger=trigger,
+        target=target,
+        device=dev,
+        batch_size=batch_size,
+    )
     extra: dict[str, Any] = {}
     if feature_samples > 0:
         layers = [layer.stage for layer in run.model.distill_layers()]
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(len(splits.test), generator=gen)[:feature_samples]
-        var = feature_variance(run.model, layers, splits.test.subset(pick), run.mean, run.std,
-                               device=dev)
-        extra["feature_variance"] = {k: {"mean": float(v.mean()), "values": v.tolist()}
-                                     for k, v in var.items()}
+        var = feature_variance(
+            run.model, layers, splits.test.subset(pick), run.mean, run.std, device=dev
+        )
+        extra["feature_variance"] = {
+            k: {"mean": float(v.mean()), "values": v.tolist()} for k, v in var.items()
+        }
         metrics.update({f"var_{k}": float(v.mean()) for k, v in var.items()})
     out_dir = Path(out) if out else Path(model_dir) / "evaluation"
-    write_record(out_dir, command="evaluate", metrics=metrics, config=config, seed=seed,
-                 device=describe_device(dev), seconds=time.perf_counter() - started,
-                 model_dir=str(model_dir), **extra)
+    write_record(
+        out_dir,
+        command="evaluate",
+        metrics=metrics,
+        config=config,
+        seed=seed,
+        device=describe_device(dev),
+        seconds=time.perf_counter() - started,
+        model_dir=str(model_dir),
+        **extra,
+    )
     return _read(out_dir)
 
 
@@ -274,27 +458,32 @@ def load_factory(spec: str, num_classes: int, in_channels: int) -> nn.Module:
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot load factory {spec!r}: {exc}") from None
     params = inspect.signature(func).parameters
-    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
-              if k in params}
+    kwargs = {
+        k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in params
+    }
     model = func(**kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def _load_weights_into(model: nn.Module, weights: str | Path, allow_pickle: bool,
-                       what: str) -> None:
+def _load_weights_into(
+    model: nn.Module, weights: str | Path, allow_pickle: bool, what: str
+) -> None:
     state = load_state_dict(weights, allow_pickle=allow_pickle)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ConfigError(f"{weights} does not fit the {what}: {str(exc).splitlines()[0]} "
-                          "(check the architecture and the dataset's class count)") from None
+        raise ConfigError(
+            f"{weights} does not fit the {what}: {str(exc).splitlines()[0]} "
+            "(check the architecture and the dataset's class count)"
+        ) from None
 
 
-def _check_output_classes(model: nn.Module, splits: DatasetSplits, what: str,
-                          device: torch.device) -> None:
+def _check_output_classes(
+    model: nn.Module, splits: DatasetSplits, what: str, device: torch.device
+) -> None:
     """Probe one image: a model whose output size differs from the class count is an error."""
     x = torch.zeros(1, splits.train.channels, *splits.train.image_size, device=device)
     was_training = model.training
@@ -303,28 +492,53 @@ def _check_output_classes(model: nn.Module, splits: DatasetSplits, what: str,
         with torch.no_grad():
             out = model(x)
     except RuntimeError as exc:
-        raise ConfigError(f"the {what} cannot process {splits.name} images of shape "
-                          f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"the {what} cannot process {splits.name} images of shape "
+            f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0]}"
+        ) from None
     finally:
         model.train(was_training)
     if out.dim() != 2 or out.shape[1] != splits.num_classes:
-        raise ConfigError(f"the {what} has {out.shape[-1]} output classes but dataset "
-                          f"{splits.name} has {splits.num_classes}")
+        raise ConfigError(
+            f"the {what} has {out.shape[-1]} output classes but dataset "
+            f"{splits.name} has {splits.num_classes}"
+        )
 
 
-def distill(*, method: str = "fkd", teacher: str | Path | None = None,
-            teacher_factory: str | None = None, teacher_weights: str | Path | None = None,
-            teacher_layers: list[str] | None = None, student: str | None = "wrn16_1",
-            student_factory: str | None = None, student_layers: list[str] | None = None,
-            allow_pickle: bool = False, trigger_from: str | Path | None = None,
-            dataset: str | None = None, data_root: str | None = None,
-            image_size: int | None = None, clean_fraction: float | None = None,
-            epochs: int = 200, batch_size: int = 128, lr: float = 0.1, optimizer: str = "sgd",
-            schedule: str = "step", weight_decay: float = 5e-4, momentum: float = 0.9,
-            options: dict[str, Any] | None = None, robustkd: dict[str, Any] | None = None,
-            seed: int = 0, device: str = "auto", out: str | Path = "runs/student",
-            resume: bool = False, amp: bool = True, channels_last: bool | None = None,
-            progress: bool = True, eval_every: int = 1) -> dict[str, Any]:
+def distill(
+    *,
+    method: str = "fkd",
+    teacher: str | Path | None = None,
+    teacher_factory: str | None = None,
+    teacher_weights: str | Path | None = None,
+    teacher_layers: list[str] | None = None,
+    student: str | None = "wrn16_1",
+    student_factory: str | None = None,
+    student_layers: list[str] | None = None,
+    allow_pickle: bool = False,
+    trigger_from: str | Path | None = None,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    image_size: int | None = None,
+    clean_fraction: float | None = None,
+    epochs: int = 200,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    optimizer: str = "sgd",
+    schedule: str = "step",
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    options: dict[str, Any] | None = None,
+    robustkd: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path = "runs/student",
+    resume: bool = False,
+    amp: bool = True,
+    channels_last: bool | None = None,
+    progress: bool = True,
+    eval_every: int = 1,
+) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
     The teacher is a run directory (``teacher``) or a user model (``teacher_factory`` +
@@ -337,8 +551,10 @@ def distill(*, method: str = "fkd", teacher: str | Path | None = None,
     dev = resolve_device(device)
     trigger = target = None
     if (teacher is None) == (teacher_factory is None):
-        raise ConfigError("give either --teacher RUN_DIR or --teacher-factory MODULE:FUNC "
-                          "with --teacher-weights FILE")
+        raise ConfigError(
+            "give either --teacher RUN_DIR or --teacher-factory MODULE:FUNC "
+            "with --teacher-weights FILE"
+        )
     if teacher is not None:
         parent = load_run(teacher, dev)
         t_net, trigger, target = parent.model, parent.trigger, parent.target
@@ -358,33 +574,65 @@ def distill(*, method: str = "fkd", teacher: str | Path | None = None,
     _check_output_classes(t_net, splits, "teacher", dev)
     if (student is None) == (student_factory is None):
         raise ConfigError("give either --student NAME or --student-factory MODULE:FUNC")
-    s_net = (build_model(student, num_classes=splits.num_classes,
-                         in_channels=splits.train.channels) if student_factory is None
-             else load_factory(student_factory, splits.num_classes, splits.train.channels))
+    s_net = (
+        build_model(student, num_classes=splits.num_classes, in_channels=splits.train.channels)
+        if student_factory is None
+        else load_factory(student_factory, splits.num_classes, splits.train.channels)
+    )
     use_cl = _prepare_model(s_net, dev, channels_last)
     if use_cl:
         t_net.to(memory_format=torch.channels_last)
     _check_output_classes(s_net, splits, "student", dev)
-    teacher_metrics = evaluate_model(t_net, splits.test, splits.mean, splits.std,
-                                     trigger=trigger, target=target, device=dev)
+    teacher_metrics = evaluate_model(
+        t_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
+    )
     run_dir = Path(out)
     history: list[dict] = []
-    meta = lambda extra: run_meta(  # noqa: E731
-        s_net, splits, data_root, seed, role="student", image_size_arg=image_size,
-        distillation={"method": method, "options": options or {},
-                      "teacher": str(teacher or teacher_factory),
-                      "clean_images": len(train_ds)},
-        factory=student_factory, **extra)
-    _log(f"distill ({method}) {teacher or teacher_factory} -> {student or student_factory} on "
-         f"{len(train_ds)} clean images of {splits.name}, {epochs} epochs; teacher "
-         f"{teacher_metrics}")
-    optim = OptimConfig(name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        schedule=schedule)
-    common = dict(mean=splits.mean, std=splits.std, augment=splits.augment, epochs=epochs,
-                  optim=optim, batch_size=batch_size, device=dev, seed=seed, trigger=trigger,
-                  target=target, progress=progress, channels_last=use_cl, amp=amp,
-                  state_dir=run_dir / STATE_DIR, resume=resume,
-                  on_epoch_end=_epoch_logger(run_dir, s_net, meta, None, history))
+
+    def meta(extra: dict) -> dict:
+        return run_meta(
+            s_net,
+            splits,
+            data_root,
+            seed,
+            role="student",
+            image_size_arg=image_size,
+            distillation={
+                "method": method,
+                "options": options or {},
+                "teacher": str(teacher or teacher_factory),
+                "clean_images": len(train_ds),
+            },
+            factory=student_factory,
+            **extra,
+        )
+
+    _log(
+        f"distill ({method}) {teacher or teacher_factory} -> {student or student_factory} on "
+        f"{len(train_ds)} clean images of {splits.name}, {epochs} epochs; teacher "
+        f"{teacher_metrics}"
+    )
+    optim = OptimConfig(
+        name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule
+    )
+    common = dict(
+        mean=splits.mean,
+        std=splits.std,
+        augment=splits.augment,
+        epochs=epochs,
+        optim=optim,
+        batch_size=batch_size,
+        device=dev,
+        seed=seed,
+        trigger=trigger,
+        target=target,
+        progress=progress,
+        channels_last=use_cl,
+        amp=amp,
+        state_dir=run_dir / STATE_DIR,
+        resume=resume,
+        on_epoch_end=_epoch_logger(run_dir, s_net, meta, None, history),
+    )
     extra: dict[str, Any] = {}
     if method == "robustkd":
         if teacher_layers or student_layers:
@@ -392,50 +640,106 @@ def distill(*, method: str = "fkd", teacher: str | Path | None = None,
         rk_cfg = RobustKDConfig(**(robustkd or {}))
 
         def fresh_student() -> nn.Module:
-            net = (build_model(student, num_classes=splits.num_classes,
-                               in_channels=splits.train.channels) if student_factory is None
-                   else load_factory(student_factory, splits.num_classes,
-                                     splits.train.channels)).to(dev)
+            net = (
+                build_model(
+                    student, num_classes=splits.num_classes, in_channels=splits.train.channels
+                )
+                if student_factory is None
+                else load_factory(student_factory, splits.num_classes, splits.train.channels)
+            ).to(dev)
             return net.to(memory_format=torch.channels_last) if use_cl else net
 
-        report = run_robustkd(t_net, s_net, train_ds, splits.test, rk_cfg,
-                              fkd_options=options, student_factory=fresh_student,
-                              eval_every=eval_every, **common)
+        report = run_robustkd(
+            t_net,
+            s_net,
+            train_ds,
+            splits.test,
+            rk_cfg,
+            fkd_options=options,
+            student_factory=fresh_student,
+            eval_every=eval_every,
+            **common,
+        )
         masks = report.pop("masks")
         save_tensors(run_dir / DETOX_FILE, masks.tensors())
-        write_json(run_dir / DETOX_META, {**masks.config(), "config": rk_cfg.as_dict(),
-                                          "teacher": str(teacher)})
+        write_json(
+            run_dir / DETOX_META,
+            {**masks.config(), "config": rk_cfg.as_dict(), "teacher": str(teacher)},
+        )
         with tap(t_net, replace=masks.replacements()):
-            detoxed = evaluate_model(t_net, splits.test, splits.mean, splits.std,
-                                     trigger=trigger, target=target, device=dev)
-        extra = {"robustkd": {**report, "config": rk_cfg.as_dict(),
-                              "detoxified_teacher_metrics": detoxed},
-                 "selection": report["selection"], "chosen_tau": report["chosen_tau"],
-                 "detox_seconds": report["detox_seconds"],
-                 "distill_seconds": report["distill_seconds"]}
+            detoxed = evaluate_model(
+                t_net,
+                splits.test,
+                splits.mean,
+                splits.std,
+                trigger=trigger,
+                target=target,
+                device=dev,
+            )
+        extra = {
+            "robustkd": {
+                **report,
+                "config": rk_cfg.as_dict(),
+                "detoxified_teacher_metrics": detoxed,
+            },
+            "selection": report["selection"],
+            "chosen_tau": report["chosen_tau"],
+            "detox_seconds": report["detox_seconds"],
+            "distill_seconds": report["distill_seconds"],
+        }
     else:
         if robustkd:
-            raise ConfigError(f"detoxification options only apply to --method robustkd, "
-                              f"not {method}")
+            raise ConfigError(
+                f"detoxification options only apply to --method robustkd, not {method}"
+            )
         started_distill = time.perf_counter()
-        distill_student(t_net, s_net, train_ds, splits.test, method=method,
-                        teacher_layers=teacher_layers, student_layers=student_layers,
-                        options=options, eval_every=eval_every, **common)
+        done, _ = distill_student(
+            t_net,
+            s_net,
+            train_ds,
+            splits.test,
+            method=method,
+            teacher_layers=teacher_layers,
+            student_layers=student_layers,
+            options=options,
+            eval_every=eval_every,
+            **common,
+        )
         extra = {"distill_seconds": time.perf_counter() - started_distill}
-    metrics = evaluate_model(s_net, splits.test, splits.mean, splits.std, trigger=trigger,
-                             target=target, device=dev)
+        history[:] = [h.as_dict() for h in done]  # includes epochs restored by --resume
+    metrics = evaluate_model(
+        s_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
+    )
     save_run_model(run_dir, s_net, meta({"metrics": metrics, "complete": True}))
-    write_record(run_dir, command="distill", metrics=metrics, config=config, seed=seed,
-                 device=describe_device(dev), seconds=time.perf_counter() - started,
-                 teacher_metrics=teacher_metrics, history=history,
-                 throughput=_throughput(history), clean_images=len(train_ds), **extra)
+    write_record(
+        run_dir,
+        command="distill",
+        metrics=metrics,
+        config=config,
+        seed=seed,
+        device=describe_device(dev),
+        seconds=time.perf_counter() - started,
+        teacher_metrics=teacher_metrics,
+        history=history,
+        throughput=_throughput(history),
+        clean_images=len(train_ds),
+        **extra,
+    )
     return _read(run_dir)
 
 
-def import_weights(*, model: str, weights: str | Path, dataset: str = "digits",
-                   data_root: str | None = None, image_size: int | None = None,
-                   allow_pickle: bool = False, device: str = "auto", seed: int = 0,
-                   out: str | Path = "runs/imported") -> dict[str, Any]:
+def import_weights(
+    *,
+    model: str,
+    weights: str | Path,
+    dataset: str = "digits",
+    data_root: str | None = None,
+    image_size: int | None = None,
+    allow_pickle: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    out: str | Path = "runs/imported",
+) -> dict[str, Any]:
     """Turn an external weights file (e.g. from a model hub) into a run directory.
 
     safetensors files load as they are; pickle files only with ``allow_pickle`` (and then with
@@ -449,17 +753,44 @@ def import_weights(*, model: str, weights: str | Path, dataset: str = "digits",
     _load_weights_into(net, weights, allow_pickle, f"{model} for {splits.num_classes} classes")
     net.to(dev)
     metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
-    save_run_model(out, net, run_meta(net, splits, data_root, seed, role="imported",
-                                      image_size_arg=image_size, source=str(weights),
-                                      metrics=metrics, complete=True))
-    write_record(out, command="import", metrics=metrics, config=config, seed=seed,
-                 device=describe_device(dev), seconds=time.perf_counter() - started)
+    save_run_model(
+        out,
+        net,
+        run_meta(
+            net,
+            splits,
+            data_root,
+            seed,
+            role="imported",
+            image_size_arg=image_size,
+            source=str(weights),
+            metrics=metrics,
+            complete=True,
+        ),
+    )
+    write_record(
+        out,
+        command="import",
+        metrics=metrics,
+        config=config,
+        seed=seed,
+        device=describe_device(dev),
+        seconds=time.perf_counter() - started,
+    )
     return _read(out)
 
 
-def scan(*, model_dir: str | Path, reference: str | Path | None = None, samples: int = 100,
-         dataset: str | None = None, data_root: str | None = None, seed: int = 0,
-         device: str = "auto", out: str | Path | None = None) -> dict[str, Any]:
+def scan(
+    *,
+    model_dir: str | Path,
+    reference: str | Path | None = None,
+    samples: int = 100,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> dict[str, Any]:
     """Per-layer feature-variance statistics on clean test images (paper Fig. 2), with a
     comparison against a reference model and a histogram PNG when matplotlib is present."""
     from robustkd.evaluation.scan import plot_histograms, summarise
@@ -469,8 +800,11 @@ def scan(*, model_dir: str | Path, reference: str | Path | None = None, samples:
     dev = resolve_device(device)
     run = load_run(model_dir, dev)
     ds_meta = run.meta["dataset"]
-    splits = load_dataset(dataset or ds_meta["name"], data_root or ds_meta.get("data_root"),
-                          image_size=ds_meta.get("resize"))
+    splits = load_dataset(
+        dataset or ds_meta["name"],
+        data_root or ds_meta.get("data_root"),
+        image_size=ds_meta.get("resize"),
+    )
     pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(seed))
     images = splits.test.subset(pick[:samples])
     layers = [layer.stage for layer in run.model.distill_layers()]
@@ -479,20 +813,34 @@ def scan(*, model_dir: str | Path, reference: str | Path | None = None, samples:
     if reference is not None:
         ref = load_run(reference, dev)
         ref_layers = [layer.stage for layer in ref.model.distill_layers()]
-        ref_values = feature_variance(ref.model, ref_layers, images, ref.mean, ref.std,
-                                      device=dev)
+        ref_values = feature_variance(ref.model, ref_layers, images, ref.mean, ref.std, device=dev)
     stats, lines = summarise(layers, values, ref_values, ref_layers)
     out_dir = Path(out) if out else Path(model_dir) / "scan"
-    png = plot_histograms(out_dir / "variance.png", layers, values, ref_values,
-                          (str(model_dir), str(reference)), ref_layers)
+    png = plot_histograms(
+        out_dir / "variance.png",
+        layers,
+        values,
+        ref_values,
+        (str(model_dir), str(reference)),
+        ref_layers,
+    )
     for line in lines:
         _log(line)
     metrics = {f"var_{k}": v["model"]["mean"] for k, v in stats.items()}
     metrics.update({f"ratio_{k}": v["ratio"] for k, v in stats.items() if "ratio" in v})
-    write_record(out_dir, command="scan", metrics=metrics, config=config, seed=seed,
-                 device=describe_device(dev), seconds=time.perf_counter() - started,
-                 layers=stats, summary=lines, figure=str(png) if png else None,
-                 values={k: v.tolist() for k, v in values.items()})
+    write_record(
+        out_dir,
+        command="scan",
+        metrics=metrics,
+        config=config,
+        seed=seed,
+        device=describe_device(dev),
+        seconds=time.perf_counter() - started,
+        layers=stats,
+        summary=lines,
+        figure=str(png) if png else None,
+        values={k: v.tolist() for k, v in values.items()},
+    )
     return _read(out_dir)
 
 
