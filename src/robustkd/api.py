@@ -23,6 +23,7 @@ from robustkd.defenses.robustkd import RobustKDConfig, run_robustkd
 from robustkd.distill import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model, feature_variance
+from robustkd.evaluation.scan import plot_histograms, summarise
 from robustkd.io import load_state_dict, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
@@ -793,7 +794,6 @@ def scan(
 ) -> dict[str, Any]:
     """Per-layer feature-variance statistics on clean test images (paper Fig. 2), with a
     comparison against a reference model and a histogram PNG when matplotlib is present."""
-    from robustkd.evaluation.scan import plot_histograms, summarise
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
