@@ -102,6 +102,26 @@ def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool |
     return use_cl
 
 
+def _train_run(
+    net, train_ds, splits, optim, run_dir, meta, history, trigger, target, **kw
+) -> list[EpochResult]:
+    """Cross-entropy training of a run's model with a checkpoint and log line per epoch."""
+    return train_classifier(
+        net,
+        train_ds,
+        splits.test,
+        mean=splits.mean,
+        std=splits.std,
+        augment=splits.augment,
+        optim=optim,
+        trigger=trigger,
+        target=target,
+        state_dir=run_dir / STATE_DIR,
+        on_epoch_end=_epoch_logger(run_dir, net, meta, trigger, history),
+        **kw,
+    )
+
+
 def train(
     *,
     dataset: str = "digits",
@@ -164,19 +184,20 @@ def train(
         f"train {model} on {splits.name}: {len(train_ds)} train / {len(splits.test)} test "
         f"images, {epochs} epochs, device {describe_device(dev)}"
     )
-    done = train_classifier(
+    done = _train_run(
         net,
         train_ds,
-        splits.test,
-        mean=splits.mean,
-        std=splits.std,
-        augment=splits.augment,
+        splits,
+        optim,
+        run_dir,
+        meta,
+        history,
+        None,
+        None,
         epochs=epochs,
-        optim=optim,
         batch_size=batch_size,
         device=dev,
         seed=seed,
-        state_dir=run_dir / STATE_DIR,
         resume=resume,
         amp=amp,
         channels_last=use_cl,
@@ -184,7 +205,6 @@ def train(
         progress=progress,
         eval_every=eval_every,
         desc=f"train {model}",
-        on_epoch_end=_epoch_logger(run_dir, net, meta, None, history),
     )
     history[:] = [h.as_dict() for h in done]  # includes epochs restored by --resume
     metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
@@ -332,21 +352,20 @@ def attack(
     optim = OptimConfig(
         name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule
     )
-    done = train_classifier(
+    done = _train_run(
         net,
         poisoned,
-        splits.test,
-        mean=splits.mean,
-        std=splits.std,
-        augment=splits.augment,
+        splits,
+        optim,
+        run_dir,
+        meta,
+        history,
+        trigger,
+        target,
         epochs=epochs,
-        optim=optim,
         batch_size=batch_size,
         device=dev,
         seed=seed,
-        trigger=trigger,
-        target=target,
-        state_dir=run_dir / STATE_DIR,
         resume=resume,
         amp=amp,
         channels_last=use_cl,
@@ -354,7 +373,6 @@ def attack(
         progress=progress,
         eval_every=eval_every,
         desc=f"attack {attack}",
-        on_epoch_end=_epoch_logger(run_dir, net, meta, trigger, history),
     )
     history[:] = [h.as_dict() for h in done]
     metrics = evaluate_model(
