@@ -21,6 +21,8 @@ CONFIGS = {
     # the paper's literal reading (METHOD.md 5.1-5.2), fewer detox epochs for CPU
     "paper": {"tau": 0.2, "variant": "eq7", "layers": "all", "loss": "ce+var", "lam": 1.0},
     "tau1": {"tau": 1.0, "variant": "eq7", "layers": "all", "loss": "ce+var", "lam": 1.0},
+    # paper detox + trigger-consistent distillation (defenses/inversion.py)
+    "improved": {"preset": "improved"},
     "blind": {"taus": (0.1, 0.2, 0.5, 1.0), "selection": "blind", "variant": "eq7",
               "layers": "all", "loss": "ce+var", "lam": 1.0},
     "oracle": {"taus": (0.1, 0.2, 0.5, 1.0), "selection": "oracle", "variant": "eq7",

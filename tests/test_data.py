@@ -706,3 +706,44 @@ def test_shared_flower17():
     assert s.train.channels == 3 and s.train.image_size == (128, 128)
     assert torch.bincount(s.train.labels).tolist() == [70] * 17
     assert s.augment["kind"] == "resized_crop"
+
+
+def test_cifar100_official_format_bytes_keys(tmp_path):
+    """CIFAR-100 as the official archive stores it: Python-2 pickles (protocol 2) whose dict
+    keys and label names are bytes once loaded in Python 3."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "src" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    expected = {}
+    for split, n in (("train", 6), ("test", 4)):
+        x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, size=n)]
+        blob = {
+            b"filenames": [b"img_%d.png" % k for k in range(n)],
+            b"batch_label": f"{split}ing batch 1 of 1".encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": [f // 5 for f in fine],
+            b"data": x,
+        }
+        (folder / split).write_bytes(pickle.dumps(blob, protocol=2))
+        expected[split] = (x.reshape(-1, 3, 32, 32), fine)
+    meta = {
+        b"fine_label_names": [f"fine_{k:02d}".encode() for k in range(100)],
+        b"coarse_label_names": [f"coarse_{k:02d}".encode() for k in range(20)],
+    }
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    root = tmp_path / "root"
+    root.mkdir()
+    _tar_folder(folder, root / "cifar-100-python.tar.gz", "cifar-100-python")
+
+    splits = load_dataset("cifar100", root, cache=False)
+    assert splits.num_classes == 100
+    assert splits.classes[:2] == ["fine_00", "fine_01"] and splits.classes[-1] == "fine_99"
+    for split, ds in (("train", splits.train), ("test", splits.test)):
+        assert torch.equal(ds.images, torch.from_numpy(expected[split][0]))
+        assert ds.labels.tolist() == expected[split][1]
+    assert splits.augment == {"kind": "crop", "pad": 4, "flip": True}
+    # the extracted folder reads the same
+    train, test = cifar.read_cifar("cifar100", tmp_path / "src")
+    assert torch.equal(train.images, splits.train.images)
+    assert test.labels.tolist() == expected["test"][1]

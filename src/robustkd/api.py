@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustkd.attacks import AttackContext, get_attack, poison_dataset
+from robustkd.attacks import AttackContext, get_attack
 from robustkd.attacks.render import render_trigger
 from robustkd.data import load_dataset, per_class_subset
 from robustkd.data.dataset import DatasetSplits
-from robustkd.defenses.robustkd import RobustKDConfig, run_robustkd
+from robustkd.defenses import DefenseContext, defend_teacher
+from robustkd.defenses.robustkd import robustkd_config, run_robustkd
 from robustkd.distill import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model, feature_variance
@@ -49,8 +50,11 @@ def _prepare_data(
     train_fraction: float | None,
     seed: int,
     download: bool = False,
+    holdout: float | None = None,
 ) -> tuple[DatasetSplits, Any]:
-    splits = load_dataset(dataset, data_root, image_size=image_size, download=download)
+    splits = load_dataset(
+        dataset, data_root, image_size=image_size, download=download, holdout=holdout
+    )
     train = splits.train
     if train_fraction is not None and train_fraction < 1.0:
         train = per_class_subset(train, fraction=train_fraction, seed=seed)
@@ -147,13 +151,19 @@ def train(
     progress: bool = True,
     eval_every: int = 1,
     model_kwargs: dict | None = None,
+    holdout: float | None = None,
 ) -> dict[str, Any]:
-    """Train a clean classifier (a teacher or a student baseline) from scratch."""
+    """Train a clean classifier (a teacher or a student baseline) from scratch.
+
+    ``holdout`` evaluates on a validation split carved from the training data instead of
+    the test set (later attack/distill runs from this run inherit it)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
     seed_everything(seed)
     dev = resolve_device(device)
-    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed, download)
+    splits, train_ds = _prepare_data(
+        dataset, data_root, image_size, train_fraction, seed, download, holdout
+    )
     net = build_model(
         model,
         num_classes=splits.num_classes,
@@ -253,6 +263,7 @@ def attack(
     progress: bool = True,
     eval_every: int = 1,
     options: dict[str, Any] | None = None,
+    holdout: float | None = None,
 ) -> dict[str, Any]:
     """Implant a backdoor: poison-fine-tune a clean teacher run, or train poisoned from scratch.
 
@@ -278,13 +289,16 @@ def attack(
         image_size = image_size or parent.meta["dataset"].get("resize")
         if train_fraction is None:  # poison the data the teacher was trained on
             train_fraction = parent.meta.get("train_fraction")
+        holdout = holdout or parent.meta["dataset"].get("holdout")
         epochs, lr = epochs or 8, lr or 0.008
         schedule = schedule or "constant"
     else:
         if dataset is None:
             raise ConfigError("--dataset is required when poisoning from scratch")
         epochs, lr, schedule = epochs or 30, lr or 0.1, schedule or "step"
-    splits, train_ds = _prepare_data(dataset, data_root, image_size, train_fraction, seed, download)
+    splits, train_ds = _prepare_data(
+        dataset, data_root, image_size, train_fraction, seed, download, holdout
+    )
     if parent is None:
         net = build_model(
             model, num_classes=splits.num_classes, in_channels=splits.train.channels
@@ -296,14 +310,13 @@ def attack(
         )
     use_cl = _prepare_model(net, dev, channels_last)
     trigger_started = time.perf_counter()
-    trigger = spec.build_trigger(
-        AttackContext(
-            splits,
-            net if parent else None,
-            {**(options or {}), "target": target, "progress": progress},
-            dev,
-        )
-    ).to(dev)
+    ctx = AttackContext(
+        splits,
+        net if parent else None,
+        {**(options or {}), "target": target, "progress": progress},
+        dev,
+    )
+    trigger = spec.build_trigger(ctx).to(dev)
     trigger_seconds = time.perf_counter() - trigger_started
     # the clean model under the new trigger: the ASR a backdoor-free model already shows
     before = (
@@ -316,10 +329,20 @@ def attack(
     run_dir = Path(out)
     pick = torch.linspace(0, len(splits.test) - 1, 6).long()
     render_trigger(trigger, splits.test.images[pick], run_dir)
-    poisoned = poison_dataset(
-        train_ds, trigger.cpu(), target, poison_ratio, keep_originals=keep_originals, seed=seed
+    poison_started = time.perf_counter()
+    poisoned = spec.build_poison(
+        ctx,
+        trigger.cpu(),
+        train_ds,
+        target=target,
+        ratio=poison_ratio,
+        keep_originals=keep_originals,
+        seed=seed,
     )
+    poison_seconds = time.perf_counter() - poison_started
     trigger.to(dev)
+    extra_loss = spec.extra_loss(ctx, net, poisoned) if spec.extra_loss else None
+    trainable = spec.trainable(ctx, net) if spec.trainable else None
     _log(
         f"attack {attack}: {int(poisoned.is_poison.sum())} poisoned of {len(poisoned)} "
         f"training images, target {target} ({splits.classes[target]}), {epochs} epochs"
@@ -373,6 +396,8 @@ def attack(
         progress=progress,
         eval_every=eval_every,
         desc=f"attack {attack}",
+        extra_loss=extra_loss,
+        trainable=trainable,
     )
     history[:] = [h.as_dict() for h in done]
     metrics = evaluate_model(
@@ -392,6 +417,7 @@ def attack(
         throughput=_throughput(history),
         poisoned_images=int(poisoned.is_poison.sum()),
         trigger_seconds=trigger_seconds,
+        poison_seconds=poison_seconds,
         trigger=trigger.config(),
     )
     return _read(run_dir)
@@ -549,6 +575,8 @@ def distill(
     momentum: float = 0.9,
     options: dict[str, Any] | None = None,
     robustkd: dict[str, Any] | None = None,
+    defense: str | None = None,
+    defense_options: dict[str, Any] | None = None,
     seed: int = 0,
     device: str = "auto",
     out: str | Path = "runs/student",
@@ -557,12 +585,15 @@ def distill(
     channels_last: bool | None = None,
     progress: bool = True,
     eval_every: int = 1,
+    holdout: float | None = None,
 ) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
     The teacher is a run directory (``teacher``) or a user model (``teacher_factory`` +
     ``teacher_weights`` [+ ``teacher_layers``]); the student a registered name or a factory.
-    Records the student's ACC and, when the teacher's trigger is known, its ASR.
+    Records the student's ACC and, when the teacher's trigger is known, its ASR. ``defense``
+    (``finetune``, ``nad``) first cleans a copy of the teacher on the clean data
+    (``defense_options``: its settings) and distils from that copy.
     """
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
@@ -580,9 +611,12 @@ def distill(
         dataset = dataset or parent.meta["dataset"]["name"]
         data_root = data_root or parent.meta["dataset"].get("data_root")
         image_size = image_size or parent.meta["dataset"].get("resize")
+        holdout = holdout or parent.meta["dataset"].get("holdout")
     elif dataset is None or teacher_weights is None:
         raise ConfigError("a factory teacher needs --teacher-weights FILE and --dataset NAME")
-    splits, train_ds = _prepare_data(dataset, data_root, image_size, clean_fraction, seed)
+    splits, train_ds = _prepare_data(
+        dataset, data_root, image_size, clean_fraction, seed, holdout=holdout
+    )
     if teacher_factory is not None:
         t_net = load_factory(teacher_factory, splits.num_classes, splits.train.channels)
         _load_weights_into(t_net, teacher_weights, allow_pickle, "teacher")
@@ -606,6 +640,19 @@ def distill(
         t_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
     )
     run_dir = Path(out)
+    defense_report = None
+    if defense is not None:  # clean a copy of the teacher first (METHOD.md 5.7 baselines)
+        ctx = DefenseContext(
+            clean=train_ds, mean=splits.mean, std=splits.std, augment=splits.augment,
+            device=dev, seed=seed, layers=teacher_layers, test=splits.test, trigger=trigger,
+            target=target, amp=amp, channels_last=use_cl, progress=progress,
+        )
+        t_net, defense_report = defend_teacher(
+            defense, t_net, ctx, defense_options, run_dir=run_dir, resume=resume
+        )
+        _log(f"defence {defense}: cleaned teacher {defense_report['cleaned_teacher_metrics']}")
+    elif defense_options:
+        raise ConfigError("defence settings need a defence (--defense finetune|nad)")
     history: list[dict] = []
 
     def meta(extra: dict) -> dict:
@@ -621,6 +668,7 @@ def distill(
                 "options": options or {},
                 "teacher": str(teacher or teacher_factory),
                 "clean_images": len(train_ds),
+                "defense": defense,
             },
             factory=student_factory,
             **extra,
@@ -654,9 +702,7 @@ def distill(
     )
     extra: dict[str, Any] = {}
     if method == "robustkd":
-        if teacher_layers or student_layers:
-            raise ConfigError("robustkd uses the models' declared distillation layers")
-        rk_cfg = RobustKDConfig(**(robustkd or {}))
+        rk_cfg = robustkd_config(robustkd)
 
         def fresh_student() -> nn.Module:
             net = (
@@ -676,11 +722,17 @@ def distill(
             rk_cfg,
             fkd_options=options,
             student_factory=fresh_student,
+            teacher_layers=teacher_layers,
+            student_layers=student_layers,
             eval_every=eval_every,
             **common,
         )
         masks = report.pop("masks")
-        save_tensors(run_dir / DETOX_FILE, masks.tensors())
+        synthetic = report.pop("synthetic_triggers")
+        save_tensors(
+            run_dir / DETOX_FILE,
+            {**masks.tensors(), **(synthetic.tensors() if synthetic is not None else {})},
+        )
         write_json(
             run_dir / DETOX_META,
             {**masks.config(), "config": rk_cfg.as_dict(), "teacher": str(teacher)},
@@ -726,6 +778,8 @@ def distill(
         )
         extra = {"distill_seconds": time.perf_counter() - started_distill}
         history[:] = [h.as_dict() for h in done]  # includes epochs restored by --resume
+    if defense_report is not None:
+        extra.update(defense=defense_report, defense_seconds=defense_report["seconds"])
     metrics = evaluate_model(
         s_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
     )

@@ -26,6 +26,10 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "di
     g.add_argument("--download", action="store_true",
                    help="download the official CIFAR archive into --data-root if missing "
                         "(checksum verified)")
+    g.add_argument("--holdout", type=float, default=None,
+                   help="evaluate on this per-class fraction of the training set, held out "
+                        "(a validation split for choosing settings; later attack/distill runs "
+                        "from this run inherit it)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, epochs: int | None, lr: float | None,
@@ -128,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     stu = p.add_mutually_exclusive_group()
     stu.add_argument("--student", default=None, help="student architecture (default wrn16_1)")
     stu.add_argument("--student-factory", metavar="MODULE:FUNC")
+    stu.add_argument("--pair", default=None, metavar="TEACHER-STUDENT",
+                     help="a teacher->student pair of the paper's Table 2 (sets --student and "
+                          "checks the --teacher run's architecture): wrn28_4-wrn16_4, "
+                          "wrn28_4-wrn28_2, wrn28_4-wrn16_2, wrn28_4-resnet56, "
+                          "pyramidnet200-wrn28_4, pyramidnet200-pyramidnet110")
     p.add_argument("--student-layers", type=_names, default=None, metavar="A,B,C")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle teacher weights (loaded with weights_only=True)")
@@ -139,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--clean-fraction", type=float, default=None,
                    help="per-class fraction of the clean training set the defender holds")
+    g.add_argument("--holdout", type=float, default=None,
+                   help="evaluate on a held-out validation split (default: the teacher run's)")
     g = p.add_argument_group("method options (only those the method takes)")
     g.add_argument("--temperature", type=float, default=None, help="kd: softmax temperature")
     g.add_argument("--kd-alpha", dest="alpha", type=float, default=None,
@@ -148,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fkd: teacher BN on batch statistics (train, FKD's choice) or running")
     g.add_argument("--spatial", default=None, choices=["error", "pool"],
                    help="fkd: what to do when teacher/student maps differ in size")
-    p.set_defaults(_method_options=["temperature", "alpha", "beta", "teacher_bn", "spatial"])
+    g.add_argument("--input-noise", type=float, default=None,
+                   help="fkd: salt-and-pepper noise on this fraction of the student's input "
+                        "pixels (the RobustKD authors' undocumented trick; default 0)")
+    p.set_defaults(_method_options=["temperature", "alpha", "beta", "teacher_bn", "spatial",
+                                    "input_noise"])
     g = p.add_argument_group("robustkd (detoxification) options; defaults = the paper's reading")
     g.add_argument("--tau", type=float, default=None, help="mask threshold (default 0.2)")
     g.add_argument("--taus", type=_floats, default=None, metavar="T1,T2,…",
@@ -165,9 +180,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detox-epochs", type=int, default=None, help="default 40")
     g.add_argument("--detox-lr", type=float, default=None, help="Adam lr (default 1e-3)")
     g.add_argument("--mask-init", type=float, default=None, help="initial mask (default tau/2)")
+    g.add_argument("--mask-shape", default=None, choices=["element", "channel"],
+                   help="one mask value per feature element (paper) or per channel")
+    g.add_argument("--open-weight", type=float, default=None,
+                   help="weight of the mask-opening reward (not in the paper; default 0)")
+    g.add_argument("--consistency", type=float, default=None,
+                   help="share of each batch the student sees with a synthetic trigger "
+                        "(trigger-consistent distillation, not in the paper; default 0)")
+    g.add_argument("--inversion-epochs", type=int, default=None,
+                   help="epochs of blind trigger synthesis (default 5)")
+    g.add_argument("--inversion-mask-max", type=float, default=None,
+                   help="largest blend weight of a synthetic trigger (default 0.5)")
+    g.add_argument("--robustkd-config", dest="preset", default=None,
+                   help="named robustkd configuration (see docs/RESULTS.md): "
+                        "paper (default) or improved")
     p.set_defaults(_robustkd_options=["tau", "taus", "selection", "epsilon", "variant",
                                       "layers", "loss", "lam", "detox_epochs", "detox_lr",
-                                      "mask_init"])
+                                      "mask_init", "mask_shape", "open_weight", "consistency",
+                                      "inversion_epochs", "inversion_mask_max", "preset"])
+    from robustkd.defenses import TEACHER_DEFENSES
+
+    g = p.add_argument_group(
+        "teacher defence baselines (METHOD.md 5.7): clean a copy of the teacher on the clean "
+        "data, then distil from it with --method (default fkd); defaults: NAD paper/code")
+    g.add_argument("--defense", default=None, choices=sorted(TEACHER_DEFENSES),
+                   help="finetune: SGD fine-tuning of the teacher copy; nad: Neural Attention "
+                        "Distillation (Li et al. 2021) with a fine-tuned attention teacher")
+    g.add_argument("--defense-epochs", type=int, default=None,
+                   help="finetune: fine-tuning epochs (10); nad: erasing epochs (10)")
+    g.add_argument("--defense-lr", type=float, default=None,
+                   help="finetune: SGD lr (0.01, constant); nad: erasing lr (0.01, /10 after "
+                        "--nad-lr-drop-epoch; the NAD paper's 0.1 diverged on our WRNs)")
+    g.add_argument("--defense-batch-size", type=int, default=None, help="default 64")
+    g.add_argument("--defense-weight-decay", type=float, default=None,
+                   help="finetune 5e-4, nad 1e-4")
+    g.add_argument("--nad-teacher-epochs", type=int, default=None,
+                   help="nad: fine-tuning epochs of the attention teacher (10)")
+    g.add_argument("--nad-teacher-lr", type=float, default=None,
+                   help="nad: lr of the attention teacher (default: --defense-lr)")
+    g.add_argument("--nad-lr-drop-epoch", type=int, default=None,
+                   help="nad: epoch from which the lr is divided by 10 (2)")
+    g.add_argument("--nad-betas", type=_floats, default=None, metavar="B1,B2,…",
+                   help="nad: attention-loss weight per distillation layer (500,1000,1000; the "
+                        "official code's later default is 0,0,5000)")
+    g.add_argument("--nad-power", type=float, default=None,
+                   help="nad: p of the attention map mean_c |F_c|^p (2)")
+    p.set_defaults(_defense_options={
+        "defense_epochs": "epochs", "defense_lr": "lr", "defense_batch_size": "batch_size",
+        "defense_weight_decay": "weight_decay", "nad_teacher_epochs": "teacher_epochs",
+        "nad_teacher_lr": "teacher_lr", "nad_lr_drop_epoch": "lr_drop_epoch",
+        "nad_betas": "betas", "nad_power": "p"})
     _add_run_args(p, epochs=200, lr=0.1, schedule="step")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
 
@@ -223,12 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
 
     p = sub.add_parser("demo", help="the main job on the embedded digits data",
-                       description="Train a clean teacher on the embedded digits data, "
-                                   "implant a BadNets backdoor, print ACC/ASR.")
+                       description="On the embedded digits data: train a clean teacher, "
+                                   "implant a CKD backdoor, distil it into a student with FKD "
+                                   "and with RobustKD, and print ACC / ASR / time of each plus "
+                                   "the backdoor removal rate (OUT/summary.json, summary.png).")
     p.add_argument("--out", default="runs/demo", metavar="DIR")
-    p.add_argument("--model", default="wrn16_2")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--attack-epochs", type=int, default=5)
+    p.add_argument("--teacher-model", default=None, help="default wrn16_2")
+    p.add_argument("--student-model", default=None, help="default wrn10_1")
+    p.add_argument("--teacher-epochs", type=int, default=None)
+    p.add_argument("--attack-epochs", type=int, default=None)
+    p.add_argument("--student-epochs", type=int, default=None)
+    p.add_argument("--robustkd-config", default=None,
+                   help="named RobustKD configuration (default improved; paper = literal)")
+    p.add_argument("--detox-epochs", type=int, default=None, help="default 10")
+    p.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
     _add_common(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
@@ -236,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _RUN_KEYS = ("dataset", "data_root", "image_size", "train_fraction", "download", "epochs",
              "batch_size", "lr", "optimizer", "schedule", "weight_decay", "momentum", "seed",
-             "device", "out", "resume", "amp", "channels_last", "compile", "progress", "eval_every")
+             "device", "out", "resume", "amp", "channels_last", "compile", "progress", "eval_every",
+             "holdout")
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
@@ -255,6 +326,32 @@ def _cmd_attack(args: argparse.Namespace) -> dict:
                       **{k: getattr(args, k) for k in _RUN_KEYS})
 
 
+def _pair_student(name: str, teacher: str | None) -> str:
+    """The student of pair ``name``, after checking the teacher run is the pair's teacher."""
+    from robustkd.models.pairs import check_teacher_run, get_pair
+
+    pair = get_pair(name)
+    if teacher is None:
+        raise ConfigError(f"--pair checks the teacher's architecture and needs --teacher RUN_DIR; "
+                          f"with --teacher-factory give --student {pair.student} instead")
+    check_teacher_run(pair, teacher)
+    return pair.student
+
+
+def _defense_options(args: argparse.Namespace) -> dict | None:
+    """Settings of the chosen teacher defence from the --defense-*/--nad-* flags."""
+    given = {dest: getattr(args, dest) for dest in args._defense_options
+             if getattr(args, dest) is not None}
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if given and args.defense is None:
+        raise ConfigError(f"{flags} need --defense finetune|nad")
+    nad_only = [k for k in given if k.startswith("nad_")]
+    if nad_only and args.defense != "nad":
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in nad_only)} apply to "
+                          "--defense nad")
+    return {args._defense_options[k]: v for k, v in given.items()} or None
+
+
 def _cmd_distill(args: argparse.Namespace) -> dict:
     from robustkd import api
     from robustkd.distill import get_method
@@ -270,7 +367,10 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
     if wrong:
         raise ConfigError(f"--method {args.method} does not take {', '.join(wrong)}; "
                           f"it takes {sorted(accepted) or 'no options'}")
+    defense_options = _defense_options(args)
     student = args.student or (None if args.student_factory else "wrn16_1")
+    if args.pair:
+        student = _pair_student(args.pair, args.teacher)
     keys = [k for k in _RUN_KEYS if k not in ("train_fraction", "download")]
     return api.distill(method=args.method, teacher=args.teacher,
                        teacher_factory=args.teacher_factory, teacher_weights=args.teacher_weights,
@@ -279,6 +379,7 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
                        allow_pickle=args.allow_pickle, trigger_from=args.trigger_from,
                        clean_fraction=args.clean_fraction, options=options,
                        robustkd=robustkd if args.method == "robustkd" else None,
+                       defense=args.defense, defense_options=defense_options,
                        **{k: getattr(args, k) for k in keys if k != "compile"})
 
 
@@ -345,23 +446,20 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from robustkd import api
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import fields
 
-    common = {"seed": args.seed, "device": args.device, "progress": args.progress}
-    api.train(dataset="digits", model=args.model, epochs=args.epochs, lr=0.05,
-              schedule="cosine", batch_size=64, out=f"{args.out}/teacher", **common)
-    backdoored = api.attack(attack="badnets", teacher=f"{args.out}/teacher",
-                            epochs=args.attack_epochs, lr=0.01, poison_ratio=0.1,
-                            batch_size=64, out=f"{args.out}/badnets", **common)
+    from robustkd.demo import DemoSettings, format_summary, run_demo
+
+    chosen = {f.name: getattr(args, f.name) for f in fields(DemoSettings)
+              if getattr(args, f.name, None) is not None}
+    summary = run_demo(args.out, DemoSettings(**chosen), device=args.device,
+                       progress=args.progress, resume=args.resume)
     print()
-    print(f"{'model':<22}{'ACC':>8}{'ASR':>8}")
-    clean = backdoored["teacher_metrics"]  # clean teacher measured with the new trigger
-    print(f"{'clean teacher':<22}{clean['acc']:>8.2%}{clean['asr']:>8.2%}")
-    m = backdoored["metrics"]
-    print(f"{'BadNets teacher':<22}{m['acc']:>8.2%}{m['asr']:>8.2%}")
-    print("ASR: share of triggered non-target test images classified as the target class")
-    print(f"records: {args.out}/teacher/record.json, {args.out}/badnets/record.json")
+    print(format_summary(summary))
+    print(f"summary: {args.out}/summary.json" + (f", figure: {summary['figure']}"
+                                                 if summary.get("figure") else ""))
+    return 0
 
 
 COMMANDS = {"train": _cmd_train, "attack": _cmd_attack, "evaluate": _cmd_evaluate,

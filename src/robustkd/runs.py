@@ -37,6 +37,7 @@ def dataset_meta(splits: DatasetSplits, data_root: str | None,
         "mean": list(splits.mean),
         "std": list(splits.std),
         "augment": splits.augment,
+        "holdout": splits.holdout,
     }
 
 

@@ -1,11 +1,25 @@
 """Backdoor attacks: triggers, poisoning and the attack registry."""
 
-from robustkd.attacks import badnets, blended, ckd, lba  # noqa: F401  (registers the attacks)
+from robustkd.attacks import (  # noqa: F401  (registers the attacks)
+    adaptive_ckd,
+    badnets,
+    blended,
+    ckd,
+    htba,
+    lba,
+)
 from robustkd.attacks.poison import poison_dataset, select_poison_indices, triggered_test_set
 from robustkd.attacks.registry import ATTACKS, AttackContext, AttackSpec, get_attack
-from robustkd.attacks.triggers import Trigger, blend_trigger, patch_trigger
+from robustkd.attacks.triggers import (
+    RandomPatchTrigger,
+    Trigger,
+    blend_trigger,
+    patch_trigger,
+    random_patch_trigger,
+)
 
 __all__ = [
-    "ATTACKS", "AttackContext", "AttackSpec", "Trigger", "blend_trigger", "get_attack",
-    "patch_trigger", "poison_dataset", "select_poison_indices", "triggered_test_set",
+    "ATTACKS", "AttackContext", "AttackSpec", "RandomPatchTrigger", "Trigger", "blend_trigger",
+    "get_attack", "patch_trigger", "poison_dataset", "random_patch_trigger",
+    "select_poison_indices", "triggered_test_set",
 ]

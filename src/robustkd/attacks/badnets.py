@@ -8,11 +8,14 @@ from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
 from robustkd.attacks.triggers import Trigger, patch_trigger
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("badnets")
-    group.add_argument("--patch-size", type=int, default=3, help="patch side in pixels")
+def patch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Patch flags shared by the patch attacks (badnets; htba, which places it at random)."""
+    group = parser.add_argument_group("patch triggers (badnets, htba)")
+    group.add_argument("--patch-size", type=int, default=3,
+                       help="patch side in pixels of a 32x32 image (badnets: scales with the "
+                            "shorter side of larger images, e.g. 3 -> 21 at 224 px)")
     group.add_argument("--patch-position", default="br",
-                       help="br, bl, tr, tl, center, or ROW,COL")
+                       help="badnets: br, bl, tr, tl, center, or ROW,COL")
     group.add_argument("--patch-pattern", default="checkerboard",
                        choices=["checkerboard", "white", "random"])
 
@@ -27,5 +30,6 @@ def _build(ctx: AttackContext) -> Trigger:
                          seed=ctx.options.get("trigger_seed", 0))
 
 
-register_attack(AttackSpec("badnets", _build, _arguments,
-                           description="fixed patch in a corner (Gu et al. 2017)"))
+register_attack(AttackSpec("badnets", _build,
+                           description="fixed patch in a corner (Gu et al. 2017)",
+                           shared_arguments=(patch_arguments,)))

@@ -32,15 +32,17 @@ def toxic_channels(channel_means: torch.Tensor, fraction: float) -> torch.Tensor
     return torch.topk(channel_means, k).indices
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("ckd")
+def ckd_arguments(parser: argparse.ArgumentParser) -> None:
+    """CKD's flags (shared with adaptive-ckd, which builds the same trigger)."""
+    g = parser.add_argument_group("ckd, adaptive-ckd")
     g.add_argument("--toxic-fraction", type=float, default=0.1,
                    help="fraction of channels per layer treated as toxic (rho)")
 
 
-def _build(ctx: AttackContext) -> Trigger:
+def build_ckd_trigger(ctx: AttackContext, kind: str = "ckd") -> Trigger:
+    """Pick toxic channels on the clean teacher and optimise the trigger that drives them."""
     if ctx.model is None:
-        raise ConfigError("CKD optimises its trigger on a clean teacher: use --teacher RUN_DIR")
+        raise ConfigError(f"{kind} optimises its trigger on a clean teacher: use --teacher RUN_DIR")
     o = ctx.options
     splits, model, device = ctx.splits, ctx.model, ctx.device
     names = feature_names(model, o.get("feature_layers"))
@@ -66,14 +68,14 @@ def _build(ctx: AttackContext) -> Trigger:
     return optimise_trigger(
         model, images, names, loss, mask_max=mask_max, mean=splits.mean, std=splits.std,
         device=device, epochs=o.get("trigger_epochs", 5), lr=o.get("trigger_lr", 0.005),
-        seed=o.get("trigger_seed", 0), kind="ckd",
+        seed=o.get("trigger_seed", 0), kind=kind,
         params={"toxic_fraction": fraction, "layers": names,
                 "toxic_channels": {n: toxic[n].tolist() for n in names},
                 "target_values": values},
         progress=o.get("progress", True))
 
 
-register_attack(AttackSpec("ckd", _build, _arguments,
+register_attack(AttackSpec("ckd", build_ckd_trigger,
                            description="learned trigger on the teacher's strongest channels "
                                        "(CKD, survives feature distillation)",
-                           shared_arguments=(learned_trigger_arguments,)))
+                           shared_arguments=(learned_trigger_arguments, ckd_arguments)))

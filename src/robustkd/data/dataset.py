@@ -89,6 +89,8 @@ class DatasetSplits:
     std: tuple[float, ...]
     augment: dict = field(default_factory=dict)
     source: str = ""
+    # fraction of each training class held out as ``test`` (a validation split), or None
+    holdout: float | None = None
 
     def __post_init__(self) -> None:
         if self.train.classes != self.test.classes:

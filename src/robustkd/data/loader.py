@@ -161,7 +161,25 @@ def augment_batch(x_u8: torch.Tensor, augment: dict | None, g: torch.Generator) 
     return x
 
 
-class DeviceLoader:
+class EpochBatches:
+    """What every loader the training loop consumes shares: an epoch counter that fixes the
+    next pass's order and augmentation, and batch/sample counts. Subclasses set
+    ``dataset``, ``batch_size``, ``drop_last`` and ``epoch``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass use ``epoch``'s order and augmentation (then ``epoch + 1``, ...)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+
+class DeviceLoader(EpochBatches):
     """Iterate ``(x, y, idx)`` batches of an :class:`ImageDataset` kept on ``device``.
 
     ``mean``/``std`` default to no normalisation (0 and 1). ``len(loader)`` is the number
@@ -206,18 +224,6 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass use ``epoch``'s order and augmentation (then ``epoch + 1``, ...)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.dataset)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of ``epoch`` (CPU int64), without consuming anything."""

@@ -23,6 +23,7 @@ from robustkd.data import cifar as _cifar
 from robustkd.data import embedded as _embedded
 from robustkd.data import imagefolder as _imagefolder
 from robustkd.data.dataset import DatasetSplits, ImageDataset
+from robustkd.data.subsets import split_validation
 from robustkd.errors import DataError
 
 _KNOWN: dict[str, dict[str, Any]] = {
@@ -81,8 +82,21 @@ _KNOWN: dict[str, dict[str, Any]] = {
         "files": ["tinyimagenet200.tar.gz", "tinyimagenet200/"],
         "download": False,
     },
+    "imagenet": {
+        "description": "ImageNet-1k (ILSVRC-2012), 1000 classes, streamed from disk (not held "
+        "in memory): robustkd.data.streaming.load_streamed; random-resized crop 224 + flip "
+        "for training, resize 256 + centre crop 224 for evaluation",
+        "classes": 1000,
+        "image_size": 224,
+        "channels": 3,
+        "files": ["imagenet/train/<wnid>/", "imagenet/val/<wnid>/"],
+        "download": False,
+        "streamed": True,
+    },
 }
+STREAMED = frozenset(n for n, info in _KNOWN.items() if info.get("streamed"))
 
+HOLDOUT_SEED = 20_211_115  # fixed: the validation split must not depend on a run's seed
 _NO_FLIP = frozenset({"digits", "gtsrb"})  # mirrored digits / signs change meaning
 _STAT_CHUNK = 8192
 
@@ -190,14 +204,25 @@ def load_dataset(
     image_size: int | None = None,
     download: bool = False,
     cache: bool = True,
+    holdout: float | None = None,
 ) -> DatasetSplits:
-    """Load a dataset by name as :class:`DatasetSplits` (stats and augmentation filled in)."""
+    """Load a dataset by name as :class:`DatasetSplits` (stats and augmentation filled in).
+
+    ``holdout`` (in (0, 1)) carves that fraction of every training class out as the
+    ``test`` split: a validation set for choosing settings without touching the test set.
+    The carve uses a fixed seed, so every run with the same ``holdout`` sees the same split.
+    """
     name = str(name).strip()
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise DataError(f"invalid dataset name {name!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DataError(f"image_size must be a positive int, got {image_size!r}")
     key_name = name.lower()
+    if key_name in STREAMED:
+        raise DataError(
+            f"dataset {name!r} is streamed from disk, not loaded into memory: use "
+            f"robustkd.data.streaming.load_streamed({key_name!r}, data_root) and its "
+            "StreamLoader (for an in-memory ImageNet stand-in use tinyimagenet200)")
     root = Path(data_root).expanduser() if data_root is not None else None
     if root is not None and not root.is_dir():
         raise DataError(
@@ -218,6 +243,8 @@ def load_dataset(
         raise _not_found(name, root, tried, download)
 
     train, test = data
+    if holdout:
+        train, test = split_validation(train, holdout, seed=HOLDOUT_SEED)
     out_name = "digits" if key_name == "digits" else name
     mean, std = channel_stats(train.images)
     return DatasetSplits(
@@ -228,6 +255,7 @@ def load_dataset(
         std=std,
         augment=default_augment(out_name, train.image_size),
         source=source,
+        holdout=holdout or None,
     )
 
 

@@ -1,1 +1,14 @@
-"""Defences: RobustKD feature detoxification (and, later, fine-tuning and NAD baselines)."""
+"""Defences: RobustKD feature detoxification, and the teacher-cleaning baselines
+(fine-tuning, NAD) registered by name for ``robustkd distill --defense``."""
+
+from robustkd.defenses import finetune, nad  # noqa: F401  (register the teacher defences)
+from robustkd.defenses.registry import (
+    TEACHER_DEFENSES,
+    DefenseContext,
+    defend_teacher,
+    get_teacher_defense,
+    register_teacher_defense,
+)
+
+__all__ = ["TEACHER_DEFENSES", "DefenseContext", "defend_teacher", "get_teacher_defense",
+           "register_teacher_defense"]

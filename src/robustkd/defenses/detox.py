@@ -33,23 +33,33 @@ from robustkd.training.optim import OptimConfig
 
 VARIANTS = ("eq7", "eq15")
 DETOX_LOSSES = ("ce+var", "ce", "var")
+MASK_SHAPES = ("element", "channel")
 
 
 class DetoxMasks(nn.Module):
     """Masks and replacement features for a set of named teacher modules."""
 
     def __init__(self, names: Sequence[str], deltas: Sequence[torch.Tensor], tau: float,
-                 variant: str = "eq7", mask_init: float | None = None) -> None:
+                 variant: str = "eq7", mask_init: float | None = None,
+                 mask_shape: str = "element") -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ConfigError(f"mask variant must be one of {VARIANTS}, got {variant!r}")
+        if mask_shape not in MASK_SHAPES:
+            raise ConfigError(f"mask shape must be one of {MASK_SHAPES}, got {mask_shape!r}")
         if not tau > 0:
             raise ConfigError(f"mask threshold tau must be > 0, got {tau}")
         self.names = list(names)
-        self.tau, self.variant = float(tau), variant
-        init = tau / 2 if mask_init is None else float(mask_init)
-        self.masks = nn.ParameterList(
-            [nn.Parameter(torch.full_like(d, min(init, tau))) for d in deltas])
+        self.tau, self.variant, self.mask_shape = float(tau), variant, mask_shape
+        init = min(tau / 2 if mask_init is None else float(mask_init), tau)
+
+        def mask_like(d: torch.Tensor) -> torch.Tensor:
+            # "channel": one value per channel ([C, 1, 1]), broadcast over positions
+            shape = d.shape if mask_shape == "element" or d.dim() < 2 else \
+                (d.shape[0],) + (1,) * (d.dim() - 1)
+            return torch.full(shape, init, dtype=d.dtype, device=d.device)
+
+        self.masks = nn.ParameterList([nn.Parameter(mask_like(d)) for d in deltas])
         self.deltas = nn.ParameterList([nn.Parameter(d.detach().clone()) for d in deltas])
 
     def mix(self, index: int, feature: torch.Tensor) -> torch.Tensor:
@@ -68,8 +78,13 @@ class DetoxMasks(nn.Module):
         for m in self.masks:
             m.clamp_(0.0, self.tau)
 
+    def mean_opening(self) -> torch.Tensor:
+        """Mean of ``m / tau`` over every mask element: 0 closed, 1 fully open."""
+        return torch.stack([m.float().mean() for m in self.masks]).mean() / self.tau
+
     def config(self) -> dict[str, Any]:
         return {"names": self.names, "tau": self.tau, "variant": self.variant,
+                "mask_shape": self.mask_shape,
                 "shapes": [list(d.shape) for d in self.deltas]}
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -83,7 +98,8 @@ class DetoxMasks(nn.Module):
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DetoxMasks:
         names = config["names"]
         deltas = [tensors[f"detox.{n}.delta"] for n in names]
-        masks = cls(names, deltas, config["tau"], config["variant"])
+        masks = cls(names, deltas, config["tau"], config["variant"],
+                    mask_shape=config.get("mask_shape", "element"))
         with torch.no_grad():
             for i, n in enumerate(names):
                 masks.masks[i].copy_(tensors[f"detox.{n}.mask"])
@@ -96,8 +112,14 @@ def per_example_variance(feature: torch.Tensor) -> torch.Tensor:
 
 
 def detox_loss(logits: torch.Tensor, labels: torch.Tensor, last_feature: torch.Tensor,
-               mode: str = "ce+var", lam: float = 1.0) -> torch.Tensor:
-    """``L_CE + lambda * L_var`` (Eq. 10) or one of its ablations (``ce``, ``var``)."""
+               mode: str = "ce+var", lam: float = 1.0, opening: torch.Tensor | None = None,
+               open_weight: float = 0.0) -> torch.Tensor:
+    """``L_CE + lambda * L_var`` (Eq. 10) or one of its ablations (``ce``, ``var``).
+
+    ``open_weight`` > 0 (not in the paper) subtracts ``open_weight * opening`` (the masks'
+    mean opening ``m / tau``): masks then open wherever clean accuracy does not need the
+    teacher's own feature, cutting pathways that are silent on clean data.
+    """
     if mode not in DETOX_LOSSES:
         raise ConfigError(f"detox loss must be one of {DETOX_LOSSES}, got {mode!r}")
     loss = logits.new_zeros((), dtype=torch.float32)
@@ -105,6 +127,10 @@ def detox_loss(logits: torch.Tensor, labels: torch.Tensor, last_feature: torch.T
         loss = loss + F.cross_entropy(logits.float(), labels)
     if "var" in mode:
         loss = loss + lam * per_example_variance(last_feature).mean()
+    if open_weight:
+        if opening is None:
+            raise ConfigError("open_weight needs the masks' opening")
+        loss = loss - open_weight * opening
     return loss
 
 
@@ -114,6 +140,7 @@ def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[s
                       batch_size: int = 128, mean: Sequence[float], std: Sequence[float],
                       augment: dict | None = None, device="cpu", seed: int = 0,
                       mask_init: float | None = None, teacher_bn: str = "eval",
+                      mask_shape: str = "element", open_weight: float = 0.0,
                       progress: bool = True) -> tuple[DetoxMasks, list[EpochResult]]:
     """Optimise masks and replacement features on clean data; the teacher stays frozen.
 
@@ -124,7 +151,7 @@ def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[s
     # the replacement starts as the clean mean feature (paper section 4.2.1)
     means = mean_features(teacher, clean, names, mean, std, device=device)
     deltas = [means[n] for n in names]
-    masks = DetoxMasks(names, deltas, tau, variant, mask_init).to(device)
+    masks = DetoxMasks(names, deltas, tau, variant, mask_init, mask_shape).to(device)
     last = names[-1]
     loader = DeviceLoader(clean, batch_size, device=device, mean=mean, std=std, shuffle=True,
                           augment=augment, drop_last=len(clean) > batch_size, seed=seed)
@@ -132,9 +159,11 @@ def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[s
     def step(x: torch.Tensor, y: torch.Tensor, _idx: torch.Tensor):
         with tap(teacher, [last], replace=masks.replacements()) as t:
             logits = teacher(x)
-        loss = detox_loss(logits, y, t[last], loss_mode, lam)
+        opening = masks.mean_opening()
+        loss = detox_loss(logits, y, t[last], loss_mode, lam, opening, open_weight)
         return loss, {"train_acc": (logits.argmax(1) == y).sum(),
-                      "variance": per_example_variance(t[last]).detach().sum()}
+                      "variance": per_example_variance(t[last]).detach().sum(),
+                      "opening": opening.detach() * x.shape[0]}
 
     with frozen_teacher(teacher, teacher_bn):
         history = fit(masks.parameters(), step, loader, epochs,

@@ -21,8 +21,9 @@ from torch import nn
 
 from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
-from robustkd.data.subsets import split_validation
+from robustkd.data.subsets import per_class_subset, split_validation
 from robustkd.defenses.detox import DetoxMasks, train_detox_masks
+from robustkd.defenses.inversion import invert_triggers, trigger_consistency
 from robustkd.distill.base import layers_of
 from robustkd.distill.run import distill_student
 from robustkd.errors import ConfigError
@@ -46,7 +47,16 @@ class RobustKDConfig:
     detox_epochs: int = 40
     detox_lr: float = 1e-3
     mask_init: float | None = None
+    mask_shape: str = "element"
+    open_weight: float = 0.0
     detox_teacher_bn: str = "eval"
+    # trigger-consistent distillation (not in the paper; defenses/inversion.py): the share
+    # of each batch the student sees with a synthetic trigger, 0 = off
+    consistency: float = 0.0
+    inversion_epochs: int = 5
+    inversion_lr: float = 0.02
+    inversion_mask_max: float = 0.5
+    inversion_images: int = 5000
     selection: str = "blind"
     epsilon: float = 0.02
     val_fraction: float = 0.1
@@ -54,6 +64,29 @@ class RobustKDConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# Named configurations: ``paper`` is the literal reading of the paper (METHOD.md 5.1-5.2).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # provisional; chosen on a validation split (docs/RESULTS.md)
+    "improved": {"consistency": 0.5},
+}
+
+
+def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
+    """A :class:`RobustKDConfig` from a named preset (``preset``, default ``paper``) plus
+    explicit overrides."""
+    options = dict(options or {})
+    name = options.pop("preset", None) or "paper"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown robustkd configuration {name!r}; available: {sorted(PRESETS)}")
+    unknown = sorted(set(options) - set(RobustKDConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown robustkd options {unknown}")
+    cfg = RobustKDConfig(**{**PRESETS[name], **options})
+    cfg.extra = {**cfg.extra, "preset": name}
+    return cfg
 
 
 def detox_layer_names(teacher: nn.Module, choice: str,
@@ -104,23 +137,47 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                  student_factory=None, progress: bool = True,
                  on_epoch_end=None, state_dir=None, resume: bool = False,
                  channels_last: bool = False, amp: bool = True,
-                 eval_every: int = 1) -> dict[str, Any]:
+                 eval_every: int = 1, teacher_layers: Sequence[str] | None = None,
+                 student_layers: Sequence[str] | None = None) -> dict[str, Any]:
     """Detoxify (choosing tau as configured), then distil; returns masks, student, report.
 
-    ``student_factory`` builds a fresh student per threshold in oracle mode.
+    ``student_factory`` builds a fresh student per threshold in oracle mode. Models without
+    declared distillation layers take module names (``teacher_layers``/``student_layers``),
+    as in :func:`robustkd.distill.run.distill_student`.
     """
-    names = detox_layer_names(teacher, cfg.layers)
+    names = detox_layer_names(teacher, cfg.layers, teacher_layers)
     taus = list(cfg.taus) or [cfg.tau]
     detox_kw = dict(variant=cfg.variant, loss_mode=cfg.loss, lam=cfg.lam,
                     epochs=cfg.detox_epochs, lr=cfg.detox_lr, batch_size=batch_size,
                     mean=mean, std=std, augment=augment, device=device, seed=seed,
                     mask_init=cfg.mask_init, teacher_bn=cfg.detox_teacher_bn,
+                    mask_shape=cfg.mask_shape, open_weight=cfg.open_weight,
                     progress=progress)
+    report: dict[str, Any] = {"selection": cfg.selection, "layers": names, "candidates": []}
+    student_input, synthetic = None, None
+    if cfg.consistency > 0:
+        started = time.perf_counter()
+        images = per_class_subset(clean, fraction=min(1.0, cfg.inversion_images / len(clean)),
+                                  seed=seed)
+        synthetic = invert_triggers(teacher, images, mean=mean, std=std,
+                                    mask_max=cfg.inversion_mask_max,
+                                    epochs=cfg.inversion_epochs, lr=cfg.inversion_lr,
+                                    batch_size=batch_size, device=device, seed=seed,
+                                    progress=progress)
+        student_input = trigger_consistency(synthetic, cfg.consistency, mean, std, seed)
+        report["inversion"] = {"seconds": time.perf_counter() - started,
+                               "images": len(images),
+                               "classes": synthetic.classes.tolist(),
+                               "success": [round(float(v), 4) for v in synthetic.success],
+                               "mask_mean": [round(float(m.mean()), 4)
+                                             for m in synthetic.masks]}
+    report["synthetic_triggers"] = synthetic
     distill_kw = dict(method="fkd", mean=mean, std=std, augment=augment, epochs=epochs,
                       optim=optim, batch_size=batch_size, device=device, seed=seed,
                       options=fkd_options, trigger=trigger, target=target,
-                      progress=progress, channels_last=channels_last, amp=amp)
-    report: dict[str, Any] = {"selection": cfg.selection, "layers": names, "candidates": []}
+                      progress=progress, channels_last=channels_last, amp=amp,
+                      student_input=student_input, teacher_layers=teacher_layers,
+                      student_layers=student_layers)
     detox_seconds = distill_seconds = 0.0
     if len(taus) == 1:
         started = time.perf_counter()

@@ -38,6 +38,7 @@ class DistillSetup:
 
     ``teacher_replace`` maps teacher module names to output replacements that stay active
     inside every teacher forward pass (RobustKD's detox masks are such replacements).
+    ``student_input`` (e.g. synthetic triggers) changes only what the student sees.
     """
 
     teacher: nn.Module
@@ -46,6 +47,8 @@ class DistillSetup:
     student_layers: list[DistillLayer]
     options: dict[str, Any] = field(default_factory=dict)
     teacher_replace: Mapping[str, Replacement] = field(default_factory=dict)
+    # transforms the (normalised) batch the student sees; the teacher sees the original
+    student_input: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Distiller(nn.Module):

@@ -28,17 +28,35 @@ def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
     return nn.Sequential(conv, bn)
 
 
+def salt_and_pepper(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Set ``fraction`` of the pixels (all channels together) to the batch's per-channel
+    minimum or maximum, half each: salt-and-pepper noise on already normalised images."""
+    if fraction <= 0:
+        return x
+    b, c, h, w = x.shape
+    u = torch.rand(b, 1, h, w, device=x.device)
+    lo = x.amin(dim=(0, 2, 3), keepdim=True)
+    hi = x.amax(dim=(0, 2, 3), keepdim=True)
+    out = torch.where(u < fraction / 2, lo, x)
+    return torch.where((u >= fraction / 2) & (u < fraction), hi, out)
+
+
 @register_method
 class FeatureDistillation(Distiller):
     name = "fkd"
-    defaults = {"beta": 1.0, "scale": 1000.0, "teacher_bn": "train", "spatial": "error"}
+    defaults = {"beta": 1.0, "scale": 1000.0, "teacher_bn": "train", "spatial": "error",
+                "input_noise": 0.0}
 
     def __init__(self, setup) -> None:
         super().__init__(setup)
         if len(setup.teacher_layers) != len(setup.student_layers):
-            raise ConfigError(f"FKD pairs layers one to one: teacher has "
-                              f"{len(setup.teacher_layers)} distillation layers, student "
-                              f"{len(setup.student_layers)}; name matching layers")
+            raise ConfigError(
+                f"FKD pairs layers one to one: teacher has {len(setup.teacher_layers)} "
+                f"distillation layers ({', '.join(d.prerelu for d in setup.teacher_layers)}), "
+                f"student {len(setup.student_layers)} "
+                f"({', '.join(d.prerelu for d in setup.student_layers)}); name equally many "
+                "layers of equal resolution (API teacher_layers=/student_layers=, CLI "
+                "--teacher-layers/--student-layers), e.g. the deeper model's last ones")
         if self.options["spatial"] not in ("error", "pool"):
             raise ConfigError("FKD option spatial must be 'error' or 'pool'")
         self.t_names = [layer.prerelu for layer in setup.teacher_layers]
@@ -90,8 +108,10 @@ class FeatureDistillation(Distiller):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor):
         _, t_feats = self.teacher_forward(x, self.t_names)
+        x_student = x if self.setup.student_input is None else self.setup.student_input(x)
+        x_student = salt_and_pepper(x_student, self.options["input_noise"])
         with tap(self.student, self.s_names) as s_taps:
-            logits = self.student(x)
+            logits = self.student(x_student)
         s_feats, t_list = [], []
         for conn, t_name, s_name in zip(self.connectors, self.t_names, self.s_names, strict=True):
             s, t = conn(s_taps[s_name]), t_feats[t_name]

@@ -72,3 +72,21 @@ def fkd_feature_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Seque
     for w, s, t, m in zip(weights, student_feats, teacher_feats, margins, strict=True):
         total = total + w * partial_l2(s, margin_relu(t.detach(), m))
     return total
+
+
+def attention_map(feature: torch.Tensor, p: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+    """NAD / attention-transfer map ``[B, H*W]``: ``mean_c |F_c|^p``, L2-normalised per example.
+
+    Channel mean or sum (NAD's code) give the same map after the normalisation; ``eps``
+    keeps an all-zero map finite. Computed in float32 whatever the autocast dtype.
+    """
+    a = feature.float().abs().pow(p).mean(dim=1).flatten(1)
+    return a / (a.norm(dim=1, keepdim=True) + eps)
+
+
+def attention_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                   p: float = 2.0) -> torch.Tensor:
+    """Squared L2 distance between normalised attention maps, averaged over examples and
+    positions (NAD's ``MSE``; the paper's betas of 500-5000 are calibrated for this scale)."""
+    diff = attention_map(student_feat, p) - attention_map(teacher_feat.detach(), p)
+    return diff.pow(2).mean()

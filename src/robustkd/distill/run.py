@@ -27,14 +27,17 @@ def build_distiller(method: str, teacher: nn.Module, student: nn.Module, *,
                     teacher_layers: Sequence[str] | None = None,
                     student_layers: Sequence[str] | None = None,
                     options: Mapping[str, Any] | None = None,
-                    teacher_replace: Mapping[str, Replacement] | None = None) -> Distiller:
+                    teacher_replace: Mapping[str, Replacement] | None = None,
+                    student_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> Distiller:
     cls = get_method(method)
     needs_layers = method not in ("ce", "kd")
     setup = DistillSetup(
         teacher=teacher, student=student,
         teacher_layers=layers_of(teacher, teacher_layers) if needs_layers else [],
         student_layers=layers_of(student, student_layers) if needs_layers else [],
-        options=dict(options or {}), teacher_replace=dict(teacher_replace or {}))
+        options=dict(options or {}), teacher_replace=dict(teacher_replace or {}),
+        student_input=student_input)
     return cls(setup)
 
 
@@ -57,6 +60,7 @@ def distill_student(
     student_layers: Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
     teacher_replace: Mapping[str, Replacement] | None = None,
+    student_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
     trigger: Trigger | None = None,
     target: int | None = None,
     eval_every: int = 1,
@@ -76,7 +80,7 @@ def distill_student(
     device = torch.device(device)
     distiller = build_distiller(method, teacher, student, teacher_layers=teacher_layers,
                                 student_layers=student_layers, options=options,
-                                teacher_replace=teacher_replace)
+                                teacher_replace=teacher_replace, student_input=student_input)
     loader = DeviceLoader(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
                           augment=augment, drop_last=len(train) > batch_size, seed=seed,
                           channels_last=channels_last)

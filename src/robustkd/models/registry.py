@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from robustkd.errors import ConfigError
+from robustkd.models.imagenet_resnet import RESNET_CONFIGS, ImageNetResNet
+from robustkd.models.mobilenetv2 import MobileNetV2
 from robustkd.models.pyramidnet import PyramidNet
 from robustkd.models.resnet import CifarResNet
 from robustkd.models.wrn import WideResNet
@@ -176,3 +178,24 @@ def _pyramidnet110(num_classes: int, in_channels: int = 3) -> nn.Module:
 @register_model("pyramidnet200", usage="pyramidnet200 (alpha 240, bottleneck blocks)")
 def _pyramidnet200(num_classes: int, in_channels: int = 3) -> nn.Module:
     return PyramidNet(200, 240, num_classes, in_channels, bottleneck=True)
+
+
+@register_model(
+    r"imagenet_resnet(?P<depth>\d+)",
+    usage="imagenet_resnet{depth} (ImageNet ResNet, depth 18, 34, 50, 101 or 152; "
+          "option small_input)",
+    listed=("imagenet_resnet18", "imagenet_resnet50"),
+)
+def _imagenet_resnet(depth: str, num_classes: int, in_channels: int = 3,
+                     small_input: bool = False) -> nn.Module:
+    if int(depth) not in RESNET_CONFIGS:
+        raise ConfigError(f"ImageNet ResNet depth must be one of {sorted(RESNET_CONFIGS)}, "
+                          f"got {depth}")
+    return ImageNetResNet(int(depth), num_classes, in_channels, small_input=small_input)
+
+
+@register_model("mobilenetv2", usage="mobilenetv2 (options width_mult, small_input, dropout)")
+def _mobilenetv2(num_classes: int, in_channels: int = 3, width_mult: float = 1.0,
+                 small_input: bool = False, dropout: float = 0.2) -> nn.Module:
+    return MobileNetV2(num_classes, in_channels, width_mult=width_mult, small_input=small_input,
+                       dropout=dropout)

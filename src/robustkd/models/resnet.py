@@ -23,8 +23,10 @@ from robustkd.models.wrn import init_weights
 def resnet_blocks_per_stage(depth: int) -> int:
     """Blocks per stage for a CIFAR ResNet of this depth; depth must be 6n+2."""
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        hint = (f"; the ImageNet ResNet of that depth is imagenet_resnet{depth}"
+                if depth in (18, 34, 101, 152) else "")
         raise ConfigError(
-            f"ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}"
+            f"ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}{hint}"
         )
     return (depth - 2) // 6
 

@@ -3,6 +3,12 @@
 Forward hooks instead of model surgery, so the same code serves the built-in CIFAR models,
 torchvision/timm models or a user's own ``nn.Module``. Hooks live only inside the ``with``
 block and are removed even when the block raises.
+
+A hook sees a module's output when it is produced; a model that later changes that tensor in
+place (``out += identity``, ``nn.ReLU(inplace=True)``, as torchvision and timm ResNets do) would
+leave a different value behind. Reading such a feature raises ConfigError instead of returning
+the wrong numbers; :func:`disable_inplace` fixes in-place activations, and stage outputs
+(``layer1`` ... of a torchvision/timm ResNet) are never modified afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from robustkd.errors import ConfigError
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,17 +45,54 @@ class FeatureTap:
 
     def __init__(self) -> None:
         self.features: dict[str, torch.Tensor] = {}
+        self._versions: dict[str, int | None] = {}
+
+    def keep(self, name: str, feature: torch.Tensor) -> None:
+        """Store ``feature`` with its version counter, to detect later in-place changes."""
+        self.features[name] = feature
+        self._versions[name] = _version(feature)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.features:
             raise KeyError(f"no feature captured for {name!r}: did the forward pass reach it?")
-        return self.features[name]
+        feature = self.features[name]
+        version = self._versions.get(name)
+        if version is not None and _version(feature) != version:
+            raise ConfigError(
+                f"the output of {name!r} was changed in place later in the forward pass (e.g. "
+                "`out += identity` or an inplace ReLU), so it is not that module's output any "
+                "more; call robustkd.models.taps.disable_inplace(model) for inplace "
+                "activations, or tap a module whose output is left alone (e.g. a stage "
+                "such as 'layer1' of a torchvision/timm ResNet)")
+        return feature
 
     def __contains__(self, name: str) -> bool:
         return name in self.features
 
     def clear(self) -> None:
         self.features.clear()
+        self._versions.clear()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+
+
+def disable_inplace(model: nn.Module) -> int:
+    """Turn off ``inplace`` on every module that has the flag (ReLU, ReLU6, SiLU, Dropout...).
+
+    torchvision/timm models apply activations in place; tapping the BatchNorm before such an
+    activation then captures the activated tensor. Returns how many modules were changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+            changed += 1
+    return changed
 
 
 @contextmanager
@@ -82,7 +127,7 @@ def tap(model: nn.Module, capture: Iterable[str] = (),
                                      f"{tuple(output.shape)} to {tuple(new.shape)}")
                 output = new
             if keep:
-                result.features[name] = output.detach() if detach else output
+                result.keep(name, output.detach() if detach else output)
             return output if fn is not None else None
 
         return hook

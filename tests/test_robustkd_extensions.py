@@ -1,0 +1,164 @@
+"""The pieces added to RobustKD beyond the paper's reading, the validation holdout, and the
+demo (the README's main job)."""
+
+import json
+
+import pytest
+import torch
+
+from robustkd.attacks import patch_trigger
+from robustkd.attacks.poison import poison_dataset
+from robustkd.data import load_dataset
+from robustkd.defenses.detox import DetoxMasks, detox_loss
+from robustkd.defenses.inversion import invert_triggers, trigger_consistency
+from robustkd.defenses.robustkd import PRESETS, robustkd_config
+from robustkd.demo import DemoSettings, format_summary, removal_rate, run_demo
+from robustkd.distill.fkd import salt_and_pepper
+from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import attack_success_rate
+from robustkd.training.classifier import train_classifier
+from robustkd.training.optim import OptimConfig
+
+
+def test_holdout_is_a_fixed_disjoint_per_class_split():
+    full = load_dataset("digits")
+    a = load_dataset("digits", holdout=0.2)
+    b = load_dataset("digits", holdout=0.2)
+    assert a.holdout == 0.2 and full.holdout is None
+    assert len(a.train) + len(a.test) == len(full.train)
+    assert torch.equal(a.test.images, b.test.images)  # same split every time
+    # every class appears in the validation part, in proportion
+    counts = torch.bincount(a.test.labels, minlength=10)
+    assert counts.min() >= 0.15 * torch.bincount(full.train.labels).min()
+    # no validation image is also a training image
+    train_rows = {bytes(img.numpy().tobytes()) for img in a.train.images}
+    assert not any(bytes(img.numpy().tobytes()) in train_rows for img in a.test.images[:50])
+
+
+def test_channel_masks_and_mask_opening_reward():
+    deltas = [torch.zeros(4, 3, 3), torch.ones(2, 2, 2)]
+    masks = DetoxMasks(["a", "b"], deltas, tau=1.0, mask_init=0.25, mask_shape="channel")
+    assert [tuple(m.shape) for m in masks.masks] == [(4, 1, 1), (2, 1, 1)]
+    feature = torch.full((5, 4, 3, 3), 2.0)
+    assert torch.allclose(masks.mix(0, feature), torch.full_like(feature, 1.5))
+    assert masks.mean_opening().item() == pytest.approx(0.25)
+    logits = torch.tensor([[2.0, 0.0]])
+    labels = torch.tensor([0])
+    feat = torch.tensor([[[[1.0, 3.0]]]])  # per-example variance (unbiased) = 2
+    ce = torch.nn.functional.cross_entropy(logits, labels).item()
+    got = detox_loss(logits, labels, feat, "ce+var", lam=0.5, opening=torch.tensor(0.4),
+                     open_weight=2.0)
+    assert got.item() == pytest.approx(ce + 0.5 * 2.0 - 2.0 * 0.4)
+    with pytest.raises(ConfigError):
+        DetoxMasks(["a"], deltas[:1], tau=1.0, mask_shape="pixel")
+
+
+def test_salt_and_pepper_touches_the_requested_share_of_pixels():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    y = salt_and_pepper(x, 0.1)
+    changed = (y != x).any(dim=1).float().mean().item()
+    assert 0.08 < changed < 0.12
+    lo, hi = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
+    diff = (y != x)
+    for c in range(3):
+        vals = y[:, c][diff[:, c]]
+        assert torch.all((vals == lo[c]) | (vals == hi[c]))
+    assert torch.equal(salt_and_pepper(x, 0.0), x)
+
+
+def test_presets_and_overrides():
+    assert robustkd_config().tau == 0.2 and robustkd_config().consistency == 0
+    cfg = robustkd_config({"preset": "improved", "tau": 0.3})
+    assert cfg.tau == 0.3 and cfg.consistency == PRESETS["improved"]["consistency"] > 0
+    assert cfg.extra["preset"] == "improved"
+    with pytest.raises(ConfigError, match="unknown robustkd configuration"):
+        robustkd_config({"preset": "nope"})
+    with pytest.raises(ConfigError, match="unknown robustkd options"):
+        robustkd_config({"taux": 1})
+
+
+@pytest.fixture(scope="module")
+def backdoored_digits_teacher(digits):
+    """A wrn10_2 digits teacher trained with a 3x3 patch backdoor to class 0 from scratch."""
+    from robustkd.models import build_model
+
+    torch.manual_seed(0)
+    trig = patch_trigger(digits.train.image_size, 1, size=4)
+    poisoned = poison_dataset(digits.train, trig, 0, 0.15, seed=0)
+    net = build_model("wrn10_2", num_classes=10, in_channels=1)
+    train_classifier(net, poisoned, None, mean=digits.mean, std=digits.std,
+                     augment=digits.augment, epochs=8, optim=OptimConfig(lr=0.05,
+                     schedule="cosine"), batch_size=64, progress=False, eval_every=0)
+    net.eval()
+    asr = attack_success_rate(net, digits.test, trig, 0, digits.mean, digits.std)
+    assert asr > 0.9, asr
+    return net, trig
+
+
+def test_trigger_synthesis_finds_the_backdoor_target(digits, backdoored_digits_teacher):
+    net, _ = backdoored_digits_teacher
+    found = invert_triggers(net, digits.train, mean=digits.mean, std=digits.std,
+                            mask_max=0.3, epochs=3, lr=0.05, batch_size=64, progress=False)
+    assert found.patterns.shape == (10, 1, 16, 16) and found.masks.max() <= 0.3 + 1e-6
+    assert found.success.min() >= 0 and found.success.max() <= 1
+    # the backdoor is a shortcut: its target is among the easiest classes to reach
+    assert 0 in torch.topk(found.success, 3).indices.tolist(), found.success
+
+
+def test_trigger_consistency_changes_only_the_chosen_share(digits, backdoored_digits_teacher):
+    net, _ = backdoored_digits_teacher
+    found = invert_triggers(net, digits.train, mean=digits.mean, std=digits.std, epochs=1,
+                            batch_size=64, progress=False)
+    transform = trigger_consistency(found, 0.5, digits.mean, digits.std, seed=1)
+    x = torch.randn(200, 1, 16, 16)
+    y = transform(x)
+    changed = (y != x).flatten(1).any(1).float().mean().item()
+    assert 0.35 < changed < 0.65
+    with pytest.raises(ConfigError):
+        trigger_consistency(found, 0.0, digits.mean, digits.std)
+
+
+def test_removal_rate():
+    assert removal_rate(0.8, 0.2) == pytest.approx(0.75)
+    assert removal_rate(0.0, 0.1) is None
+
+
+@pytest.mark.slow
+def test_demo_writes_summary_with_every_row(tmp_path):
+    settings = DemoSettings(teacher_model="wrn10_1", student_model="wrn10_1", teacher_epochs=1,
+                            attack_epochs=1, student_epochs=1)
+    summary = run_demo(tmp_path, settings, device="cpu", progress=False)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["clean teacher", "CKD teacher",
+                                                   "FKD student", "RobustKD student"]
+    for row in saved["rows"]:
+        assert 0 <= row["acc"] <= 1 and 0 <= row["asr"] <= 1 and row["seconds"] > 0
+    assert "removal_rate" in saved
+    for stage in ("teacher", "ckd-teacher", "fkd-student", "robustkd-student"):
+        assert (tmp_path / stage / "record.json").exists()
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+    text = format_summary(summary)
+    assert "RobustKD student" in text and saved["verdict"] in text
+    assert isinstance(saved["backdoor_reached_fkd_student"], bool)
+
+
+def test_run_robustkd_with_user_modules_and_named_layers(digits):
+    """The Python API path for a user's own teacher/student (no declared layers)."""
+    from robustkd.data.subsets import per_class_subset
+    from robustkd.defenses.robustkd import run_robustkd
+    from tests.toy_models import TinyNet
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    small = per_class_subset(digits.train, per_class=20)
+    cfg = robustkd_config({"tau": 0.5, "detox_epochs": 1, "consistency": 0.5,
+                           "inversion_epochs": 1})
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    report = run_robustkd(teacher, student, small, None, cfg, mean=digits.mean, std=digits.std,
+                          augment=None, epochs=1, optim=OptimConfig(lr=0.05), batch_size=32,
+                          device="cpu", progress=False, teacher_layers=["bn1", "bn2"],
+                          student_layers=["bn1", "bn2"])
+    assert report["layers"] == ["bn1", "bn2"] and report["masks"].names == ["bn1", "bn2"]
+    assert report["inversion"]["classes"] == list(range(10))
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
