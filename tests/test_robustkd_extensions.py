@@ -162,3 +162,29 @@ def test_run_robustkd_with_user_modules_and_named_layers(digits):
     assert report["layers"] == ["bn1", "bn2"] and report["masks"].names == ["bn1", "bn2"]
     assert report["inversion"]["classes"] == list(range(10))
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_saved_detox_masks_serve_another_student(tmp_path, digits_teacher, digits):
+    """A detoxified teacher (masks + synthetic triggers) is reused without retraining."""
+    from robustkd.cli import main
+    from robustkd.runs import run_meta, save_run_model
+
+    teacher = tmp_path / "teacher"
+    save_run_model(teacher, digits_teacher, run_meta(digits_teacher, digits, None, 0))
+    common = ["--student", "wrn10_1", "--epochs", "1", "--clean-fraction", "0.2", "--device",
+              "cpu", "--no-progress", "--lr", "0.05"]
+    first = tmp_path / "first"
+    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher), "--tau", "0.3",
+                 "--detox-epochs", "1", "--consistency", "0.5", "--inversion-epochs", "1",
+                 "--out", str(first), *common]) == 0
+    second = tmp_path / "second"
+    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher), "--consistency",
+                 "0.5", "--detox-from", str(first), "--out", str(second), *common]) == 0
+    rec = json.loads((second / "record.json").read_text())
+    assert rec["selection"] == "reused" and rec["chosen_tau"] == 0.3
+    assert rec["robustkd"]["inversion"]["reused"] is True
+    from safetensors.torch import load_file
+    a, b = load_file(str(first / "detox.safetensors")), load_file(str(second / "detox.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["distill", "--method", "fkd", "--teacher", str(teacher), "--detox-from",
+                 str(first), "--out", str(tmp_path / "x"), *common]) == 2

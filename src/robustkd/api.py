@@ -25,7 +25,7 @@ from robustkd.distill import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model, feature_variance
 from robustkd.evaluation.scan import plot_histograms, summarise
-from robustkd.io import load_state_dict, save_tensors, write_json
+from robustkd.io import load_state_dict, read_json, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
 from robustkd.runs import load_run, run_meta, save_run_model, write_record
@@ -586,6 +586,7 @@ def distill(
     progress: bool = True,
     eval_every: int = 1,
     holdout: float | None = None,
+    detox_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
@@ -703,6 +704,9 @@ def distill(
     extra: dict[str, Any] = {}
     if method == "robustkd":
         rk_cfg = robustkd_config(robustkd)
+        reuse_masks = reuse_triggers = None
+        if detox_from is not None:
+            reuse_masks, reuse_triggers = load_detox(detox_from)
 
         def fresh_student() -> nn.Module:
             net = (
@@ -724,6 +728,8 @@ def distill(
             student_factory=fresh_student,
             teacher_layers=teacher_layers,
             student_layers=student_layers,
+            reuse_masks=reuse_masks,
+            reuse_triggers=reuse_triggers,
             eval_every=eval_every,
             **common,
         )
@@ -799,6 +805,24 @@ def distill(
         **extra,
     )
     return _read(run_dir)
+
+
+def load_detox(run_dir: str | Path):
+    """The detox masks (and synthetic triggers, if any) a RobustKD run saved, for reuse."""
+    from safetensors.torch import load_file
+
+    from robustkd.defenses.detox import DetoxMasks
+    from robustkd.defenses.inversion import SyntheticTriggers
+
+    run_dir = Path(run_dir)
+    if not (run_dir / DETOX_FILE).exists() or not (run_dir / DETOX_META).exists():
+        raise ConfigError(
+            f"{run_dir} has no {DETOX_FILE}/{DETOX_META}; give the run directory of an earlier "
+            "`robustkd distill --method robustkd`"
+        )
+    tensors = load_file(str(run_dir / DETOX_FILE))
+    masks = DetoxMasks.from_saved(read_json(run_dir / DETOX_META), tensors)
+    return masks, SyntheticTriggers.from_tensors(tensors)
 
 
 def import_weights(

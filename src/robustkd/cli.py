@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of blind trigger synthesis (default 5)")
     g.add_argument("--inversion-mask-max", type=float, default=None,
                    help="largest blend weight of a synthetic trigger (default 0.5)")
+    g.add_argument("--detox-from", default=None, metavar="RUN_DIR",
+                   help="reuse the detox masks (and synthetic triggers) of an earlier robustkd "
+                        "run with the same teacher instead of training new ones")
     g.add_argument("--robustkd-config", dest="preset", default=None,
                    help="named robustkd configuration (see docs/RESULTS.md): "
                         "paper (default) or improved")
@@ -359,6 +362,8 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
     accepted = set(get_method("fkd" if args.method == "robustkd" else args.method).defaults)
     robustkd = {k: getattr(args, k) for k in args._robustkd_options
                 if getattr(args, k) is not None}
+    if args.detox_from and args.method != "robustkd":
+        raise ConfigError("--detox-from applies to --method robustkd")
     if robustkd and args.method != "robustkd":
         raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in robustkd)} apply to "
                           "--method robustkd")
@@ -380,6 +385,7 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
                        clean_fraction=args.clean_fraction, options=options,
                        robustkd=robustkd if args.method == "robustkd" else None,
                        defense=args.defense, defense_options=defense_options,
+                       detox_from=args.detox_from,
                        **{k: getattr(args, k) for k in keys if k != "compile"})
 
 

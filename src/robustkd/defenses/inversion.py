@@ -53,6 +53,14 @@ class SyntheticTriggers:
                 "inversion.classes": self.classes.cpu(),
                 "inversion.success": self.success.cpu()}
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SyntheticTriggers | None:
+        """Rebuild from :meth:`tensors` output (e.g. a RobustKD run's detox file), if present."""
+        if "inversion.patterns" not in tensors:
+            return None
+        return cls(tensors["inversion.patterns"], tensors["inversion.masks"],
+                   tensors["inversion.classes"].long(), tensors["inversion.success"])
+
     def to(self, device) -> SyntheticTriggers:
         return SyntheticTriggers(self.patterns.to(device), self.masks.to(device),
                                  self.classes.to(device), self.success.to(device))

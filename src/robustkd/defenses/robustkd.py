@@ -23,7 +23,11 @@ from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.subsets import per_class_subset, split_validation
 from robustkd.defenses.detox import DetoxMasks, train_detox_masks
-from robustkd.defenses.inversion import invert_triggers, trigger_consistency
+from robustkd.defenses.inversion import (
+    SyntheticTriggers,
+    invert_triggers,
+    trigger_consistency,
+)
 from robustkd.distill.base import layers_of
 from robustkd.distill.run import distill_student
 from robustkd.errors import ConfigError
@@ -138,12 +142,16 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                  on_epoch_end=None, state_dir=None, resume: bool = False,
                  channels_last: bool = False, amp: bool = True,
                  eval_every: int = 1, teacher_layers: Sequence[str] | None = None,
-                 student_layers: Sequence[str] | None = None) -> dict[str, Any]:
+                 student_layers: Sequence[str] | None = None,
+                 reuse_masks: DetoxMasks | None = None,
+                 reuse_triggers: SyntheticTriggers | None = None) -> dict[str, Any]:
     """Detoxify (choosing tau as configured), then distil; returns masks, student, report.
 
     ``student_factory`` builds a fresh student per threshold in oracle mode. Models without
     declared distillation layers take module names (``teacher_layers``/``student_layers``),
-    as in :func:`robustkd.distill.run.distill_student`.
+    as in :func:`robustkd.distill.run.distill_student`. ``reuse_masks`` (and
+    ``reuse_triggers``) skip detoxification (and trigger synthesis): a detoxified teacher
+    saved by an earlier run serves another student.
     """
     names = detox_layer_names(teacher, cfg.layers, teacher_layers)
     taus = list(cfg.taus) or [cfg.tau]
@@ -155,7 +163,11 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                     progress=progress)
     report: dict[str, Any] = {"selection": cfg.selection, "layers": names, "candidates": []}
     student_input, synthetic = None, None
-    if cfg.consistency > 0:
+    if cfg.consistency > 0 and reuse_triggers is not None:
+        synthetic = reuse_triggers.to(device)
+        student_input = trigger_consistency(synthetic, cfg.consistency, mean, std, seed)
+        report["inversion"] = {"reused": True, "classes": synthetic.classes.tolist()}
+    elif cfg.consistency > 0:
         started = time.perf_counter()
         images = per_class_subset(clean, fraction=min(1.0, cfg.inversion_images / len(clean)),
                                   seed=seed)
@@ -179,7 +191,11 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                       student_input=student_input, teacher_layers=teacher_layers,
                       student_layers=student_layers)
     detox_seconds = distill_seconds = 0.0
-    if len(taus) == 1:
+    if reuse_masks is not None:
+        masks = reuse_masks.to(device)
+        report["selection"] = "reused"
+        chosen_tau = masks.tau
+    elif len(taus) == 1:
         started = time.perf_counter()
         masks, hist = train_detox_masks(teacher, clean, names, tau=taus[0], **detox_kw)
         detox_seconds = time.perf_counter() - started
