@@ -139,14 +139,11 @@ def trigger_consistency(triggers: SyntheticTriggers, fraction: float, mean: Sequ
         if x.device.type not in state:
             state[x.device.type] = torch.Generator(device=x.device).manual_seed(seed)
         gen = state[x.device.type]
+        # no host sync on this per-step path: blend every image, keep the chosen ones
         chosen = torch.rand(x.shape[0], device=x.device, generator=gen) < fraction
-        if not chosen.any():
-            return x
-        which = torch.randint(0, len(triggers.classes), (int(chosen.sum()),),
-                              device=x.device, generator=gen)
-        pixels = denormalize(x[chosen].float(), mean, std)
-        out = x.clone()
-        out[chosen] = normalize(triggers.apply(pixels, which), mean, std).to(x.dtype)
-        return out
+        which = torch.randint(0, len(triggers.classes), (x.shape[0],), device=x.device,
+                              generator=gen)
+        blended = normalize(triggers.apply(denormalize(x.float(), mean, std), which), mean, std)
+        return torch.where(chosen.view(-1, 1, 1, 1), blended.to(x.dtype), x)
 
     return transform
