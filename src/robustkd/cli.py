@@ -304,7 +304,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
     _add_common(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_reproduce(sub)
     return parser
+
+
+def _add_reproduce(sub) -> None:
+    """``reproduce`` (run a table/figure of the paper) and ``report`` (re-render it)."""
+    from robustkd.experiments.scales import SCALES
+    from robustkd.experiments.specs import METHODS, STUDIES
+
+    p = sub.add_parser(
+        "reproduce", help="run the paper's tables/figures at a scale and write a report",
+        description="Plans every run the named tables/figures need at the chosen scale "
+                    "(shared teachers computed once), runs what OUT does not hold yet "
+                    "(an interrupted run resumes), and writes OUT/report.md + PNGs. "
+                    f"Targets: {', '.join(sorted(STUDIES))}, all. Scales: "
+                    + "; ".join(f"{s.name}: {s.description}" for s in SCALES.values()))
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.add_argument("--scale", default="mini", choices=sorted(SCALES))
+    p.add_argument("--out", default="runs/reproduce", metavar="DIR")
+    p.add_argument("--data-root", default=None, metavar="DIR")
+    p.add_argument("--dataset", action="append", default=None, metavar="NAME",
+                   help="dataset(s) to run (repeatable; default: the scale's)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    p.add_argument("--attacks", type=_csv, default=None, metavar="A,B",
+                   help="only these attacks of each study")
+    p.add_argument("--methods", type=_csv, default=None, metavar="M,N",
+                   help=f"only these student methods (extra ones add columns): "
+                        f"{', '.join(sorted(METHODS))}")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N of the final runs (plus what they need)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("report", help="re-render OUT/report.md from OUT/records.jsonl")
+    p.add_argument("--out", default="runs/reproduce", metavar="DIR")
+    p.add_argument("targets", nargs="*", metavar="TARGET")
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
 
 
 _RUN_KEYS = ("dataset", "data_root", "image_size", "train_fraction", "download", "epochs",
@@ -468,13 +508,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from robustkd.experiments import reproduce
+
+    result = reproduce(args.targets, scale=args.scale, out=args.out, data_root=args.data_root,
+                       datasets=args.dataset, seeds=args.seeds, attacks=args.attacks,
+                       methods=args.methods, shard=args.shard, device=args.device,
+                       progress=args.progress, dry_run=args.dry_run)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from robustkd.experiments import report
+
+    print(report(args.out, args.targets or None))
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
             "import": _cmd_import, "distill": _cmd_distill, "scan": _cmd_scan,
-            "models": _cmd_models, "datasets": _cmd_datasets, "demo": _cmd_demo}
+            "models": _cmd_models, "datasets": _cmd_datasets, "demo": _cmd_demo,
+            "reproduce": _cmd_reproduce, "report": _cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from robustkd.training import distributed
+
     args = build_parser().parse_args(argv)
+    distributed.init_from_env()  # under torchrun: join the process group (no-op otherwise)
     try:
         result = COMMANDS[args.command](args)
     except (RobustKDError, FileNotFoundError, UnsafeCheckpointError) as exc:
@@ -483,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"robustkd {args.command}: interrupted (use --resume to continue)", file=sys.stderr)
         return 130
-    if isinstance(result, dict) and "metrics" in result:
+    if isinstance(result, dict) and "metrics" in result and distributed.is_main():
         print(json.dumps({"metrics": result["metrics"], "seconds": round(result["seconds"], 1)}))
     return result if isinstance(result, int) else 0
 

@@ -1,0 +1,295 @@
+"""Reports from records only: markdown tables in the paper's layout and PNG figures.
+
+Reads ``OUT/records.jsonl`` (what ran and what it measured) and ``OUT/studies/<name>.json``
+(which run fills which cell); nothing is typed by hand. Several seeds give ``mean ± h``
+where ``h`` is the half-width of the 95% Student-t interval; the paper's number for the
+same cell (where it printed one) follows in brackets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+from robustkd.experiments.paper import paper_value
+from robustkd.experiments.runner import RECORDS_FILE
+from robustkd.experiments.specs import STAND_INS, get_method, get_study
+from robustkd.io import atomic_write, read_json
+
+# two-sided 95% Student-t quantiles by degrees of freedom (1..30), then the normal value
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def interval(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the 95% t-interval half-width (``None`` for a single value)."""
+    if len(values) < 2:
+        return values[0], None
+    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
+    return mean(values), t * stdev(values) / math.sqrt(len(values))
+
+
+def load_records(out: str | Path) -> dict[str, dict[str, Any]]:
+    """``run id -> record`` from ``records.jsonl`` (a torn last line is ignored)."""
+    path = Path(out) / RECORDS_FILE
+    records: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        records[item["node"]["id"]] = item["record"]
+    return records
+
+
+def _metric(record: dict[str, Any] | None, name: str) -> float | None:
+    if record is None:
+        return None
+    value = record.get("metrics", {}).get(name)
+    return None if value is None else 100.0 * value
+
+
+def _fmt(values: list[float], paper: float | None = None) -> str:
+    if not values:
+        text = "–"
+    else:
+        m, h = interval(values)
+        text = f"{m:.1f}" if h is None else f"{m:.1f} ± {h:.1f}"
+    return text if paper is None else f"{text} [{paper:.2f}]"
+
+
+def _groups(cells: list[dict[str, Any]]) -> dict[tuple, dict[str, list[str]]]:
+    """(dataset, paper dataset, paper pair, pair) -> column -> run ids (one per seed)."""
+    rows: dict[tuple, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        key = (c["dataset"], c["paper_dataset"], c["paper_pair"], c["pair"])
+        rows[key][c["column"]].append(c["run"])
+    return rows
+
+
+def _values(records: dict[str, dict[str, Any]], runs: list[str], metric: str) -> list[float]:
+    return [v for r in runs if (v := _metric(records.get(r), metric)) is not None]
+
+
+def _removal(records, fkd_runs: list[str], rkd_runs: list[str]) -> list[float]:
+    """Per-seed ``1 - ASR(RobustKD)/ASR(FKD)`` (in %), for seeds where FKD's ASR > 0."""
+    out = []
+    for f, r in zip(sorted(fkd_runs), sorted(rkd_runs), strict=False):
+        fa, ra = _metric(records.get(f), "asr"), _metric(records.get(r), "asr")
+        if fa and ra is not None:
+            out.append(100.0 * (1 - ra / fa))
+    return out
+
+
+def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]]
+                   ) -> str:
+    study = get_study(name)
+    attacks = [a for a in study.attacks if any(c["column"] == f"teacher/{a}"
+                                               for c in layout["cells"])]
+    methods = []
+    for c in layout["cells"]:
+        head = c["column"].split("/")[0]
+        if head not in ("teacher",) and head not in methods:
+            methods.append(head)
+    header = ["dataset", "teacher → student", "clean teacher ACC"]
+    for a in attacks:
+        header.append(f"{a} teacher ACC / ASR")
+        for m in methods:
+            for metric in study.metrics:
+                header.append(f"{get_method(m).label} {a} {metric.upper()}")
+        if "fkd" in methods and study.metrics != ("acc",):
+            for m in methods:
+                if m.startswith("robustkd"):
+                    header.append(f"removal rate {get_method(m).label} {a}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (ds, pds, ppair, pair), cols in sorted(_groups(layout["cells"]).items()):
+        standin = "" if ds == pds else f" (stand-in for {pds})"
+        row = [f"{ds}{standin}", f"{pair} (paper: {ppair})",
+               _fmt(_values(records, cols.get("teacher/clean", []), "acc"),
+                    paper_value(name, pds, ppair, "teacher_acc"))]
+        for i, a in enumerate(attacks):
+            runs = cols.get(f"teacher/{a}", [])
+            p_asr = paper_value(name, pds, ppair, "teacher_asr") if i == 0 else None
+            row.append(f"{_fmt(_values(records, runs, 'acc'))} / "
+                       f"{_fmt(_values(records, runs, 'asr'), p_asr)}")
+            for m in methods:
+                for metric in study.metrics:
+                    runs = cols.get(f"{m}/{a}", [])
+                    paper = paper_value(name, pds, ppair, f"{m}/{a}/{metric}")
+                    row.append(_fmt(_values(records, runs, metric), paper))
+            if "fkd" in methods and study.metrics != ("acc",):
+                for m in methods:
+                    if m.startswith("robustkd"):
+                        rem = _removal(records, cols.get(f"fkd/{a}", []), cols.get(f"{m}/{a}", []))
+                        row.append(_fmt(rem))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+    study = get_study(name)
+    values = [str(v) for v in study.sweep_values]
+    header = ["dataset / pair", "attack", "FKD ACC / ASR"] + [
+        f"{study.sweep_option}={v} ACC / ASR" for v in values]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (ds, _pds, _pp, pair), cols in sorted(_groups(layout["cells"]).items()):
+        for a in study.attacks:
+            if f"{a}/fkd" not in cols:
+                continue
+            row = [f"{ds} / {pair}", a]
+            for key in ["fkd"] + values:
+                runs = cols.get(f"{a}/{key}", [])
+                row.append(f"{_fmt(_values(records, runs, 'acc'))} / "
+                           f"{_fmt(_values(records, runs, 'asr'))}")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scan_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+    lines = ["| dataset / pair | model | layer | mean per-example variance | ratio to clean "
+             "[95% bootstrap] | ", "|---|---|---|---|---|"]
+    for (ds, _pds, _pp, pair), cols in sorted(_groups(layout["cells"]).items()):
+        for col, runs in sorted(cols.items()):
+            if not col.startswith("scan/"):
+                continue
+            for run in runs:
+                rec = records.get(run)
+                if rec is None:
+                    continue
+                for layer, st in rec.get("layers", {}).items():
+                    ratio = st.get("ratio")
+                    ci = st.get("ratio_ci95")
+                    rtext = "–" if ratio is None else (
+                        f"{ratio:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+                    lines.append(f"| {ds} / {pair} | {col[5:]} | {layer} | "
+                                 f"{st['model']['mean']:.4g} | {rtext} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_sweep(path: Path, name: str, layout, records) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    study = get_study(name)
+    values = [str(v) for v in study.sweep_values]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for (ds, _pds, _pp, _pair), cols in sorted(_groups(layout["cells"]).items()):
+        for a in study.attacks:
+            if f"{a}/fkd" not in cols:
+                continue
+            for ax, metric in zip(axes, ("acc", "asr"), strict=True):
+                ys = [_values(records, cols.get(f"{a}/{v}", []), metric) for v in values]
+                means = [mean(y) if y else float("nan") for y in ys]
+                line = ax.plot(values, means, marker="o", label=f"{a} RobustKD ({ds})")[0]
+                fkd = _values(records, cols.get(f"{a}/fkd", []), metric)
+                if fkd:
+                    ax.axhline(mean(fkd), ls="--", color=line.get_color(), label=f"{a} FKD")
+    for ax, metric in zip(axes, ("ACC %", "ASR %"), strict=True):
+        ax.set_xlabel(study.sweep_option)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(study.title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_scan(path: Path, layout, records) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series: dict[str, dict[str, list[float]]] = {}
+    for c in layout["cells"]:
+        if c["column"].startswith("scan/") and c["run"] in records:
+            series[c["column"][5:]] = records[c["run"]].get("values", {})
+    layers = sorted({layer for v in series.values() for layer in v})
+    if not layers:
+        return None
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for model, vals in sorted(series.items()):
+            if layer in vals:
+                ax.hist(vals[layer], bins=25, alpha=0.5, label=model)
+        ax.set_title(layer, fontsize=8)
+        ax.set_xlabel("per-example feature variance")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(get_study("fig2").title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+    """Every run behind the study: its numbers, time, device and revision."""
+    lines = ["| run | ACC % | ASR % | seconds | device | git | seed |",
+             "|---|---|---|---|---|---|---|"]
+    for run in sorted({c["run"] for c in layout["cells"]}):
+        rec = records.get(run)
+        if rec is None:
+            lines.append(f"| {run} | missing | | | | | |")
+            continue
+        acc, asr = _metric(rec, "acc"), _metric(rec, "asr")
+        lines.append(f"| {run} | {'–' if acc is None else f'{acc:.2f}'} | "
+                     f"{'–' if asr is None else f'{asr:.2f}'} | {rec.get('seconds', 0):.0f} | "
+                     f"{rec.get('device', '')} | {str(rec.get('git_rev', ''))[:8]} | "
+                     f"{rec.get('seed', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(out: str | Path, studies: list[str] | None = None) -> Path:
+    """Write ``OUT/report.md`` (+ one PNG per figure study) for the studies laid out in
+    ``OUT/studies``; returns the markdown path."""
+    out = Path(out)
+    records = load_records(out)
+    names = studies or sorted(p.stem for p in (out / "studies").glob("*.json"))
+    parts = ["# Reproduction report", "",
+             f"Generated from `{RECORDS_FILE}` ({len(records)} finished runs). Cells: ours "
+             "(mean ± 95% t half-width over seeds when several) [the paper's number]. "
+             "Stand-in datasets are named in the first column "
+             f"({', '.join(f'{k} for {v}' for k, v in STAND_INS.items())}).", ""]
+    for name in names:
+        layout_path = out / "studies" / f"{name}.json"
+        if not layout_path.exists():
+            continue
+        layout = read_json(layout_path)
+        study = get_study(name)
+        parts += [f"## {study.title}", "",
+                  f"Scale `{layout.get('scale')}`, seeds {layout.get('seeds')}.", ""]
+        if study.kind == "table":
+            parts.append(table_markdown(name, layout, records))
+        elif study.kind == "sweep":
+            parts.append(sweep_markdown(name, layout, records))
+            png = _plot_sweep(out / f"{name}.png", name, layout, records)
+            if png:
+                parts.append(f"![{name}]({png.name})\n")
+        else:
+            parts.append(scan_markdown(layout, records))
+            png = _plot_scan(out / f"{name}.png", layout, records)
+            if png:
+                parts.append(f"![{name}]({png.name})\n")
+        parts += ["<details><summary>runs</summary>", "", runs_markdown(layout, records),
+                  "</details>", ""]
+    text = "\n".join(parts)
+    return atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))

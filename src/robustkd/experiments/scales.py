@@ -1,0 +1,168 @@
+"""Scales: how big every run of a reproduced table or figure is.
+
+A scale changes sizes only - epochs, data fractions, model sizes, the sizes of an attack's
+trigger search - never what a method does. ``smoke`` runs in seconds on the embedded digits
+data (tests use it), ``mini`` is the CPU-feasible analogue on CIFAR-10 / GTSRB / Flower-17
+with WRN-16 models, ``paper`` is the paper's setting (its model pairs, 200 teacher and 300
+distillation epochs, 40 detox epochs) for GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from robustkd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataScale:
+    """Run sizes for one dataset at one scale (``None`` fraction = all of it)."""
+
+    train_fraction: float | None = None
+    image_size: int | None = None
+    batch_size: int = 128
+    teacher_epochs: int = 200
+    teacher_lr: float = 0.1
+    teacher_schedule: str = "step"
+    attack_epochs: int = 8
+    attack_lr: float = 0.008
+    poison_ratio: float = 0.02
+    clean_fraction: float | None = None
+    student_epochs: int = 300
+    student_lr: float = 0.1
+    student_schedule: str = "step"
+    detox_epochs: int = 40
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A named set of sizes; ``pairs`` maps each paper pair to the models used instead
+    (identity at the paper scale), ``keep_pairs`` how many pairs per dataset a table keeps
+    (``None``: all the paper used)."""
+
+    name: str
+    description: str
+    default_datasets: tuple[str, ...]
+    data: dict[str, DataScale]
+    pairs: dict[str, str] = field(default_factory=dict)
+    keep_pairs: int | None = None
+    attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    robustkd_sizes: dict[str, Any] = field(default_factory=dict)
+    defense_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scan_samples: int = 100
+
+    def for_dataset(self, dataset: str) -> DataScale:
+        if dataset in self.data:
+            return self.data[dataset]
+        if "*" in self.data:
+            return self.data["*"]
+        raise ConfigError(
+            f"scale {self.name!r} has no sizes for dataset {dataset!r}; "
+            f"it knows {sorted(self.data)}"
+        )
+
+    def pair(self, paper_pair: str) -> str:
+        return self.pairs.get(paper_pair, paper_pair)
+
+
+# Trigger-search sizes of the poisoning attacks (values equal to the attacks' defaults are
+# listed so that the run identity states them).
+_TRIGGER = {"trigger_epochs": 5, "trigger_images": 2000, "trigger_lr": 0.005}
+_ATTACKS_FULL = {
+    "badnets": {"patch_size": 3, "patch_position": "br", "patch_pattern": "checkerboard"},
+    "blended": {"alpha": 0.15, "blend_pattern": "noise"},
+    "ckd": {"toxic_fraction": 0.1, **_TRIGGER},
+    "lba": dict(_TRIGGER),
+    "adaptive-ckd": {"toxic_fraction": 0.1, "variance_weight": 1.0, **_TRIGGER},
+    "htba": {"htba_steps": 300},
+}
+
+SMOKE = Scale(
+    name="smoke",
+    description="seconds per run on the embedded digits data (used by the tests)",
+    default_datasets=("digits",),
+    data={"*": DataScale(batch_size=64, teacher_epochs=2, teacher_lr=0.05,
+                         teacher_schedule="cosine", attack_epochs=1, attack_lr=0.01,
+                         poison_ratio=0.1, student_epochs=1, student_lr=0.05,
+                         detox_epochs=1)},
+    pairs={p: "wrn16_1-wrn10_1" for p in (
+        "wrn28_4-wrn16_2", "wrn28_4-resnet56", "pyramidnet200-wrn28_4",
+        "pyramidnet200-pyramidnet110", "wrn28_4-wrn16_4", "wrn28_4-wrn28_2")},
+    keep_pairs=1,
+    attack_options={
+        "badnets": _ATTACKS_FULL["badnets"],
+        "blended": _ATTACKS_FULL["blended"],
+        "ckd": {"toxic_fraction": 0.1, "trigger_epochs": 1, "trigger_images": 200},
+        "lba": {"trigger_epochs": 1, "trigger_images": 200},
+        "adaptive-ckd": {"toxic_fraction": 0.1, "variance_weight": 1.0, "trigger_epochs": 1,
+                         "trigger_images": 200},
+        "htba": {"htba_steps": 5, "htba_poisons": 16, "patch_size": 4},
+    },
+    robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200},
+    defense_sizes={"finetune": {"epochs": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}},
+    scan_samples=50,
+)
+
+# The settings of the CPU mini Table 3 measured before the harness existed
+# (benchmarks/table3_mini.py): WRN-16-2 teacher, 20% of the training data, 10 cosine
+# epochs; 3 poisoning epochs at lr 0.01 with 10% poison; WRN-16-1 students on a 10% clean
+# subset for 8 epochs; 10 detox epochs.
+_MINI_CIFAR = DataScale(train_fraction=0.2, teacher_epochs=10, teacher_schedule="cosine",
+                        attack_epochs=3, attack_lr=0.01, poison_ratio=0.1,
+                        clean_fraction=0.1, student_epochs=8, detox_epochs=10)
+
+MINI = Scale(
+    name="mini",
+    description="CPU-feasible: WRN-16-2 teacher -> WRN-16-1 student on a fifth of the data "
+                "(minutes to an hour per run on 2 cores)",
+    default_datasets=("cifar10",),
+    data={
+        "cifar10": _MINI_CIFAR,
+        "cifar100": _MINI_CIFAR,
+        # the offline GTSRB has 6,535 training images (5 frames per track): use them all
+        "gtsrb": replace(_MINI_CIFAR, train_fraction=None, teacher_epochs=8,
+                         clean_fraction=0.2, student_epochs=10),
+        # Flower-17: 1,360 images in all, so every image is used; 64 px (docs/DATASETS.md)
+        "flower17": DataScale(train_fraction=None, image_size=64, batch_size=64,
+                              teacher_epochs=20, teacher_schedule="cosine", attack_epochs=3,
+                              attack_lr=0.01, poison_ratio=0.1, clean_fraction=0.5,
+                              student_epochs=20, detox_epochs=10),
+        "digits": SMOKE.data["*"],
+    },
+    pairs={
+        "wrn28_4-wrn16_2": "wrn16_2-wrn16_1",
+        "wrn28_4-resnet56": "wrn16_2-resnet20",
+        "pyramidnet200-wrn28_4": "wrn16_2-wrn16_1",
+        "pyramidnet200-pyramidnet110": "wrn16_2-wrn16_1",
+        "wrn28_4-wrn16_4": "wrn16_2-wrn10_2",
+        "wrn28_4-wrn28_2": "wrn16_2-wrn16_1",
+    },
+    keep_pairs=1,
+    attack_options=_ATTACKS_FULL,
+    robustkd_sizes={},
+    defense_sizes={"finetune": {"epochs": 5}, "nad": {"teacher_epochs": 5, "epochs": 5}},
+)
+
+PAPER = Scale(
+    name="paper",
+    description="the paper's settings (Table 2 pairs; 200 teacher epochs, 8 poisoning "
+                "epochs at lr 0.008 with 2% poison, 300 distillation epochs, 40 detox "
+                "epochs) - for GPUs",
+    default_datasets=("cifar100", "gtsrb", "flower17", "imagenet"),
+    data={
+        "*": DataScale(),
+        "flower17": DataScale(image_size=96, batch_size=64),
+        "imagenet": DataScale(image_size=224, batch_size=256, teacher_epochs=90),
+    },
+    attack_options=_ATTACKS_FULL,
+)
+
+SCALES: dict[str, Scale] = {s.name: s for s in (SMOKE, MINI, PAPER)}
+
+
+def get_scale(name: str) -> Scale:
+    try:
+        return SCALES[name]
+    except KeyError:
+        raise ConfigError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}") from None

@@ -1,0 +1,126 @@
+"""The paper's tables and figures as data: which runs each one needs and where they go.
+
+A :class:`Study` names the attacks, student methods and paper pairs of one table or figure;
+:mod:`robustkd.experiments.plan` expands it, at a scale, into run nodes. Methods are named
+:class:`Method` entries so a table column is one word (``fkd``, ``robustkd`` ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from robustkd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a student is made from a (possibly backdoored) teacher."""
+
+    name: str
+    label: str
+    method: str  # a distillation method of robustkd.distill / api.distill
+    robustkd: dict[str, Any] | None = None
+    defense: str | None = None
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("fkd", "FKD", "fkd"),
+    Method("kd", "KD", "kd"),
+    Method("ce", "student only (CE)", "ce"),
+    # the paper's literal reading: tau 0.2, Eq. 7, all layers, CE + variance (METHOD.md 5)
+    Method("robustkd", "RobustKD (paper)", "robustkd", {"preset": "paper"}),
+    # paper detox + trigger-consistent distillation (defenses/inversion.py; not in the paper)
+    Method("robustkd-improved", "RobustKD (improved)", "robustkd", {"preset": "improved"}),
+    Method("robustkd-blind", "RobustKD (blind tau)", "robustkd",
+           {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
+    Method("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
+           {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "oracle"}),
+    Method("finetune", "fine-tuning + FKD", "fkd", defense="finetune"),
+    Method("nad", "NAD + FKD", "fkd", defense="nad"),
+)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
+
+
+_ALL4 = ("wrn28_4-wrn16_2", "wrn28_4-resnet56", "pyramidnet200-wrn28_4",
+         "pyramidnet200-pyramidnet110")
+_PYR = ("pyramidnet200-wrn28_4", "pyramidnet200-pyramidnet110")
+PAPER_PAIRS = {"cifar100": _ALL4, "gtsrb": _ALL4, "flower17": _PYR, "imagenet": _PYR}
+
+# Our datasets that stand in for the paper's where the paper's is not available offline.
+STAND_INS = {"cifar10": "cifar100", "tinyimagenet200": "imagenet", "digits": "cifar100"}
+
+
+@dataclass(frozen=True)
+class Study:
+    """One table or figure of the paper.
+
+    ``kind``: ``table`` (rows = dataset x pair, columns = attack x method), ``sweep`` (one
+    RobustKD option varied, one series per attack, FKD as reference) or ``scan`` (feature
+    variance of clean vs backdoored teachers). ``metrics`` are the numbers shown.
+    """
+
+    name: str
+    title: str
+    kind: str
+    attacks: tuple[str, ...]
+    methods: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ("acc", "asr")
+    pairs: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PAPER_PAIRS))
+    sweep_option: str | None = None
+    sweep_values: tuple[Any, ...] = ()
+    teacher_columns: tuple[str, ...] = ("teacher_acc",)
+    notes: str = ""
+
+
+_SIMILAR = {"cifar100": ("wrn28_4-wrn16_4", "wrn28_4-wrn28_2")}
+_FIG_PAIR = {"cifar100": ("wrn28_4-wrn16_4",)}
+
+STUDIES: dict[str, Study] = {s.name: s for s in (
+    Study("table3", "Table 3: do backdoors survive feature distillation (FKD student ACC / ASR)",
+          "table", attacks=("ckd", "lba", "htba"), methods=("fkd",)),
+    Study("table4", "Table 4: student ASR, FKD vs RobustKD", "table",
+          attacks=("ckd", "lba"), methods=("fkd", "robustkd", "robustkd-improved"),
+          metrics=("asr",), teacher_columns=("teacher_asr",)),
+    Study("table5", "Table 5: student ACC, FKD vs RobustKD", "table",
+          attacks=("ckd", "lba"), methods=("fkd", "robustkd", "robustkd-improved"),
+          metrics=("acc",)),
+    Study("table6", "Table 6: similar teacher/student architectures", "table",
+          attacks=("ckd", "lba"), methods=("fkd", "robustkd"), pairs=_SIMILAR,
+          teacher_columns=("teacher_acc", "teacher_asr")),
+    Study("table7", "Table 7: adaptive CKD (CKD + low feature variance) against RobustKD",
+          "table", attacks=("adaptive-ckd",), methods=("fkd", "robustkd"),
+          pairs={"cifar100": ("wrn28_4-wrn16_4", "wrn28_4-wrn28_2", "wrn28_4-wrn16_2",
+                              "wrn28_4-resnet56")},
+          teacher_columns=("teacher_acc", "teacher_asr")),
+    Study("fig2", "Fig. 2: per-example feature variance, clean vs backdoored teachers",
+          "scan", attacks=("ckd", "lba", "badnets"), pairs={"cifar100": ("wrn28_4-wrn16_2",)},
+          metrics=("variance",)),
+    Study("fig4", "Fig. 4: mask threshold tau", "sweep", attacks=("ckd", "lba"),
+          methods=("robustkd",), pairs=_FIG_PAIR, sweep_option="tau",
+          sweep_values=(0.1, 0.2, 0.6, 1.0)),
+    Study("fig5", "Fig. 5: mask method, Eq. 7 vs Eq. 15", "sweep", attacks=("ckd", "lba"),
+          methods=("robustkd",), pairs=_FIG_PAIR, sweep_option="variant",
+          sweep_values=("eq7", "eq15")),
+    Study("fig6", "Fig. 6: detox loss, CE + variance vs variance only vs CE only", "sweep",
+          attacks=("ckd", "lba"), methods=("robustkd",), pairs=_FIG_PAIR,
+          sweep_option="loss", sweep_values=("ce+var", "var", "ce")),
+    Study("fig7", "Fig. 7: detoxified layers, last / last two / all", "sweep",
+          attacks=("ckd", "lba"), methods=("robustkd",), pairs=_FIG_PAIR,
+          sweep_option="layers", sweep_values=("last", "last2", "all")),
+)}
+
+
+def get_study(name: str) -> Study:
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown table/figure {name!r}; choose from {sorted(STUDIES)} or 'all'"
+        ) from None

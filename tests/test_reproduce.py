@@ -1,0 +1,163 @@
+"""The reproduction harness: specs -> shared runs -> resumable runner -> report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from robustkd.cli import main as cli_main
+from robustkd.experiments import plan, reproduce
+from robustkd.experiments.plan import Planner
+from robustkd.experiments.report import interval, load_records
+from robustkd.experiments.runner import RECORDS_FILE, Shard, ordered_nodes
+from robustkd.experiments.scales import MINI, SMOKE
+from robustkd.experiments.specs import STUDIES
+
+
+def _nodes(cells):
+    return {c.node.id: c.node for c in cells}
+
+
+def test_every_study_plans_at_every_scale_and_tables_share_runs():
+    for scale in ("smoke", "mini", "paper"):
+        cells = plan(["all"], scale)
+        assert set(cells) == set(STUDIES)
+        assert all(cells[name] for name in cells)
+    cells = plan(["table4", "table5"], "mini")
+    # Table 5 is Table 4's runs read for ACC instead of ASR: no run of its own
+    assert _nodes(cells["table4"]) == _nodes(cells["table5"])
+    t4 = _nodes(cells["table4"]).values()
+    # one clean teacher serves both attacks; one backdoored teacher serves every method
+    assert len([n for n in t4 if n.kind == "train"]) == 1
+    attacked = [n for n in t4 if n.kind == "attack"]
+    assert len(attacked) == 2
+    assert len({n.parents["teacher"].id for n in attacked}) == 1
+    students = [n for n in t4 if n.kind == "distill"]
+    assert len(students) == 6 and {s.parents["teacher"].id for s in students} == {
+        a.id for a in attacked}
+
+
+def test_paper_scale_uses_the_papers_pairs_and_mini_changes_sizes_only():
+    cells = plan(["table4"], "paper", datasets=["cifar100"])["table4"]
+    pairs = {c.pair for c in cells}
+    assert pairs == {"wrn28_4-wrn16_2", "wrn28_4-resnet56", "pyramidnet200-wrn28_4",
+                     "pyramidnet200-pyramidnet110"}
+    students = [c.node for c in cells if c.node.kind == "distill"]
+    assert {s.params["epochs"] for s in students} == {300}
+    paper_rkd = next(s for s in students if s.params["method"] == "robustkd")
+    mini = next(c.node for c in plan(["table4"], "mini")["table4"]
+                if c.node.kind == "distill" and c.node.params["method"] == "robustkd")
+    # same method options, other sizes
+    drop = ("detox_epochs",)
+    assert {k: v for k, v in paper_rkd.params["robustkd"].items() if k not in drop} == {
+        k: v for k, v in mini.params["robustkd"].items() if k not in drop}
+    assert paper_rkd.params["robustkd"]["detox_epochs"] == 40
+
+
+def test_a_changed_setting_gives_a_new_run_id():
+    a = Planner(MINI).clean_teacher("cifar10", "wrn16_2", 0)
+    b = Planner(SMOKE).clean_teacher("cifar10", "wrn16_2", 0)
+    assert a.id != b.id and a.label == b.label
+
+
+def test_shards_split_final_runs_and_keep_their_ancestors():
+    cells = [c for cs in plan(["table4"], "mini", seeds=2).values() for c in cs]
+    leaves = {c.node.id for c in cells}
+    parts = [ordered_nodes(cells, Shard(i, 3)) for i in range(3)]
+    owned = [{n.id for n in p if n.id in leaves and Shard(i, 3).owns(n)}
+             for i, p in enumerate(parts)]
+    assert set().union(*owned) == leaves
+    assert sum(len(o) for o in owned) == len(leaves)
+    for part in parts:  # parents always come before children
+        seen = set()
+        for node in part:
+            assert all(p.id in seen for p in node.parents.values())
+            seen.add(node.id)
+    with pytest.raises(Exception, match="i/n"):
+        Shard.parse("3")
+
+
+def test_interval_is_the_student_t_half_width():
+    m, h = interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert interval([5.0]) == (5.0, None)
+
+
+def test_smoke_table4_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "rep"
+    kw = {"scale": "smoke", "out": out, "attacks": ["ckd"], "device": "cpu",
+          "progress": False, "log": lambda *_: None}
+    first = reproduce(["table4"], max_runs=2, **kw)
+    assert first["run"] == 2
+    # a run killed mid-way leaves a directory without record.json: it is redone, not reused
+    nodes = ordered_nodes([c for cs in plan(["table4"], "smoke", attacks=["ckd"]).values()
+                           for c in cs])
+    partial = out / "runs" / nodes[2].id
+    partial.mkdir(parents=True)
+    (partial / "node.json").write_text(json.dumps(nodes[2].spec()))
+    second = reproduce(["table4"], **kw)
+    assert second["skipped"] == 2 and second["run"] == len(nodes) - 2
+    third = reproduce(["table4"], **kw)
+    assert third["run"] == 0 and third["skipped"] == len(nodes)
+
+    records = load_records(out)
+    assert set(records) == {n.id for n in nodes}
+    lines = (out / RECORDS_FILE).read_text().splitlines()
+    line = json.loads(lines[0])
+    assert {"node", "record"} <= set(line)
+    assert {"config", "seed", "git_rev", "device", "seconds"} <= set(line["record"])
+    text = (out / "report.md").read_text()
+    fkd = next(n for n in nodes if n.kind == "distill" and n.params["method"] == "fkd")
+    asr = 100 * records[fkd.id]["metrics"]["asr"]
+    assert f"{asr:.1f} [90.17]" in text  # ours, then the paper's CKD FKD ASR
+    assert "RobustKD (paper) ckd ASR" in text and "removal rate" in text
+
+
+def test_killed_runner_resumes_without_recomputing(tmp_path):
+    out = tmp_path / "rep"
+    cmd = [sys.executable, "-m", "robustkd", "reproduce", "table3", "--scale", "smoke",
+           "--attacks", "ckd", "--out", str(out), "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "runs").glob("*/record.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/record.json")}
+    assert finished, "the runner finished nothing within 120 s"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["skipped"] >= len(finished) and result["run"] + result["skipped"] == 3
+    for name, mtime in finished.items():  # finished runs were not recomputed
+        assert (out / "runs" / name / "record.json").stat().st_mtime_ns == mtime
+    assert not list((out / "runs").glob("*/run.lock"))
+
+
+def test_cli_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
+    assert cli_main(["reproduce", "table4", "fig4", "--scale", "mini", "--dry-run",
+                     "--out", str(tmp_path / "rep")]) == 0
+    assert not (tmp_path / "rep").exists()
+    out = capsys.readouterr().out
+    assert "train    cifar10-wrn16_2-clean-s0" in out
+    assert "robustkd-tau0.1" in out
+
+
+def test_report_command_renders_from_records(tmp_path):
+    out = tmp_path / "rep"
+    reproduce(["fig2"], scale="smoke", out=out, attacks=["badnets"], device="cpu",
+              progress=False, log=lambda *_: None)
+    (out / "report.md").unlink()
+    assert cli_main(["report", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "feature variance" in text and "badnets" in text
+    assert "ratio to clean" in text
