@@ -10,6 +10,7 @@ from robustkd.attacks.triggers import (
     Trigger,
     blend_trigger,
     patch_trigger,
+    random_patch_trigger,
     rescale_trigger,
     trigger_scale,
 )
@@ -119,3 +120,17 @@ def test_rescale_learned_and_refuse_moving_triggers():
 
     with pytest.raises(ConfigError, match="rebuild it"):
         rescale_trigger(Moving(torch.rand(3, 3, 3), torch.ones(1, 3, 3), kind="htba"), (64, 64))
+
+
+def test_random_patch_grows_with_the_image_and_keeps_its_cells():
+    small = random_patch_trigger((32, 32), 3, size=3, seed=1)
+    big = random_patch_trigger((224, 224), 3, size=3, seed=1)
+    assert small.patch_size == 3 and "requested_size" not in small.params
+    assert big.patch_size == 21 and big.params["requested_size"] == 3
+    # nearest-neighbour enlargement: every 7x7 block of the big tile is one small-tile pixel
+    assert torch.equal(big.pattern[:, ::7, ::7], small.pattern)
+    x = torch.zeros(4, 3, 224, 224)
+    changed = (big.apply(x) != x).any(1).flatten(1).sum(1)
+    assert (changed <= 21 * 21).all() and (changed > 0).all()
+    with pytest.raises(ConfigError, match="does not fit"):
+        random_patch_trigger((16, 16), 3, size=17)

@@ -17,6 +17,7 @@ from torch import nn
 from robustkd.errors import ConfigError
 
 CORNERS = {"br", "bl", "tr", "tl", "center"}
+REFERENCE_SIZE = 32  # image side at which patch sizes and blend patterns are specified
 
 
 class Trigger(nn.Module):
@@ -208,18 +209,30 @@ def patch_tile(size: int, channels: int = 3, pattern: str | torch.Tensor = "chec
 
 def random_patch_trigger(image_size: tuple[int, int], channels: int = 3, size: int = 3,
                          pattern: str | torch.Tensor = "checkerboard", seed: int = 0,
-                         kind: str = "random-patch") -> RandomPatchTrigger:
-    """A ``size``x``size`` patch pasted at a random position per image (HTBA)."""
+                         kind: str = "random-patch",
+                         reference_size: int | None = REFERENCE_SIZE) -> RandomPatchTrigger:
+    """A ``size``x``size`` patch pasted at a random position per image (HTBA).
+
+    ``size`` is in pixels of a ``reference_size`` image and grows with larger images like
+    :func:`patch_trigger`'s (tile enlarged nearest-neighbour, so its cells keep their look).
+    """
     h, w = image_size
-    if size < 1 or size > min(h, w):
-        raise ConfigError(f"patch size {size} does not fit {h}x{w} images")
+    if size < 1:
+        raise ConfigError(f"patch size must be >= 1, got {size}")
     tile = patch_tile(size, channels, pattern, seed)
+    requested = size
+    size = max(1, _scaled(size, trigger_scale(image_size, reference_size)))
+    if size > min(h, w):
+        raise ConfigError(f"patch size {size} does not fit {h}x{w} images")
+    if tile.shape[-1] != size:
+        tile = torch.nn.functional.interpolate(tile[None], size=(size, size), mode="nearest")[0]
     params = {"size": size, "position": "random",
               "pattern": pattern if isinstance(pattern, str) else "tensor", "seed": seed}
+    if size != requested:
+        params["requested_size"] = requested
     return RandomPatchTrigger(tile, image_size=(h, w), kind=kind, params=params, seed=seed)
 
 
-REFERENCE_SIZE = 32  # image side at which patch sizes and blend patterns are specified
 
 
 def trigger_scale(image_size: tuple[int, int], reference_size: int | None = REFERENCE_SIZE
