@@ -19,6 +19,8 @@ from robustkd.attacks import AttackContext, get_attack
 from robustkd.attacks.render import render_trigger
 from robustkd.data import load_dataset, per_class_subset
 from robustkd.data.dataset import DatasetSplits
+from robustkd.data.registry import STREAMED
+from robustkd.data.streaming import StreamedImageFolder, StreamedSplits, load_streamed
 from robustkd.defenses import DefenseContext, defend_teacher
 from robustkd.defenses.robustkd import robustkd_config, run_robustkd
 from robustkd.distill import distill_student
@@ -29,18 +31,21 @@ from robustkd.io import load_state_dict, read_json, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
 from robustkd.runs import load_run, run_meta, save_run_model, write_record
+from robustkd.training import distributed as ddp
 from robustkd.training.classifier import train_classifier
 from robustkd.training.loop import EpochResult
 from robustkd.training.optim import OptimConfig
 from robustkd.utils import describe_device, resolve_device, seed_everything
 
 STATE_DIR = "state"
+STREAMED_METHODS = ("fkd", "kd", "ce")  # distillation that only reads (x, y) batches
 DETOX_FILE = "detox.safetensors"
 DETOX_META = "detox.json"
 
 
 def _log(message: str) -> None:
-    tqdm.write(message)
+    if ddp.is_main():  # under torchrun every rank runs the command; one log is enough
+        tqdm.write(message)
 
 
 def _prepare_data(
@@ -59,6 +64,74 @@ def _prepare_data(
     if train_fraction is not None and train_fraction < 1.0:
         train = per_class_subset(train, fraction=train_fraction, seed=seed)
     return splits, train
+
+
+def _streaming(dataset: str | None, stream: bool, parent_meta: dict | None = None) -> bool:
+    """Whether a run streams its data from disk: asked for, the dataset is too big for memory
+    (``imagenet``), or the run it continues from streamed (so a teacher's data pipeline,
+    crop and normalisation carry over to its students)."""
+    if stream or (parent_meta is not None and parent_meta["dataset"].get("streamed")):
+        return True
+    return dataset is not None and str(dataset).strip().lower() in STREAMED
+
+
+def _prepare_streamed(
+    dataset: str,
+    data_root: str | None,
+    image_size: int | None,
+    fraction: float | None,
+    seed: int,
+    holdout: float | None = None,
+    normalization: dict[str, list[float]] | None = None,
+) -> tuple[StreamedSplits, StreamedImageFolder]:
+    """The streamed counterpart of :func:`_prepare_data`: only file lists are read.
+
+    ``image_size`` is the crop size (default 224); ``fraction`` keeps a per-class share of
+    the training files by the same rule (and seed) as the in-memory ``per_class_subset``.
+    ``normalization`` (a teacher run's ``mean``/``std``) replaces the ImageNet statistics, so
+    a teacher trained on in-memory data sees inputs normalised as in its own training.
+    """
+    if holdout:
+        raise _not_streamable(
+            "--holdout", "a validation split is carved from in-memory training data; evaluate "
+            "on the streamed val/ split instead (omit --holdout)")
+    if data_root is None:
+        raise ConfigError(
+            f"streamed dataset {dataset!r} needs --data-root DIR holding {dataset}/train/<class>/ "
+            f"and {dataset}/val/<class>/ (or test/), or {dataset}.tar.gz")
+    stats = {} if normalization is None else {k: normalization[k] for k in ("mean", "std")}
+    splits = load_streamed(dataset, data_root, crop_size=image_size or 224, **stats)
+    train = splits.train
+    if fraction is not None and fraction < 1.0:
+        train = per_class_subset(train, fraction=fraction, seed=seed)
+    return splits, train
+
+
+def _not_streamable(what: str, hint: str) -> ConfigError:
+    """One wording for everything that needs the data in memory, so users learn the rule."""
+    return ConfigError(
+        f"{what} is not supported with streamed data (--stream, or dataset imagenet): {hint}")
+
+
+_IN_MEMORY_HINT = (
+    "run it on in-memory data instead: tinyimagenet200 (the ImageNet stand-in), or an "
+    "ImageFolder copy NAME/{train,test}/<class>/ of a subset of ImageNet's classes/images, "
+    "loaded without --stream at a small --image-size (e.g. 64)")
+
+
+def _check_streamed_distill(method: str, defense: str | None) -> None:
+    """Streamed distillation covers the baselines that only read ``(x, y)`` batches; RobustKD
+    (detox masks, trigger synthesis) and teacher defences keep the clean subset in memory."""
+    if method not in STREAMED_METHODS:
+        raise _not_streamable(
+            f"--method {method}",
+            f"its detoxification and trigger synthesis work on an in-memory clean subset; "
+            f"streamed distillation supports --method {', '.join(STREAMED_METHODS)}; for "
+            f"{method}, {_IN_MEMORY_HINT}")
+    if defense is not None:
+        raise _not_streamable(
+            f"--defense {defense}",
+            f"teacher defences clean the teacher on an in-memory clean subset; {_IN_MEMORY_HINT}")
 
 
 def _check_model_fits(model: nn.Module, splits: DatasetSplits, what: str) -> None:
@@ -152,18 +225,32 @@ def train(
     eval_every: int = 1,
     model_kwargs: dict | None = None,
     holdout: float | None = None,
+    stream: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Train a clean classifier (a teacher or a student baseline) from scratch.
 
     ``holdout`` evaluates on a validation split carved from the training data instead of
-    the test set (later attack/distill runs from this run inherit it)."""
+    the test set (later attack/distill runs from this run inherit it). ``stream`` (always on
+    for ``imagenet``) decodes ``DATA_ROOT/NAME/{train,val}`` from disk batch by batch in
+    ``workers`` processes instead of loading it into memory; ``image_size`` is then the crop
+    size (default 224)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
     seed_everything(seed)
     dev = resolve_device(device)
-    splits, train_ds = _prepare_data(
-        dataset, data_root, image_size, train_fraction, seed, download, holdout
-    )
+    streamed = _streaming(dataset, stream)
+    if streamed:
+        config["stream"] = True
+        splits, train_ds = _prepare_streamed(
+            dataset, data_root, image_size, train_fraction, seed, holdout
+        )
+    else:
+        for key in ("stream", "workers"):  # in-memory records keep their former config
+            config.pop(key)
+        splits, train_ds = _prepare_data(
+            dataset, data_root, image_size, train_fraction, seed, download, holdout
+        )
     net = build_model(
         model,
         num_classes=splits.num_classes,
@@ -192,7 +279,8 @@ def train(
     )
     _log(
         f"train {model} on {splits.name}: {len(train_ds)} train / {len(splits.test)} test "
-        f"images, {epochs} epochs, device {describe_device(dev)}"
+        f"images{' (streamed from disk)' if streamed else ''}, {epochs} epochs, "
+        f"device {describe_device(dev)}"
     )
     done = _train_run(
         net,
@@ -215,9 +303,11 @@ def train(
         progress=progress,
         eval_every=eval_every,
         desc=f"train {model}",
+        workers=workers,
     )
     history[:] = [h.as_dict() for h in done]  # includes epochs restored by --resume
-    metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev)
+    metrics = evaluate_model(net, splits.test, splits.mean, splits.std, device=dev,
+                             workers=workers)
     save_run_model(run_dir, net, meta({"metrics": metrics, "complete": True}))
     write_record(
         run_dir,
@@ -296,6 +386,10 @@ def attack(
         if dataset is None:
             raise ConfigError("--dataset is required when poisoning from scratch")
         epochs, lr, schedule = epochs or 30, lr or 0.1, schedule or "step"
+    if _streaming(dataset, False, parent.meta if parent else None):
+        raise _not_streamable(
+            f"attack {attack}",
+            f"poisoning builds the poisoned training set in memory; {_IN_MEMORY_HINT}")
     splits, train_ds = _prepare_data(
         dataset, data_root, image_size, train_fraction, seed, download, holdout
     )
@@ -434,8 +528,12 @@ def evaluate(
     seed: int = 0,
     device: str = "auto",
     out: str | Path | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """ACC (and ASR under the run's own trigger, or another run's via ``trigger_from``)."""
+    """ACC (and ASR under the run's own trigger, or another run's via ``trigger_from``).
+
+    A run trained on streamed data is evaluated on its streamed evaluation split, with the
+    same crop (``workers`` decode it)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
     seed_everything(seed)
@@ -443,9 +541,18 @@ def evaluate(
     run = load_run(model_dir, dev)
     ds_meta = run.meta["dataset"]
     name = dataset or ds_meta["name"]
-    splits = load_dataset(
-        name, data_root or ds_meta.get("data_root"), image_size=ds_meta.get("resize")
-    )
+    if _streaming(name, False, run.meta):
+        if feature_samples > 0:
+            raise _not_streamable("--feature-samples", f"feature variance reads an in-memory "
+                                                       f"test subset; {_IN_MEMORY_HINT}")
+        splits, _ = _prepare_streamed(
+            name, data_root or ds_meta.get("data_root"), ds_meta.get("resize"), None, seed
+        )
+    else:
+        config.pop("workers")  # in-memory records keep their former config
+        splits = load_dataset(
+            name, data_root or ds_meta.get("data_root"), image_size=ds_meta.get("resize")
+        )
     _check_model_fits(run.model, splits, "model")
     trigger, target = run.trigger, run.target
     if trigger_from is not None:
@@ -462,6 +569,7 @@ def evaluate(
         target=target,
         device=dev,
         batch_size=batch_size,
+        workers=workers,
     )
     extra: dict[str, Any] = {}
     if feature_samples > 0:
@@ -587,6 +695,8 @@ def distill(
     eval_every: int = 1,
     holdout: float | None = None,
     detox_from: str | Path | None = None,
+    stream: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
@@ -595,6 +705,10 @@ def distill(
     Records the student's ACC and, when the teacher's trigger is known, its ASR. ``defense``
     (``finetune``, ``nad``) first cleans a copy of the teacher on the clean data
     (``defense_options``: its settings) and distils from that copy.
+
+    ``stream`` (on by itself for ``imagenet`` and for a teacher run that streamed) decodes
+    the data from disk in ``workers`` processes; then only ``fkd``, ``kd`` and ``ce`` run
+    (no RobustKD, no defence) and ``image_size`` is the crop size.
     """
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
@@ -615,9 +729,20 @@ def distill(
         holdout = holdout or parent.meta["dataset"].get("holdout")
     elif dataset is None or teacher_weights is None:
         raise ConfigError("a factory teacher needs --teacher-weights FILE and --dataset NAME")
-    splits, train_ds = _prepare_data(
-        dataset, data_root, image_size, clean_fraction, seed, holdout=holdout
-    )
+    streamed = _streaming(dataset, stream, parent.meta if teacher is not None else None)
+    if streamed:
+        config["stream"] = True
+        _check_streamed_distill(method, defense)
+        splits, train_ds = _prepare_streamed(
+            dataset, data_root, image_size, clean_fraction, seed, holdout,
+            parent.meta["normalization"] if teacher is not None else None,
+        )
+    else:
+        for key in ("stream", "workers"):  # in-memory records keep their former config
+            config.pop(key)
+        splits, train_ds = _prepare_data(
+            dataset, data_root, image_size, clean_fraction, seed, holdout=holdout
+        )
     if teacher_factory is not None:
         t_net = load_factory(teacher_factory, splits.num_classes, splits.train.channels)
         _load_weights_into(t_net, teacher_weights, allow_pickle, "teacher")
@@ -638,7 +763,8 @@ def distill(
         t_net.to(memory_format=torch.channels_last)
     _check_output_classes(s_net, splits, "student", dev)
     teacher_metrics = evaluate_model(
-        t_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
+        t_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev,
+        workers=workers,
     )
     run_dir = Path(out)
     defense_report = None
@@ -780,6 +906,7 @@ def distill(
             student_layers=student_layers,
             options=options,
             eval_every=eval_every,
+            workers=workers,
             **common,
         )
         extra = {"distill_seconds": time.perf_counter() - started_distill}
@@ -787,7 +914,8 @@ def distill(
     if defense_report is not None:
         extra.update(defense=defense_report, defense_seconds=defense_report["seconds"])
     metrics = evaluate_model(
-        s_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
+        s_net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev,
+        workers=workers,
     )
     save_run_model(run_dir, s_net, meta({"metrics": metrics, "complete": True}))
     write_record(
@@ -949,4 +1077,5 @@ def _throughput(history: list[dict]) -> dict[str, float]:
 def _read(run_dir: str | Path) -> dict[str, Any]:
     from robustkd.io import RECORD_FILE, read_json
 
+    ddp.barrier()  # under torchrun only rank 0 wrote the record: wait for it
     return read_json(Path(run_dir) / RECORD_FILE)

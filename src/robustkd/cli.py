@@ -32,6 +32,19 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "di
                         "from this run inherit it)")
 
 
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    """``--stream``/``--workers`` (train and distill): data decoded from disk per batch."""
+    g = p.add_argument_group("streaming (data too big for memory, e.g. ImageNet-1k)")
+    g.add_argument("--stream", action="store_true",
+                   help="decode DATA_ROOT/NAME/{train,val}/<class>/<image> (or NAME.tar.gz, "
+                        "extracted once into the cache) from disk batch by batch instead of "
+                        "loading it into memory; --image-size is then the crop size (default "
+                        "224). Always on for imagenet and for students of a streamed teacher; "
+                        "train and distill --method fkd|kd|ce only (see docs/streaming.md)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="decoding processes for --stream (default: CPU count, at most 8)")
+
+
 def _add_run_args(p: argparse.ArgumentParser, *, epochs: int | None, lr: float | None,
                   schedule: str | None) -> None:
     g = p.add_argument_group("training")
@@ -82,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a clean classifier (teacher or baseline)",
                        description="Train a clean classifier from scratch and write RUN_DIR.")
     _add_data_args(p)
+    _add_stream_args(p)
     p.add_argument("--model", default="wrn16_2", help="architecture (see `robustkd models`)")
     _add_run_args(p, epochs=30, lr=0.1, schedule="step")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
@@ -150,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-class fraction of the clean training set the defender holds")
     g.add_argument("--holdout", type=float, default=None,
                    help="evaluate on a held-out validation split (default: the teacher run's)")
+    _add_stream_args(p)
     g = p.add_argument_group("method options (only those the method takes)")
     g.add_argument("--temperature", type=float, default=None, help="kd: softmax temperature")
     g.add_argument("--kd-alpha", dest="alpha", type=float, default=None,
@@ -356,7 +371,8 @@ _RUN_KEYS = ("dataset", "data_root", "image_size", "train_fraction", "download",
 def _cmd_train(args: argparse.Namespace) -> dict:
     from robustkd import api
 
-    return api.train(model=args.model, **{k: getattr(args, k) for k in _RUN_KEYS})
+    return api.train(model=args.model, stream=args.stream, workers=args.workers,
+                     **{k: getattr(args, k) for k in _RUN_KEYS})
 
 
 def _cmd_attack(args: argparse.Namespace) -> dict:
@@ -425,7 +441,7 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
                        clean_fraction=args.clean_fraction, options=options,
                        robustkd=robustkd if args.method == "robustkd" else None,
                        defense=args.defense, defense_options=defense_options,
-                       detox_from=args.detox_from,
+                       detox_from=args.detox_from, stream=args.stream, workers=args.workers,
                        **{k: getattr(args, k) for k in keys if k != "compile"})
 
 

@@ -3,6 +3,10 @@
 Why: checkpoints come from untrusted model hubs. safetensors cannot execute code on load;
 pickle can, so a pickle file is refused unless the user explicitly opts in, and even then
 it is opened with ``torch.load(weights_only=True)``.
+
+Under ``torchrun`` only rank 0 writes (every rank holds the same model and results, and
+concurrent writers would race on the same run directory): the write helpers below return
+the target path without touching the disk on the other ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from robustkd.errors import UnsafeCheckpointError
+from robustkd.training.distributed import is_main
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -29,8 +34,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_path)`` then rename the temp file over ``path``.
 
     A crash or a bad input mid-write leaves the previous file untouched, never a torn one.
+    Under ``torchrun`` a no-op on every rank but 0 (see the module docstring).
     """
     path = Path(path)
+    if not is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -69,6 +77,8 @@ def _json_default(obj: Any) -> Any:
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> Path:
     """Atomic safetensors write; tensors are made contiguous CPU copies (shared storage is fine)."""
+    if not is_main():  # skip the device-to-host copies too
+        return Path(path)
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return atomic_write(path, lambda p: save_file(flat, str(p), metadata=dict(metadata or {})))
 

@@ -17,16 +17,21 @@ from torch import nn
 
 from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import DatasetSplits
+from robustkd.data.streaming import StreamedSplits
 from robustkd.errors import ConfigError
 from robustkd.io import RECORD_FILE, load_checkpoint, save_checkpoint, write_json
 from robustkd.models import build_model
 from robustkd.utils import git_revision
 
 
-def dataset_meta(splits: DatasetSplits, data_root: str | None,
+def dataset_meta(splits: DatasetSplits | StreamedSplits, data_root: str | None,
                  image_size_arg: int | None = None) -> dict[str, Any]:
-    """How to load the same data again (``resize`` is the --image-size the run was given)."""
-    return {
+    """How to load the same data again (``resize`` is the --image-size the run was given).
+
+    Streamed data add ``streamed`` (crop, resize, source; see ``StreamedSplits.describe``):
+    later runs from this one (``distill --teacher``, ``evaluate``) then stream too.
+    """
+    meta = {
         "name": splits.name,
         "data_root": str(Path(data_root).resolve()) if data_root else None,
         "resize": image_size_arg,
@@ -39,10 +44,13 @@ def dataset_meta(splits: DatasetSplits, data_root: str | None,
         "augment": splits.augment,
         "holdout": splits.holdout,
     }
+    if isinstance(splits, StreamedSplits):
+        meta["streamed"] = splits.describe()
+    return meta
 
 
-def run_meta(model: nn.Module, splits: DatasetSplits, data_root: str | None, seed: int,
-             trigger: Trigger | None = None, target: int | None = None,
+def run_meta(model: nn.Module, splits: DatasetSplits | StreamedSplits, data_root: str | None,
+             seed: int, trigger: Trigger | None = None, target: int | None = None,
              image_size_arg: int | None = None, **extra: Any) -> dict[str, Any]:
     meta = {
         "arch": getattr(model, "arch", None),

@@ -34,21 +34,37 @@ depend on the number of workers.
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 import math
 import os
 import random
+import shutil
+import tarfile
+import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from robustkd.data import cache as _cache
+from robustkd.data import imagefolder as _imagefolder
+from robustkd.data.dataset import ImageDataset
 from robustkd.data.imagefolder import is_image_file
-from robustkd.data.loader import EpochBatches, epoch_seed
+from robustkd.data.loader import DeviceLoader, EpochBatches, epoch_seed
 from robustkd.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from robustkd.attacks.triggers import Trigger
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,6 +194,21 @@ class StreamedImageFolder(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.root, self.files[index].decode("utf-8", "surrogateescape"))
 
+    def subset(self, index: torch.Tensor | np.ndarray | Sequence[int],
+               name: str | None = None) -> StreamedImageFolder:
+        """The files at ``index`` (same classes, transform and root), still undecoded.
+
+        Mirrors :meth:`ImageDataset.subset`, so the per-class subset rules of
+        :mod:`robustkd.data.subsets` (``--train-fraction``, ``--clean-fraction``) and the
+        non-target filter of ASR apply to a file list exactly as to an in-memory dataset.
+        """
+        index = torch.as_tensor(index, dtype=torch.int64)
+        out = copy.copy(self)
+        out.files = self.files[index.numpy()]
+        out.labels = self.labels[index]
+        out.name = name or self.name
+        return out
+
     def load(self, index: int, seed: int = 0) -> np.ndarray:
         """Decode and transform image ``index`` to uint8 ``[S, S, 3]`` (``seed``: its crop)."""
         path = self.path(index)
@@ -250,6 +281,9 @@ class StreamLoader(EpochBatches):
 
     The interface matches :class:`~robustkd.data.loader.DeviceLoader` (``len``, ``set_epoch``,
     ``order``, ``num_samples``). ``mean``/``std`` default to the ImageNet statistics.
+    ``trigger`` (for ASR) is applied to each decoded uint8 batch on the device and quantised
+    back to uint8 before normalisation, as :func:`~robustkd.attacks.poison.triggered_test_set`
+    does to an in-memory test set (a triggered image file would be stored that way).
     """
 
     def __init__(self, ds: StreamedImageFolder, batch_size: int, *,
@@ -257,7 +291,7 @@ class StreamLoader(EpochBatches):
                  std: Sequence[float] = IMAGENET_STD, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, channels_last: bool = False,
                  workers: int | None = None, prefetch: int = 4,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, trigger: Trigger | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -267,6 +301,7 @@ class StreamLoader(EpochBatches):
         self.device = torch.device(device)
         self.drop_last = bool(drop_last)
         self.channels_last = bool(channels_last)
+        self.trigger = trigger
         self.workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -291,6 +326,8 @@ class StreamLoader(EpochBatches):
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for images, labels, index in self._loader:
             x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            if self.trigger is not None:
+                x = self.trigger.apply_uint8(x)
             x = (x.float().div_(255.0) - self.mean) / self.std
             x = x.contiguous(memory_format=torch.channels_last if self.channels_last
                              else torch.contiguous_format)
@@ -308,6 +345,8 @@ class StreamedSplits:
     std: tuple[float, ...] = IMAGENET_STD
     source: str = ""
 
+    holdout: None = None  # no validation carve-out of a streamed training split (yet)
+
     @property
     def classes(self) -> list[str]:
         return self.train.classes
@@ -315,6 +354,24 @@ class StreamedSplits:
     @property
     def num_classes(self) -> int:
         return self.train.num_classes
+
+    @property
+    def augment(self) -> dict[str, Any]:
+        """The training transform, in the form run metadata records augmentation policies.
+
+        Informational only: the workers apply it while decoding, so a ``DeviceLoader``
+        never sees it (:func:`loader_for` ignores ``augment`` for streamed data).
+        """
+        return {"kind": "streamed_resized_crop", "scale": list(self.train.scale),
+                "ratio": list(self.train.ratio), "flip": self.train.flip}
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records so that a later run (``distill --teacher RUN_DIR``,
+        ``evaluate``) opens the same data the same way: streamed, at the same crop."""
+        return {"crop_size": self.train.crop_size, "resize_size": self.train.resize_size,
+                "scale": list(self.train.scale), "flip": self.train.flip,
+                "draft": self.train.draft, "source": self.source,
+                "eval_split": Path(self.test.root).name}
 
     def loader(self, split: str = "train", batch_size: int = 256, **kwargs) -> StreamLoader:
         """A :class:`StreamLoader` over ``train`` (shuffled, full batches) or ``test``."""
@@ -336,12 +393,21 @@ def load_streamed(name: str, data_root: str | Path, *, crop_size: int = 224,
     """Open ``DATA_ROOT/NAME/{train,val}/<class>/<image>`` (``test/`` instead of ``val/`` works
     too) for streaming; only file names are read here.
 
+    Without that folder, an ImageFolder archive ``DATA_ROOT/NAME.tar.gz`` (or ``.tgz``, the
+    layout :func:`robustkd.data.load_dataset` reads) is extracted once into the cache folder
+    (:func:`extract_archive`): workers need files to open, not one compressed stream.
+
     For ``imagenet`` the official validation images must be sorted into class folders like
     the training ones (the usual ``val/<wnid>/ILSVRC2012_val_*.JPEG`` layout). ``mean``/``std``
     default to the ImageNet statistics (computing them would mean decoding the whole set).
     """
     root = Path(data_root).expanduser()
     folder = root if root.name == name and (root / "train").is_dir() else root / name
+    if not _has_stream_splits(folder):
+        archive = next((a for a in (root / f"{name}.tar.gz", root / f"{name}.tgz")
+                        if a.is_file()), None)
+        if archive is not None:
+            folder = extract_archive(archive, name)
     evals = [folder / s for s in EVAL_SPLITS if (folder / s).is_dir()]
     if not (folder / "train").is_dir() or not evals:
         raise DataError(
@@ -355,3 +421,116 @@ def load_streamed(name: str, data_root: str | Path, *, crop_size: int = 224,
     test = StreamedImageFolder(evals[0], train=False, classes=train.classes,
                                name=f"{name}-{evals[0].name}", **options)
     return StreamedSplits(train, test, name, tuple(mean), tuple(std), source=str(folder))
+
+
+def _has_stream_splits(folder: Path) -> bool:
+    return (folder / "train").is_dir() and any((folder / e).is_dir() for e in EVAL_SPLITS)
+
+
+EXTRACT_MARKER = ".robustkd-extracted.json"
+_EXTRACT_FORMAT = 1
+
+
+def extract_archive(archive: str | Path, name: str, directory: str | Path | None = None) -> Path:
+    """Extract the images of ImageFolder archive ``archive`` once; returns ``.../NAME``.
+
+    The target is ``CACHE/extracted/NAME-<key>/NAME`` (``CACHE`` = ``$ROBUSTKD_CACHE_DIR``,
+    ``<key>`` from the archive's path, size and mtime, so a changed archive is extracted
+    anew). Extraction goes to a temporary sibling folder that gets a marker file last and is
+    then renamed into place: a half-extracted tree is never used, and of two concurrent
+    extractions one wins and the other's copy is discarded. Only image files under
+    ``train/``, ``val/`` and ``test/`` are written; member paths are checked (no absolute
+    paths, no ``..``) by the same rules the in-memory reader applies.
+    """
+    archive = Path(archive).expanduser().resolve()
+    base = Path(directory) if directory is not None else _cache.cache_dir()
+    key = _cache.cache_key({"reader": "extract", "version": _EXTRACT_FORMAT, "name": name},
+                           [archive])
+    final = base / "extracted" / f"{name}-{key}"
+    if (final / EXTRACT_MARKER).is_file():
+        return final / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("extracting %s into %s (once; later runs reuse it)", archive, final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        count = _extract_images(archive, tmp / name)
+        marker = {"archive": str(archive), "images": count, "key": key}
+        (tmp / EXTRACT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+        if final.exists():  # left without a marker by something else: not ours to trust
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / EXTRACT_MARKER).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent extraction won the race
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final / name
+
+
+def _extract_images(archive: Path, out: Path) -> int:
+    """Write the archive's split images below ``out`` (``out/train/<class>/...``)."""
+    try:
+        try:
+            return _write_members(archive, _imagefolder._iter_ustar_gz(archive), out)
+        except _imagefolder._NotPlainUstar:
+            shutil.rmtree(out, ignore_errors=True)
+            return _write_members(archive, _imagefolder._iter_tarfile(archive), out)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise DataError(f"{archive}: cannot read archive ({type(exc).__name__}: {exc})") from exc
+
+
+def _write_members(archive: Path, members: Iterator[tuple[str, str, bytes]], out: Path) -> int:
+    splits = ("train", *EVAL_SPLITS)
+    count = 0
+    top: str | None = None
+    for member_name, kind, data in members:
+        parts = _imagefolder._tar_parts(member_name, archive)
+        if not parts or kind != "file":
+            continue
+        top = parts[0] if top is None else top
+        rel = parts if top in splits else parts[1:]  # NAME/train/... or train/... at the top
+        if (len(rel) < 3 or rel[0] not in splits or any(p.startswith(".") for p in rel)
+                or not is_image_file(rel[-1])):
+            continue
+        target = out.joinpath(*rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        count += 1
+    if not count:
+        raise DataError(f"{archive}: no images under train/, val/ or test/ class folders")
+    return count
+
+
+def is_streamed(ds: object) -> bool:
+    """Whether ``ds`` is decoded from disk on demand (vs. an in-memory ``ImageDataset``)."""
+    return isinstance(ds, StreamedImageFolder)
+
+
+def loader_for(ds: ImageDataset | StreamedImageFolder, batch_size: int, *,
+               device: str | torch.device = "cpu", mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, shuffle: bool = False,
+               augment: dict | None = None, drop_last: bool = False, seed: int = 0,
+               channels_last: bool = False, workers: int | None = None,
+               trigger: Trigger | None = None) -> DeviceLoader | StreamLoader:
+    """``(x, y, idx)`` batches of either kind of dataset, so training and evaluation code
+    need not know where the images live.
+
+    In-memory data get a :class:`DeviceLoader` with exactly these arguments (``workers``
+    is ignored); streamed data a :class:`StreamLoader`, whose workers apply the dataset's
+    own transform (``augment`` is ignored) and, for ASR, ``trigger``.
+    """
+    if is_streamed(ds):
+        return StreamLoader(ds, batch_size, device=device,
+                            mean=IMAGENET_MEAN if mean is None else mean,
+                            std=IMAGENET_STD if std is None else std, shuffle=shuffle,
+                            drop_last=drop_last, seed=seed, channels_last=channels_last,
+                            workers=workers, trigger=trigger)
+    if trigger is not None:
+        raise ConfigError("in-memory data are triggered before loading "
+                          "(robustkd.attacks.poison.triggered_test_set), not by the loader")
+    return DeviceLoader(ds, batch_size, device=device, mean=mean, std=std, shuffle=shuffle,
+                        augment=augment, drop_last=drop_last, seed=seed,
+                        channels_last=channels_last)

@@ -8,6 +8,8 @@ Returned datasets keep the original row order.
 
 from __future__ import annotations
 
+from typing import Protocol, TypeVar
+
 import numpy as np
 import torch
 
@@ -15,7 +17,24 @@ from robustkd.data.dataset import ImageDataset
 from robustkd.errors import ConfigError
 
 
-def _class_rows(ds: ImageDataset) -> list[np.ndarray]:
+class _Rows(Protocol):
+    """What the subset rules need: labels, a class count and ``subset(index)``. Both
+    :class:`ImageDataset` and a streamed file list
+    (:class:`~robustkd.data.streaming.StreamedImageFolder`) have them, so one rule serves
+    in-memory and streamed data and picks the same rows of the same file order."""
+
+    labels: torch.Tensor
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def subset(self, index: torch.Tensor) -> _Rows: ...
+
+
+D = TypeVar("D", bound=_Rows)
+
+
+def _class_rows(ds: _Rows) -> list[np.ndarray]:
     labels = ds.labels.cpu().numpy()
     return [np.flatnonzero(labels == c) for c in range(ds.num_classes)]
 
@@ -25,11 +44,11 @@ def _shuffled(rows: np.ndarray, seed: int, cls: int) -> np.ndarray:
 
 
 def per_class_subset(
-    ds: ImageDataset,
+    ds: D,
     fraction: float | None = None,
     per_class: int | None = None,
     seed: int = 0,
-) -> ImageDataset:
+) -> D:
     """Keep ``round(fraction * n_c)`` (at least 1) or ``min(per_class, n_c)`` rows of each class.
 
     Exactly one of ``fraction`` (in (0, 1]) and ``per_class`` (>= 1) must be given.

@@ -11,7 +11,7 @@ from torch import nn
 
 from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
-from robustkd.data.loader import DeviceLoader
+from robustkd.data.streaming import StreamedImageFolder, loader_for
 from robustkd.distill.base import Distiller, DistillSetup, frozen_teacher, get_method, layers_of
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.models.taps import Replacement
@@ -44,8 +44,8 @@ def build_distiller(method: str, teacher: nn.Module, student: nn.Module, *,
 def distill_student(
     teacher: nn.Module,
     student: nn.Module,
-    train: ImageDataset,
-    test: ImageDataset | None = None,
+    train: ImageDataset | StreamedImageFolder,
+    test: ImageDataset | StreamedImageFolder | None = None,
     *,
     method: str = "fkd",
     mean: Sequence[float],
@@ -70,23 +70,28 @@ def distill_student(
     channels_last: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
+    workers: int | None = None,
 ) -> tuple[list[EpochResult], Distiller]:
     """Distil ``teacher`` into ``student`` on ``train`` (the defender's clean data).
 
     The teacher is frozen (and left unchanged); ``teacher_replace`` stays active in its
     forward passes. Each evaluated epoch records the student's test ACC and, when a trigger
-    is known, its ASR.
+    is known, its ASR. ``train``/``test`` may be streamed from disk (decoded by ``workers``
+    processes; their own transform replaces ``augment``).
     """
     device = torch.device(device)
     distiller = build_distiller(method, teacher, student, teacher_layers=teacher_layers,
                                 student_layers=student_layers, options=options,
                                 teacher_replace=teacher_replace, student_input=student_input)
-    loader = DeviceLoader(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
-                          augment=augment, drop_last=len(train) > batch_size, seed=seed,
-                          channels_last=channels_last)
+    loader = loader_for(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
+                        augment=augment, drop_last=len(train) > batch_size, seed=seed,
+                        channels_last=channels_last, workers=workers)
     with frozen_teacher(teacher, distiller.teacher_mode()):
-        probe = next(iter(DeviceLoader(train, min(batch_size, len(train)), device=device,
-                                       mean=mean, std=std, shuffle=True, seed=seed)))[0]
+        # one batch to size connectors/margins: decoded in this process (workers=0) rather
+        # than by a pool that would prefetch several batches only to be thrown away
+        probe = next(iter(loader_for(train, min(batch_size, len(train)), device=device,
+                                     mean=mean, std=std, shuffle=True, seed=seed,
+                                     workers=0)))[0]
         distiller.prepare(probe)
         distiller.to(device)
 
@@ -95,7 +100,7 @@ def distill_student(
                                                     or result.epoch == epochs):
                 metrics = evaluate_model(student, test, mean, std, trigger=trigger,
                                          target=target, device=device,
-                                         batch_size=max(batch_size, 256))
+                                         batch_size=max(batch_size, 256), workers=workers)
                 result.extra.update({f"test_{k}": v for k, v in metrics.items()})
             if on_epoch_end is not None:
                 on_epoch_end(result)

@@ -10,6 +10,7 @@ from torch import nn
 
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
+from robustkd.data.streaming import StreamedImageFolder, is_streamed, loader_for
 from robustkd.models.taps import tap
 
 if TYPE_CHECKING:
@@ -17,26 +18,33 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, ds: ImageDataset, mean: Sequence[float], std: Sequence[float],
-            *, batch_size: int = 512, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Arg-max predictions for every image of ``ds`` (model in eval mode, restored after)."""
+def predict(model: nn.Module, ds: ImageDataset | StreamedImageFolder, mean: Sequence[float],
+            std: Sequence[float], *, batch_size: int = 512, device: torch.device | str = "cpu",
+            workers: int | None = None, trigger: Trigger | None = None) -> torch.Tensor:
+    """Arg-max predictions for every image of ``ds`` (model in eval mode, restored after).
+
+    ``ds`` may be streamed from disk (``workers`` decode it; ``trigger`` is then applied per
+    batch, since a streamed set cannot be triggered ahead of time).
+    """
     was_training = model.training
     model.eval()
-    loader = DeviceLoader(ds, batch_size, device=device, mean=mean, std=std)
+    loader = loader_for(ds, batch_size, device=device, mean=mean, std=std, workers=workers,
+                        trigger=trigger)
     preds = [model(x).argmax(1) for x, _y, _idx in loader]
     model.train(was_training)
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
 
 
-def accuracy(model: nn.Module, ds: ImageDataset, mean: Sequence[float], std: Sequence[float],
-             **kw) -> float:
+def accuracy(model: nn.Module, ds: ImageDataset | StreamedImageFolder, mean: Sequence[float],
+             std: Sequence[float], **kw) -> float:
     """Top-1 accuracy on ``ds`` as a fraction."""
     preds = predict(model, ds, mean, std, **kw)
     return float((preds == ds.labels).float().mean()) if len(ds) else float("nan")
 
 
-def attack_success_rate(model: nn.Module, ds: ImageDataset, trigger: Trigger, target: int,
-                        mean: Sequence[float], std: Sequence[float], **kw) -> float:
+def attack_success_rate(model: nn.Module, ds: ImageDataset | StreamedImageFolder,
+                        trigger: Trigger, target: int, mean: Sequence[float],
+                        std: Sequence[float], **kw) -> float:
     """Fraction of triggered non-target test images classified as ``target``.
 
     Target-class images are excluded: counting them would credit the backdoor for correct
@@ -44,6 +52,10 @@ def attack_success_rate(model: nn.Module, ds: ImageDataset, trigger: Trigger, ta
     """
     from robustkd.attacks.poison import triggered_test_set  # attacks import this module
 
+    if is_streamed(ds):  # same images, triggered batch by batch as they are decoded
+        poisoned = ds.subset(torch.nonzero(ds.labels != target).flatten())
+        preds = predict(model, poisoned, mean, std, trigger=trigger, **kw)
+        return float((preds == target).float().mean()) if len(poisoned) else float("nan")
     poisoned = triggered_test_set(ds, trigger, target)
     preds = predict(model, poisoned, mean, std, **kw)
     return float((preds == target).float().mean()) if len(poisoned) else float("nan")
@@ -84,8 +96,8 @@ def mean_features(model: nn.Module, ds: ImageDataset, names: Sequence[str],
     return {name: value / len(ds) for name, value in sums.items()}
 
 
-def evaluate_model(model: nn.Module, test: ImageDataset, mean: Sequence[float],
-                   std: Sequence[float], trigger: Trigger | None = None,
+def evaluate_model(model: nn.Module, test: ImageDataset | StreamedImageFolder,
+                   mean: Sequence[float], std: Sequence[float], trigger: Trigger | None = None,
                    target: int | None = None, **kw) -> dict[str, float]:
     """``{"acc": …, "asr": …}`` (ASR only when a trigger and target are known)."""
     metrics = {"acc": accuracy(model, test, mean, std, **kw)}

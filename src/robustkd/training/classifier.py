@@ -12,7 +12,7 @@ from torch import nn
 
 from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
-from robustkd.data.loader import DeviceLoader
+from robustkd.data.streaming import StreamedImageFolder, loader_for
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.models.taps import tap
 from robustkd.training.loop import EpochResult, fit
@@ -57,8 +57,8 @@ def classification_step(model: nn.Module, extra_loss: ExtraLoss | None = None,
 
 def train_classifier(
     model: nn.Module,
-    train: ImageDataset,
-    test: ImageDataset,
+    train: ImageDataset | StreamedImageFolder,
+    test: ImageDataset | StreamedImageFolder,
     *,
     mean: Sequence[float],
     std: Sequence[float],
@@ -81,6 +81,7 @@ def train_classifier(
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     extra_loss: ExtraLoss | None = None,
     trainable: nn.Module | None = None,
+    workers: int | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` with cross-entropy, evaluating ACC (and ASR) every ``eval_every`` epochs.
 
@@ -88,17 +89,20 @@ def train_classifier(
     callers use to write a checkpoint per epoch). ``extra_loss`` adds a term to the loss
     (logged per epoch under its name). ``trainable`` (a submodule, e.g. the classifier head)
     restricts learning to it: the rest of the model stays frozen in eval mode, as in
-    last-layer fine-tuning.
+    last-layer fine-tuning. ``train``/``test`` may be streamed from disk
+    (:class:`~robustkd.data.streaming.StreamedImageFolder`, decoded by ``workers``
+    processes; their own transform replaces ``augment``).
     """
     device = torch.device(device)
-    loader = DeviceLoader(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
-                          augment=augment, drop_last=len(train) > batch_size, seed=seed,
-                          channels_last=channels_last)
+    loader = loader_for(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
+                        augment=augment, drop_last=len(train) > batch_size, seed=seed,
+                        channels_last=channels_last, workers=workers)
 
     def epoch_end(result: EpochResult) -> None:
         if eval_every and (result.epoch % eval_every == 0 or result.epoch == epochs):
             metrics = evaluate_model(model, test, mean, std, trigger=trigger, target=target,
-                                     device=device, batch_size=max(batch_size, 256))
+                                     device=device, batch_size=max(batch_size, 256),
+                                     workers=workers)
             result.extra.update({f"test_{k}": v for k, v in metrics.items()})
         if on_epoch_end is not None:
             on_epoch_end(result)

@@ -5,6 +5,13 @@ loss (plus optional tensors to sum for logging). The loop owns the optimiser, th
 schedule, autocast, progress, per-epoch callbacks and resumable state. Nothing inside the
 step loop moves a value to the host on CUDA except every ``log_every`` steps for the
 progress bar.
+
+Under ``torchrun`` (see ``training/distributed.py`` and ``docs/distributed.md``) the same
+loop runs data parallel: replicas start from rank 0's parameters and buffers, each rank
+steps on its slice of every global batch, gradients are all-reduced (weighted by shard size)
+after ``backward()``, buffers are re-broadcast from rank 0 and the logged sums all-reduced
+at each epoch end, and only rank 0 shows progress and writes state. Without it none of
+that runs: not one extra collective or host sync.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustkd.io import save_tensors, write_json
+from robustkd.training import distributed as ddp
 from robustkd.training.optim import OptimConfig, build_optimizer, lr_factor, set_lr
 
 StepOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -84,6 +92,13 @@ def fit(
     switched them to eval). ``state_modules``/``state_tensors`` are saved to ``state_dir``
     after every epoch together with the optimiser, so ``resume=True`` continues an
     interrupted run from its last finished epoch with the same data order.
+
+    Data parallel under ``torchrun`` (``distributed.is_distributed()``): ``loader`` yields the
+    same *global* batches on every rank and ``step`` sees this rank's slice; ``step`` must
+    return the *mean* loss of the batch it is given (stats: per-batch sums), so the
+    shard-size-weighted gradient all-reduce equals the gradient of the global batch mean.
+    Logged loss/stats/images are global; ``on_epoch_end`` runs on every rank with identical
+    replicas (buffers broadcast from rank 0, as DDP does); ``state_dir`` is written by rank 0.
     """
     device = torch.device(device)
     train_modules = list(train_modules)
@@ -93,6 +108,12 @@ def fit(
     if resume and state_dir is not None and (Path(state_dir) / STATE_JSON).exists():
         start_epoch, history = _load_state(Path(state_dir), opt, state_modules, state_tensors)
     steps_per_epoch = len(loader)
+    distributed = ddp.is_distributed()
+    if distributed:
+        trained = [p for group in opt.param_groups for p in group["params"]]
+        buffers = _buffers([*train_modules, *(state_modules or {}).values()])
+        ddp.broadcast_tensors([*trained, *buffers])
+        progress = progress and ddp.is_main()
 
     for epoch in range(start_epoch, epochs):
         for module in train_modules:
@@ -107,11 +128,23 @@ def fit(
                    disable=not progress, leave=False, dynamic_ncols=True)
         for i, (x, y, idx) in enumerate(bar):
             set_lr(opt, lr_factor(epoch, i, steps_per_epoch, epochs, optim))
+            if distributed:
+                global_n = x.shape[0]
+                x, y, idx = ddp.shard_batch(x, y, idx)
+                if x.shape[0] == 0:  # a last batch smaller than the world: nothing to do here
+                    opt.zero_grad(set_to_none=True)
+                    ddp.all_reduce_gradients(trained, 0.0)
+                    opt.step()
+                    if after_step is not None:
+                        after_step()
+                    continue
             with autocast_for(device, amp):
                 out = step(x, y, idx)
             loss, stats = (out if isinstance(out, tuple) else (out, {}))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed:
+                ddp.all_reduce_gradients(trained, x.shape[0] / global_n)
             opt.step()
             if after_step is not None:
                 after_step()
@@ -120,8 +153,11 @@ def fit(
                 stat_sums[key] = stat_sums.get(key, 0) + value.detach().float()
             seen += x.shape[0]
             if progress and (i + 1) % log_every == 0:
-                bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
+                bar.set_postfix(loss=f"{(loss_sum / max(seen, 1)).item():.4f}")
         bar.close()
+        if distributed:
+            loss_sum, stat_sums, seen = _reduce_epoch(loss_sum, stat_sums, seen, device)
+            ddp.broadcast_tensors(buffers)  # DDP's choice: rank 0's BN running statistics
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
@@ -136,9 +172,40 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(result)
         history.append(result)
-        if state_dir is not None:
+        if state_dir is not None and (not distributed or ddp.is_main()):
             _save_state(Path(state_dir), epoch + 1, history, opt, state_modules, state_tensors)
     return history
+
+
+def _buffers(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """The buffers (BN running statistics, ...) of ``modules``, each once."""
+    seen: set[int] = set()
+    out = []
+    for module in modules:
+        for buf in module.buffers():
+            if id(buf) not in seen:
+                seen.add(id(buf))
+                out.append(buf)
+    return out
+
+
+def _reduce_epoch(loss_sum: torch.Tensor, stat_sums: dict[str, torch.Tensor], seen: int,
+                  device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Global epoch sums: the loss, each statistic and the sample count summed over ranks.
+
+    The statistic names are gathered first, so a rank that never stepped (an empty shard in
+    every batch) still joins the same collective with zeros.
+    """
+    names: list[list[str]] = [[] for _ in range(ddp.world_size())]
+    torch.distributed.all_gather_object(names, sorted(stat_sums))
+    keys = sorted({k for part in names for k in part})
+    f64 = torch.float64  # exact sample counts far beyond float32's 2**24
+    parts = [loss_sum.to(f64), torch.tensor(float(seen), device=device, dtype=f64)]
+    parts += [torch.as_tensor(stat_sums.get(k, 0.0), device=device).to(f64).reshape(())
+              for k in keys]
+    values = torch.stack(parts)
+    ddp.all_reduce_sum([values])
+    return values[0], dict(zip(keys, values[2:], strict=True)), int(values[1].item())
 
 
 def _save_state(state_dir: Path, epoch: int, history: list[EpochResult],
