@@ -550,7 +550,9 @@ COMMANDS = {"train": _cmd_train, "attack": _cmd_attack, "evaluate": _cmd_evaluat
 
 def main(argv: Sequence[str] | None = None) -> int:
     from robustkd.training import distributed
+    from robustkd.utils import git_revision
 
+    git_revision()  # pin the revision of the code this process runs (records cite it)
     args = build_parser().parse_args(argv)
     distributed.init_from_env()  # under torchrun: join the process group (no-op otherwise)
     try:

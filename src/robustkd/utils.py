@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import random
 import subprocess
@@ -34,8 +35,13 @@ def describe_device(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+@functools.lru_cache(maxsize=1)
 def git_revision() -> str:
-    """The source revision of this package (``unknown`` outside a git checkout)."""
+    """The source revision of this package (``unknown`` outside a git checkout).
+
+    Read once per process (the CLI reads it at start-up): the code a long run executes is
+    the code it imported, not whatever the checkout holds when its record is written.
+    """
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
