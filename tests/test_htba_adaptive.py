@@ -77,13 +77,15 @@ def test_htba_backdoor_beats_the_clean_model(tmp_path, digits, digits_teacher):
     save_run_model(teacher_dir, digits_teacher, run_meta(digits_teacher, digits, None, 0))
     rec = api.attack(attack="htba", teacher=teacher_dir, out=tmp_path / "htba", device="cpu",
                      poison_ratio=1.0, epochs=10, lr=0.2, progress=False, eval_every=0,
-                     options={"patch_size": 6, "htba_eps": EPS, "htba_steps": 30,
+                     options={"patch_size": 6, "htba_eps": 2 * EPS, "htba_steps": 30,
                               "htba_batch": 142})
     clean_asr, asr = rec["teacher_metrics"]["asr"], rec["metrics"]["asr"]
-    # observed (seeds 0-2): clean 0.0, poisoned 0.10-0.12 with last-layer fine-tuning; full
-    # fine-tuning of this tiny model leaves ~0.003 (HTBA is weak end to end, as published)
+    # At the paper's 16/255 this tiny model's ASR is 0.03-0.12 depending on the CPU thread
+    # count (float summation order moves the PGD poisons), too close to chance for a test;
+    # at 32/255 observed: 0.33 (1 thread) and 0.40 (2 threads), clean teacher 0.0 both.
+    # Full fine-tuning of this tiny model leaves ~0.003 (HTBA is weak end to end, as published)
     assert clean_asr <= 0.02
-    assert asr >= clean_asr + 0.05, (clean_asr, asr)
+    assert asr >= clean_asr + 0.2, (clean_asr, asr)
     assert rec["metrics"]["acc"] >= rec["teacher_metrics"]["acc"] - 0.03
 
 
