@@ -121,8 +121,9 @@ MINI = Scale(
         "cifar10": _MINI_CIFAR,
         "cifar100": _MINI_CIFAR,
         # the offline GTSRB has 6,535 training images (5 frames per track): use them all
+        # (students on 20% for 10 epochs reached only 27% ACC: measured, docs/RESULTS.md)
         "gtsrb": replace(_MINI_CIFAR, train_fraction=None, teacher_epochs=8,
-                         clean_fraction=0.2, student_epochs=10),
+                         clean_fraction=0.5, student_epochs=20),
         # Flower-17: 1,360 images in all, so every image is used; 64 px (docs/DATASETS.md)
         "flower17": DataScale(train_fraction=None, image_size=64, batch_size=64,
                               teacher_epochs=20, teacher_schedule="cosine", attack_epochs=3,
