@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from robustkd import api
-from robustkd.io import RECORD_FILE, atomic_write, read_json, write_json
+from robustkd.io import RECORD_FILE, read_json, write_json
+from robustkd.plotting import pyplot, save_png
 
 SUMMARY_FILE = "summary.json"
 FIGURE_FILE = "summary.png"
@@ -136,11 +137,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
-    """Grouped bars of ACC and ASR per row (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Grouped bars of ACC and ASR per row (raises ImportError without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        raise ImportError("matplotlib is not installed (pip install robustkd[plot])")
 
     rows = summary["rows"]
     names = [r["model"] for r in rows]
@@ -165,5 +165,4 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_png(fig, path)

@@ -73,15 +73,11 @@ def plot_histograms(path: str | Path, layers: Sequence[str], model: dict[str, to
                     reference: dict[str, torch.Tensor] | None, labels: tuple[str, str],
                     reference_layers: Sequence[str] | None = None) -> Path | None:
     """One histogram panel per layer; needs matplotlib (``pip install robustkd[plot]``)."""
-    try:
-        import matplotlib
+    from robustkd.plotting import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    from robustkd.io import atomic_write
-
     ref_layers = list(reference_layers or layers)
     fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False)
     for i, (ax, name) in enumerate(zip(axes[0], layers, strict=True)):
@@ -93,7 +89,4 @@ def plot_histograms(path: str | Path, layers: Sequence[str], model: dict[str, to
     axes[0][0].set_ylabel("examples")
     axes[0][0].legend()
     fig.tight_layout()
-    out = Path(path)
-    atomic_write(out, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_png(fig, path, dpi=110)

@@ -19,6 +19,7 @@ from robustkd.experiments.paper import paper_value
 from robustkd.experiments.runner import RECORDS_FILE
 from robustkd.experiments.specs import STAND_INS, get_method, get_study
 from robustkd.io import atomic_write, read_json
+from robustkd.plotting import pyplot, save_png
 
 # two-sided 95% Student-t quantiles by degrees of freedom (1..30), then the normal value
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -78,10 +79,13 @@ def _values(records: dict[str, dict[str, Any]], runs: list[str], metric: str) ->
     return [v for r in runs if (v := _metric(records.get(r), metric)) is not None]
 
 
-def _removal(records, fkd_runs: list[str], rkd_runs: list[str]) -> list[float]:
+def _removal(records, fkd_runs: list[str], rkd_runs: list[str],
+             seed_of: dict[str, int]) -> list[float]:
     """Per-seed ``1 - ASR(RobustKD)/ASR(FKD)`` (in %), for seeds where FKD's ASR > 0."""
+    fkd_by_seed = {seed_of[f]: f for f in fkd_runs}
     out = []
-    for f, r in zip(sorted(fkd_runs), sorted(rkd_runs), strict=False):
+    for r in rkd_runs:
+        f = fkd_by_seed.get(seed_of[r])
         fa, ra = _metric(records.get(f), "asr"), _metric(records.get(r), "asr")
         if fa and ra is not None:
             out.append(100.0 * (1 - ra / fa))
@@ -109,6 +113,7 @@ def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[st
                 if m.startswith("robustkd"):
                     header.append(f"removal rate {get_method(m).label} {a}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    seed_of = {c["run"]: c["seed"] for c in layout["cells"]}
     for (ds, pds, ppair, pair), cols in sorted(_groups(layout["cells"]).items()):
         standin = "" if ds == pds else f" (stand-in for {pds})"
         row = [f"{ds}{standin}", f"{pair} (paper: {ppair})",
@@ -127,7 +132,8 @@ def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[st
             if "fkd" in methods and study.metrics != ("acc",):
                 for m in methods:
                     if m.startswith("robustkd"):
-                        rem = _removal(records, cols.get(f"fkd/{a}", []), cols.get(f"{m}/{a}", []))
+                        rem = _removal(records, cols.get(f"fkd/{a}", []),
+                                       cols.get(f"{m}/{a}", []), seed_of)
                         row.append(_fmt(rem))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -174,12 +180,8 @@ def scan_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) ->
 
 
 def _plot_sweep(path: Path, name: str, layout, records) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     study = get_study(name)
     values = [str(v) for v in study.sweep_values]
@@ -202,16 +204,12 @@ def _plot_sweep(path: Path, name: str, layout, records) -> Path | None:
     axes[1].legend(fontsize=7)
     fig.suptitle(study.title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_scan(path: Path, layout, records) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     series: dict[str, dict[str, list[float]]] = {}
     for c in layout["cells"]:
@@ -230,15 +228,7 @@ def _plot_scan(path: Path, layout, records) -> Path | None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(get_study("fig2").title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
