@@ -67,6 +67,22 @@ def test_a_changed_setting_gives_a_new_run_id():
     assert a.id != b.id and a.label == b.label
 
 
+def test_a_named_preset_is_spelled_out_in_the_run(monkeypatch):
+    """Changing what a preset means must give new runs, not reuse stale records."""
+    from robustkd.defenses import robustkd as rkd
+    from robustkd.experiments.specs import get_method
+
+    def improved_node():
+        p = Planner(MINI)
+        teacher = p.clean_teacher("cifar10", "wrn16_2", 0)
+        return p.student(teacher, "wrn16_1", get_method("robustkd-improved"), 0)
+
+    node = improved_node()
+    assert node.params["robustkd"]["inversion_classes"] == "suspects"
+    monkeypatch.setitem(rkd.PRESETS, "improved", {"consistency": 0.25})
+    assert improved_node().id != node.id
+
+
 def test_shards_split_final_runs_and_keep_their_ancestors():
     cells = [c for cs in plan(["table4"], "mini", seeds=2).values() for c in cs]
     leaves = {c.node.id for c in cells}

@@ -188,3 +188,39 @@ def test_saved_detox_masks_serve_another_student(tmp_path, digits_teacher, digit
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["distill", "--method", "fkd", "--teacher", str(teacher), "--detox-from",
                  str(first), "--out", str(tmp_path / "x"), *common]) == 2
+
+
+def test_suspect_classes_pick_the_outlying_success():
+    from robustkd.defenses.inversion import robust_z, suspect_classes
+
+    # the mini CKD teacher's per-class success at blend budget 0.1 (target 0)
+    success = torch.tensor([0.993, 0.183, 0.261, 0.206, 0.449, 0.201, 0.582, 0.576, 0.427,
+                            0.296])
+    # torch's median of an even count is the lower middle value: median 0.296,
+    # MAD 0.113 -> z(0.993) = 0.697 / (1.4826 * 0.113)
+    assert robust_z(success)[0].item() == pytest.approx(0.697 / (1.4826 * 0.113), rel=1e-3)
+    assert suspect_classes(success) == [0]
+    # nothing stands out: still the most successful one; two outliers: both
+    assert suspect_classes(torch.tensor([0.3, 0.32, 0.31, 0.35, 0.29])) == [3]
+    assert suspect_classes(torch.tensor([0.99, 0.2, 0.21, 0.22, 0.98, 0.2, 0.19])) == [0, 4]
+
+
+def test_suspects_config_keeps_only_those_triggers(digits, backdoored_digits_teacher):
+    from robustkd.defenses.robustkd import run_robustkd
+    from robustkd.models import build_model
+
+    net, _ = backdoored_digits_teacher
+    cfg = robustkd_config({"preset": "improved", "detox_epochs": 1, "inversion_epochs": 2,
+                           "inversion_mask_max": 0.3})
+    assert cfg.inversion_classes == "suspects"
+    student = build_model("wrn10_1", num_classes=10, in_channels=1)
+    report = run_robustkd(net, student, digits.train, None, cfg, mean=digits.mean,
+                          std=digits.std, augment=None, epochs=1,
+                          optim=OptimConfig(lr=0.05), batch_size=64, device="cpu",
+                          progress=False)
+    inv = report["inversion"]
+    used = inv["used_classes"]
+    assert 1 <= len(used) < 10 and len(inv["robust_z"]) == 10
+    best = max(range(10), key=lambda k: inv["success"][k])
+    assert best in used
+    assert report["synthetic_triggers"].classes.tolist() == used

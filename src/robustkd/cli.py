@@ -206,16 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of blind trigger synthesis (default 5)")
     g.add_argument("--inversion-mask-max", type=float, default=None,
                    help="largest blend weight of a synthetic trigger (default 0.5)")
+    g.add_argument("--inversion-classes", default=None, choices=["all", "suspects"],
+                   help="synthetic triggers the student sees: every class's (default) or only "
+                        "the suspects, whose success stands out (robust z >= --outlier-z)")
+    g.add_argument("--outlier-z", type=float, default=None,
+                   help="robust z-score that makes a class a suspect (default 2)")
     g.add_argument("--detox-from", default=None, metavar="RUN_DIR",
                    help="reuse the detox masks (and synthetic triggers) of an earlier robustkd "
                         "run with the same teacher instead of training new ones")
     g.add_argument("--robustkd-config", dest="preset", default=None,
                    help="named robustkd configuration (see docs/RESULTS.md): "
-                        "paper (default) or improved")
+                        "paper (default), improved or consistency-all")
     p.set_defaults(_robustkd_options=["tau", "taus", "selection", "epsilon", "variant",
                                       "layers", "loss", "lam", "detox_epochs", "detox_lr",
                                       "mask_init", "mask_shape", "open_weight", "consistency",
-                                      "inversion_epochs", "inversion_mask_max", "preset"])
+                                      "inversion_epochs", "inversion_mask_max", "inversion_classes",
+                                      "outlier_z", "preset"])
     from robustkd.defenses import TEACHER_DEFENSES
 
     g = p.add_argument_group(
