@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # paper detox + trigger-consistent distillation (defenses/inversion.py)
     "improved": {"preset": "improved"},
     "improved-c1": {"preset": "improved", "consistency": 1.0},
+    # the first reading of "improved": every class's trigger at blend budget 0.5
+    "consistency-all": {"preset": "consistency-all"},
 }
 
 

@@ -203,6 +203,9 @@ def test_suspect_classes_pick_the_outlying_success():
     # nothing stands out: still the most successful one; two outliers: both
     assert suspect_classes(torch.tensor([0.3, 0.32, 0.31, 0.35, 0.29])) == [3]
     assert suspect_classes(torch.tensor([0.99, 0.2, 0.21, 0.22, 0.98, 0.2, 0.19])) == [0, 4]
+    # near-zero spread (the digits demo): 1.7% vs 0.1% is noise, only the target stands out
+    demo = torch.tensor([1.0, 0.017, 0.0008, 0.0039, 0.0, 0.0023, 0.0, 0.0008, 0.0154, 0.0008])
+    assert suspect_classes(demo) == [0]
 
 
 def test_suspects_config_keeps_only_those_triggers(digits, backdoored_digits_teacher):
