@@ -62,12 +62,25 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", default=None,
+                   help="a clean model's run directory: its test ASR under the same trigger is "
+                        "the level a removed backdoor falls to")
     args = p.parse_args()
     out = Path(args.out)
     dev = resolve_device(args.device)
     teacher = load_run(args.teacher, dev)
     test = load_dataset("cifar10", args.data_root)
-    rows = []
+    summary_file = out / "summary.json"
+    previous = read_json(summary_file)["rows"] if summary_file.exists() else []
+    rows = [r for r in previous if r["variant"] not in args.variants.split(",")]
+    if args.reference:
+        ref = load_run(args.reference, dev).model
+        row = {"variant": "reference", "run": args.reference,
+               "test": evaluate_model(ref, test.test, test.mean, test.std,
+                                      trigger=teacher.trigger, target=teacher.target,
+                                      device=dev)}
+        rows = [r for r in rows if r["variant"] != "reference"] + [row]
+        print(json.dumps(row), flush=True)
     for name in args.variants.split(","):
         kw = dict(VARIANTS[name])
         run_dir = out / RUN_NAMES[name]
@@ -91,7 +104,7 @@ def main() -> None:
             row["inversion"] = rec["robustkd"]["inversion"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write_json(out / "summary.json", {"settings": vars(args), "rows": rows})
+        write_json(summary_file, {"settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
