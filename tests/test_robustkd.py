@@ -40,8 +40,9 @@ def teacher_dirs(tmp_path, digits_teacher, digits):
     return clean, bd
 
 
+# the paper's literal configuration: these tests exercise masks and tau selection
 COMMON = ["--student", "wrn10_1", "--epochs", "1", "--detox-epochs", "1", "--clean-fraction",
-          "0.3", "--device", "cpu", "--no-progress", "--lr", "0.05"]
+          "0.3", "--device", "cpu", "--no-progress", "--lr", "0.05", "--robustkd-config", "paper"]
 
 
 def test_robustkd_fixed_tau_writes_masks_and_record(tmp_path, teacher_dirs):

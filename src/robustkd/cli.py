@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "run with the same teacher instead of training new ones")
     g.add_argument("--robustkd-config", dest="preset", default=None,
                    help="named robustkd configuration (see docs/RESULTS.md): "
-                        "paper (default), improved or consistency-all")
+                        "improved (default: paper masks + trigger consistency on suspect "
+                        "classes), paper (the literal reading) or consistency-all")
     p.set_defaults(_robustkd_options=["tau", "taus", "selection", "epsilon", "variant",
                                       "layers", "loss", "lam", "detox_epochs", "detox_lr",
                                       "mask_init", "mask_shape", "open_weight", "consistency",

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from robustkd.defenses.robustkd import PRESETS
+from robustkd.defenses.robustkd import DEFAULT_PRESET, PRESETS
 from robustkd.errors import ConfigError
 from robustkd.experiments.scales import DataScale, Scale
 from robustkd.experiments.specs import STAND_INS, Method, Study, get_method
@@ -102,7 +102,7 @@ class Planner:
         if method.robustkd is not None:
             # a preset's values are spelled out, so a changed preset is a new run, not a
             # stale record (the literal "paper" preset is empty and keeps its ids)
-            preset = PRESETS.get(method.robustkd.get("preset", "paper"), {})
+            preset = PRESETS.get(method.robustkd.get("preset", DEFAULT_PRESET), {})
             params["robustkd"] = {**preset, **method.robustkd, "detox_epochs": d.detox_epochs,
                                   **self.scale.robustkd_sizes, **(robustkd_overrides or {})}
         if method.defense is not None:
