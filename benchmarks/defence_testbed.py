@@ -42,6 +42,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rkd-random-blend": {"method": "robustkd",
                          "robustkd": {"preset": "improved", "detox_epochs": 3,
                                       "inversion_epochs": 0}},
+    # the paper's threshold selection (Algorithm 1) on the paper preset: blind = clean data
+    # only (four detox runs), oracle = one student per tau scored by validation ASR (two
+    # taus: the paper's 0.2 and the widest 1.0, what a 2-core CPU affords)
+    "rkd-blind": {"method": "robustkd",
+                  "robustkd": {"preset": "paper", "detox_epochs": 3,
+                               "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}},
+    "rkd-oracle": {"method": "robustkd",
+                   "robustkd": {"preset": "paper", "detox_epochs": 3,
+                                "taus": [0.2, 1.0], "selection": "oracle"}},
     "finetune": {"method": "fkd", "defense": "finetune", "defense_options": {"epochs": 2}},
     "nad": {"method": "fkd", "defense": "nad",
             "defense_options": {"teacher_epochs": 2, "epochs": 2}},
@@ -49,7 +58,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # the first directory names used for these runs (kept so earlier runs are reused)
 RUN_NAMES = {"fkd": "fkd40", "ce": "ce40", "fkd-noise": "noise40", "rkd-paper": "rkd-paper40",
              "rkd-improved": "rkd-improved40", "rkd-random-blend": "rkd-random40",
-             "finetune": "ft40", "nad": "nad40"}
+             "finetune": "ft40", "nad": "nad40",
+             "rkd-blind": "rkd-blind40", "rkd-oracle": "rkd-oracle40"}
 
 
 def main() -> None:

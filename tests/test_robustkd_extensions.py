@@ -229,3 +229,22 @@ def test_suspects_config_keeps_only_those_triggers(digits, backdoored_digits_tea
     best = max(range(10), key=lambda k: inv["success"][k])
     assert best in used
     assert report["synthetic_triggers"].classes.tolist() == used
+
+
+def test_success_is_scored_on_a_bounded_balanced_sample():
+    from robustkd.data.dataset import ImageDataset
+    from robustkd.defenses.inversion import SUCCESS_FORWARDS, success_sample
+
+    def fake(classes: int, per_class: int) -> ImageDataset:
+        labels = torch.arange(classes).repeat_interleave(per_class)
+        return ImageDataset(torch.zeros(len(labels), 1, 2, 2, dtype=torch.uint8), labels,
+                            [str(c) for c in range(classes)])
+
+    cifar_like = fake(10, 500)  # the measured CIFAR setting fits: every image is kept
+    assert success_sample(cifar_like, 10) is cifar_like
+    gtsrb_like = fake(43, 76)  # 3,268 images x 43 triggers would be 140k forwards
+    sample = success_sample(gtsrb_like, 43)
+    assert len(sample) * 43 <= SUCCESS_FORWARDS * 1.05
+    assert len(sample) >= 0.9 * SUCCESS_FORWARDS // 43
+    counts = torch.bincount(sample.labels, minlength=43)
+    assert counts.min() >= counts.max() - 1  # class-balanced
