@@ -85,3 +85,14 @@ def test_detox_flags_rejected_for_other_methods(tmp_path, teacher_dirs, capsys):
     assert main(["distill", "--method", "fkd", "--teacher", str(clean), "--tau", "0.1",
                  "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "--tau apply to --method robustkd" in capsys.readouterr().err
+
+
+def test_oracle_candidates_differ_only_in_tau(tmp_path, teacher_dirs):
+    # the same tau twice: same masks, same student initialisation, same data order, so the
+    # two candidate students must score identically (tau is the only thing compared)
+    _, bd = teacher_dirs
+    out = tmp_path / "same"
+    assert main(["distill", "--method", "robustkd", "--teacher", str(bd), "--taus", "0.3,0.3",
+                 "--selection", "oracle", "--out", str(out), *COMMON]) == 0
+    first, second = json.loads((out / "record.json").read_text())["robustkd"]["candidates"]
+    assert first == second

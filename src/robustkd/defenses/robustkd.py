@@ -257,6 +257,8 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
             started = time.perf_counter()
             masks, _ = train_detox_masks(teacher, clean, names, tau=tau, **detox_kw)
             detox_seconds += time.perf_counter() - started
+            # every candidate starts from the same initialisation, so tau is all that differs
+            torch.manual_seed(seed)
             cand_student = student_factory()
             started = time.perf_counter()
             distill_student(teacher, cand_student, clean, None,
