@@ -80,16 +80,26 @@ def main() -> None:
     dev = resolve_device(args.device)
     teacher = load_run(args.teacher, dev)
     test = load_dataset("cifar10", args.data_root)
+    # one file per row, the summary rebuilt from all of them: concurrent invocations on the
+    # same OUT (one variant each) cannot overwrite each other's rows
+    rows_dir = out / "rows"
     summary_file = out / "summary.json"
-    previous = read_json(summary_file)["rows"] if summary_file.exists() else []
-    rows = [r for r in previous if r["variant"] not in args.variants.split(",")]
+    if summary_file.exists() and not rows_dir.exists():  # a summary from before rows/ existed
+        for old in read_json(summary_file)["rows"]:
+            write_json(rows_dir / f"{old['variant']}.json", old)
+
+    def save_row(row: dict[str, Any]) -> None:
+        write_json(rows_dir / f"{row['variant']}.json", row)
+        rows = [read_json(f) for f in sorted(rows_dir.glob("*.json"))]
+        write_json(summary_file, {"settings": vars(args), "rows": rows})
+
     if args.reference:
         ref = load_run(args.reference, dev).model
         row = {"variant": "reference", "run": args.reference,
                "test": evaluate_model(ref, test.test, test.mean, test.std,
                                       trigger=teacher.trigger, target=teacher.target,
                                       device=dev)}
-        rows = [r for r in rows if r["variant"] != "reference"] + [row]
+        save_row(row)
         print(json.dumps(row), flush=True)
     for name in args.variants.split(","):
         kw = dict(VARIANTS[name])
@@ -112,9 +122,8 @@ def main() -> None:
                 row[key] = rec[key]
         if "robustkd" in rec and "inversion" in rec["robustkd"]:
             row["inversion"] = rec["robustkd"]["inversion"]
-        rows.append(row)
+        save_row(row)
         print(json.dumps(row), flush=True)
-        write_json(summary_file, {"settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
