@@ -176,3 +176,19 @@ def test_report_command_renders_from_records(tmp_path):
     text = (out / "report.md").read_text()
     assert "feature variance" in text and "badnets" in text
     assert "ratio to clean" in text
+
+
+def test_a_replanned_cell_takes_the_new_run(tmp_path):
+    from types import SimpleNamespace
+
+    from robustkd.experiments.runner import write_layout
+    from robustkd.io import read_json
+
+    def cell(run_id: str):
+        return SimpleNamespace(dataset="gtsrb", paper_dataset="gtsrb", paper_pair="p",
+                               pair="q", column="fkd/ckd", seed=0,
+                               node=SimpleNamespace(id=run_id))
+
+    write_layout(tmp_path, "table4", [cell("old-run")], {"scale": "mini", "seeds": [0]})
+    path = write_layout(tmp_path, "table4", [cell("new-run")], {"scale": "mini", "seeds": [0]})
+    assert [c["run"] for c in read_json(path)["cells"]] == ["new-run"]

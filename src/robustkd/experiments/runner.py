@@ -159,15 +159,21 @@ def write_records(out: Path) -> Path:
 
 def write_layout(out: Path, study: str, cells: list[Cell], meta: dict[str, Any]) -> Path:
     """``studies/<study>.json``: which run fills which cell (merged with earlier calls, so
-    several --dataset invocations build one table)."""
+    several --dataset invocations build one table). A cell planned again takes the new
+    plan's run: a redefined scale or preset must not leave its old run in the cell as an
+    extra "seed"."""
     path = out / "studies" / f"{study}.json"
     old = read_json(path) if path.exists() else {"cells": []}
-    rows = {json.dumps(c, sort_keys=True): c for c in old["cells"]}
+
+    def position(c: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in c.items() if k != "run"}, sort_keys=True)
+
+    rows = {position(c): c for c in old["cells"]}
     for c in cells:
         item = {"dataset": c.dataset, "paper_dataset": c.paper_dataset,
                 "paper_pair": c.paper_pair, "pair": c.pair, "column": c.column,
                 "seed": c.seed, "run": c.node.id}
-        rows[json.dumps(item, sort_keys=True)] = item
+        rows[position(item)] = item
     return write_json(path, {"study": study, **meta, "cells": list(rows.values())})
 
 
