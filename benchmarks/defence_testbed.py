@@ -89,9 +89,10 @@ def main() -> None:
             write_json(rows_dir / f"{old['variant']}.json", old)
 
     def save_row(row: dict[str, Any]) -> None:
-        write_json(rows_dir / f"{row['variant']}.json", row)
+        # each row keeps the invocation that produced it (rows come from several)
+        write_json(rows_dir / f"{row['variant']}.json", {**row, "settings": vars(args)})
         rows = [read_json(f) for f in sorted(rows_dir.glob("*.json"))]
-        write_json(summary_file, {"settings": vars(args), "rows": rows})
+        write_json(summary_file, {"rows": rows})
 
     if args.reference:
         ref = load_run(args.reference, dev).model

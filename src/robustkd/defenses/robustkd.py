@@ -257,12 +257,14 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
             started = time.perf_counter()
             masks, _ = train_detox_masks(teacher, clean, names, tau=tau, **detox_kw)
             detox_seconds += time.perf_counter() - started
-            # every candidate starts from the same initialisation, so tau is all that differs
-            torch.manual_seed(seed)
-            cand_student = student_factory()
+            # every candidate is built and trained from the same random state, so tau is all
+            # that differs (forked: the caller's global random state is left as it was)
             started = time.perf_counter()
-            distill_student(teacher, cand_student, clean, None,
-                            teacher_replace=masks.replacements(), **distill_kw)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                cand_student = student_factory()
+                distill_student(teacher, cand_student, clean, None,
+                                teacher_replace=masks.replacements(), **distill_kw)
             distill_seconds += time.perf_counter() - started
             m = evaluate_model(cand_student, test, mean, std, trigger=trigger, target=target,
                                device=device)
