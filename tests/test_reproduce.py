@@ -61,6 +61,25 @@ def test_paper_scale_uses_the_papers_pairs_and_mini_changes_sizes_only():
     assert paper_rkd.params["robustkd"]["detox_epochs"] == 40
 
 
+def test_a_sweep_point_at_the_methods_own_setting_is_the_tables_run():
+    cells = plan(["table4", "fig4", "fig7"], "mini")
+    table = {c.column: c.node for c in cells["table4"]}
+    fig4 = {c.column: c.node for c in cells["fig4"]}
+    fig7 = {c.column: c.node for c in cells["fig7"]}
+    for attack in ("ckd", "lba"):
+        # tau 0.2 and all layers are the paper preset's own settings; FKD is shared too
+        assert fig4[f"{attack}/0.2"] is table[f"robustkd/{attack}"]
+        assert fig7[f"{attack}/all"] is table[f"robustkd/{attack}"]
+        assert fig4[f"{attack}/fkd"] is table[f"fkd/{attack}"]
+        others = [fig4[f"{attack}/{v}"] for v in ("0.1", "0.6", "1.0")]
+        assert len({n.id for n in others} | {table[f"robustkd/{attack}"].id}) == 4
+        assert [n.params["robustkd"]["tau"] for n in others] == [0.1, 0.6, 1.0]
+    # the mini sweeps use the tables' pair (no backdoor reaches WRN-10-2 at this scale),
+    # while Table 6 keeps WRN-10-2 for the paper's WRN-16-4
+    assert {c.pair for c in cells["fig4"]} == {"wrn16_2-wrn16_1"}
+    assert "wrn16_2-wrn10_2" in {c.pair for c in plan(["table6"], "mini")["table6"]}
+
+
 def test_a_changed_setting_gives_a_new_run_id():
     a = Planner(MINI).clean_teacher("cifar10", "wrn16_2", 0)
     b = Planner(SMOKE).clean_teacher("cifar10", "wrn16_2", 0)

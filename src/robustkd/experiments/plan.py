@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from robustkd.defenses.robustkd import DEFAULT_PRESET, PRESETS
+from robustkd.defenses.robustkd import DEFAULT_PRESET, PRESETS, robustkd_config
 from robustkd.errors import ConfigError
 from robustkd.experiments.scales import DataScale, Scale
 from robustkd.experiments.specs import STAND_INS, Method, Study, get_method
@@ -124,6 +124,14 @@ class Planner:
         return self.scale.for_dataset(node.params["dataset"])
 
 
+def _is_method_default(method: Method, option: str, value: Any) -> bool:
+    """Whether ``method`` already runs with ``option = value`` (a sweep point that equals
+    the method's own configuration is the same run as the method's table cell)."""
+    if method.robustkd is None:
+        return False
+    return getattr(robustkd_config(dict(method.robustkd)), option) == value
+
+
 def _pairs_for(study: Study, scale: Scale, paper_dataset: str) -> list[tuple[str, str]]:
     """``(paper pair, pair at this scale)``, deduplicated, at most ``scale.keep_pairs``."""
     paper_pairs = study.pairs.get(paper_dataset)
@@ -131,7 +139,7 @@ def _pairs_for(study: Study, scale: Scale, paper_dataset: str) -> list[tuple[str
         paper_pairs = next(iter(study.pairs.values()))
     out: list[tuple[str, str]] = []
     for pp in paper_pairs:
-        mapped = scale.pair(pp)
+        mapped = scale.pair(pp, sweep=study.kind == "sweep")
         if mapped not in [m for _, m in out]:
             out.append((pp, mapped))
     return out if scale.keep_pairs is None else out[: scale.keep_pairs]
@@ -170,10 +178,15 @@ def plan_study(study: Study, scale: Scale, datasets: list[str], seeds: list[int]
                     elif study.kind == "sweep":
                         fkd = planner.student(bad, s_model, get_method("fkd"), seed)
                         cells.append(Cell(**where, column=f"{attack}/fkd", node=fkd))
+                        method = get_method(use_methods[0])
                         for value in study.sweep_values:
-                            node = planner.student(
-                                bad, s_model, get_method(use_methods[0]), seed,
-                                {study.sweep_option: value}, tag=f"-{study.sweep_option}{value}")
+                            if _is_method_default(method, study.sweep_option, value):
+                                # the method's own setting: the tables' run, computed once
+                                node = planner.student(bad, s_model, method, seed)
+                            else:
+                                node = planner.student(
+                                    bad, s_model, method, seed, {study.sweep_option: value},
+                                    tag=f"-{study.sweep_option}{value}")
                             cells.append(Cell(**where, column=f"{attack}/{value}", node=node))
                     else:
                         for name in use_methods:
