@@ -211,3 +211,22 @@ def test_a_replanned_cell_takes_the_new_run(tmp_path):
     write_layout(tmp_path, "table4", [cell("old-run")], {"scale": "mini", "seeds": [0]})
     path = write_layout(tmp_path, "table4", [cell("new-run")], {"scale": "mini", "seeds": [0]})
     assert [c["run"] for c in read_json(path)["cells"]] == ["new-run"]
+
+
+def test_report_marks_a_cell_an_earlier_setting_filled(tmp_path):
+    from robustkd.experiments.report import report
+    from robustkd.experiments.runner import write_layout
+    from robustkd.io import read_json, write_json
+
+    cells = plan(["table4"], "smoke")["table4"]
+    path = write_layout(tmp_path, "table4", cells, {"scale": "smoke", "seeds": [0]})
+    assert "†" not in report(tmp_path).read_text()  # every cell is today's plan
+    layout = read_json(path)
+    old = next(c for c in layout["cells"] if c["column"] == "robustkd/ckd")
+    old["run"] = "digits-wrn16_1-ckd-wrn10_1-robustkd-s0-0123456789"  # an older setting's run
+    write_json(path, layout)
+    text = report(tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| digits"))
+    # the RobustKD ckd ASR and its removal rate are marked; FKD and LBA cells are not
+    assert row.count("†") == 2
+    assert f"| {old['run']} † | missing" in text and "earlier setting" in text

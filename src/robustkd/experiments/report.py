@@ -15,8 +15,11 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from robustkd.errors import ConfigError
 from robustkd.experiments.paper import paper_value
-from robustkd.experiments.runner import RECORDS_FILE
+from robustkd.experiments.plan import Planner, plan_study
+from robustkd.experiments.runner import RECORDS_FILE, cell_position, layout_cell
+from robustkd.experiments.scales import get_scale
 from robustkd.experiments.specs import STAND_INS, get_method, get_study
 from robustkd.io import atomic_write, read_json
 from robustkd.plotting import pyplot, save_png
@@ -48,6 +51,37 @@ def load_records(out: str | Path) -> dict[str, dict[str, Any]]:
             continue
         records[item["node"]["id"]] = item["record"]
     return records
+
+
+STALE_MARK = "†"
+
+
+def stale_runs(name: str, layout: dict[str, Any]) -> set[str]:
+    """Runs in the layout that today's plan would not put there (a scale, preset or pair
+    changed since they ran): their numbers are shown, marked, not passed off as current."""
+    try:
+        scale = get_scale(str(layout.get("scale")))
+    except ConfigError:
+        return set()
+    study = get_study(name)
+    columns = {c["column"].split("/")[0] for c in layout["cells"]}
+    extra = [m for m in columns if m != "teacher" and study.kind == "table"]
+    current: dict[str, str] = {}
+    planner = Planner(scale)
+    for dataset in sorted({c["dataset"] for c in layout["cells"]}):
+        try:
+            cells = plan_study(study, scale, [dataset], sorted({c["seed"] for c in
+                                                                layout["cells"]}),
+                               methods=list(study.methods) + extra or None, planner=planner)
+        except ConfigError:  # a dataset this scale no longer knows: nothing current
+            continue
+        current.update({cell_position(item): item["run"]
+                        for item in map(layout_cell, cells)})
+    return {c["run"] for c in layout["cells"] if current.get(cell_position(c)) != c["run"]}
+
+
+def _marked(text: str, runs: list[str], stale: set[str]) -> str:
+    return f"{text} {STALE_MARK}" if stale.intersection(runs) else text
 
 
 def _metric(record: dict[str, Any] | None, name: str) -> float | None:
@@ -92,8 +126,8 @@ def _removal(records, fkd_runs: list[str], rkd_runs: list[str],
     return out
 
 
-def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]]
-                   ) -> str:
+def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]],
+                   stale: set[str] = frozenset()) -> str:
     study = get_study(name)
     attacks = [a for a in study.attacks if any(c["column"] == f"teacher/{a}"
                                                for c in layout["cells"])]
@@ -116,30 +150,34 @@ def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[st
     seed_of = {c["run"]: c["seed"] for c in layout["cells"]}
     for (ds, pds, ppair, pair), cols in sorted(_groups(layout["cells"]).items()):
         standin = "" if ds == pds else f" (stand-in for {pds})"
+        clean = cols.get("teacher/clean", [])
         row = [f"{ds}{standin}", f"{pair} (paper: {ppair})",
-               _fmt(_values(records, cols.get("teacher/clean", []), "acc"),
-                    paper_value(name, pds, ppair, "teacher_acc"))]
+               _marked(_fmt(_values(records, clean, "acc"),
+                            paper_value(name, pds, ppair, "teacher_acc")), clean, stale)]
         for i, a in enumerate(attacks):
             runs = cols.get(f"teacher/{a}", [])
             p_asr = paper_value(name, pds, ppair, "teacher_asr") if i == 0 else None
-            row.append(f"{_fmt(_values(records, runs, 'acc'))} / "
-                       f"{_fmt(_values(records, runs, 'asr'), p_asr)}")
+            row.append(_marked(f"{_fmt(_values(records, runs, 'acc'))} / "
+                               f"{_fmt(_values(records, runs, 'asr'), p_asr)}", runs, stale))
             for m in methods:
                 for metric in study.metrics:
                     runs = cols.get(f"{m}/{a}", [])
                     paper = paper_value(name, pds, ppair, f"{m}/{a}/{metric}")
-                    row.append(_fmt(_values(records, runs, metric), paper))
+                    row.append(_marked(_fmt(_values(records, runs, metric), paper), runs,
+                                       stale))
             if "fkd" in methods and study.metrics != ("acc",):
                 for m in methods:
                     if m.startswith("robustkd"):
+                        both = cols.get(f"fkd/{a}", []) + cols.get(f"{m}/{a}", [])
                         rem = _removal(records, cols.get(f"fkd/{a}", []),
                                        cols.get(f"{m}/{a}", []), seed_of)
-                        row.append(_fmt(rem))
+                        row.append(_marked(_fmt(rem), both, stale))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def sweep_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+def sweep_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]],
+                   stale: set[str] = frozenset()) -> str:
     study = get_study(name)
     values = [str(v) for v in study.sweep_values]
     header = ["dataset / pair", "attack", "FKD ACC / ASR"] + [
@@ -152,8 +190,8 @@ def sweep_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[st
             row = [f"{ds} / {pair}", a]
             for key in ["fkd"] + values:
                 runs = cols.get(f"{a}/{key}", [])
-                row.append(f"{_fmt(_values(records, runs, 'acc'))} / "
-                           f"{_fmt(_values(records, runs, 'asr'))}")
+                row.append(_marked(f"{_fmt(_values(records, runs, 'acc'))} / "
+                                   f"{_fmt(_values(records, runs, 'asr'))}", runs, stale))
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -231,17 +269,19 @@ def _plot_scan(path: Path, layout, records) -> Path | None:
     return save_png(fig, path)
 
 
-def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]],
+                  stale: set[str] = frozenset()) -> str:
     """Every run behind the study: its numbers, time, device and revision."""
     lines = ["| run | ACC % | ASR % | seconds | device | git | seed |",
              "|---|---|---|---|---|---|---|"]
     for run in sorted({c["run"] for c in layout["cells"]}):
         rec = records.get(run)
+        label = _marked(run, [run], stale)
         if rec is None:
-            lines.append(f"| {run} | missing | | | | | |")
+            lines.append(f"| {label} | missing | | | | | |")
             continue
         acc, asr = _metric(rec, "acc"), _metric(rec, "asr")
-        lines.append(f"| {run} | {'–' if acc is None else f'{acc:.2f}'} | "
+        lines.append(f"| {label} | {'–' if acc is None else f'{acc:.2f}'} | "
                      f"{'–' if asr is None else f'{asr:.2f}'} | {rec.get('seconds', 0):.0f} | "
                      f"{rec.get('device', '')} | {str(rec.get('git_rev', ''))[:8]} | "
                      f"{rec.get('seed', '')} |")
@@ -265,12 +305,13 @@ def report(out: str | Path, studies: list[str] | None = None) -> Path:
             continue
         layout = read_json(layout_path)
         study = get_study(name)
+        stale = stale_runs(name, layout)
         parts += [f"## {study.title}", "",
                   f"Scale `{layout.get('scale')}`, seeds {layout.get('seeds')}.", ""]
         if study.kind == "table":
-            parts.append(table_markdown(name, layout, records))
+            parts.append(table_markdown(name, layout, records, stale))
         elif study.kind == "sweep":
-            parts.append(sweep_markdown(name, layout, records))
+            parts.append(sweep_markdown(name, layout, records, stale))
             png = _plot_sweep(out / f"{name}.png", name, layout, records)
             if png:
                 parts.append(f"![{name}]({png.name})\n")
@@ -279,7 +320,11 @@ def report(out: str | Path, studies: list[str] | None = None) -> Path:
             png = _plot_scan(out / f"{name}.png", layout, records)
             if png:
                 parts.append(f"![{name}]({png.name})\n")
-        parts += ["<details><summary>runs</summary>", "", runs_markdown(layout, records),
-                  "</details>", ""]
+        if stale:
+            parts.append(f"{STALE_MARK} from a run of an earlier setting (the scale, preset or "
+                         f"pair changed since): `robustkd reproduce {name} --scale "
+                         f"{layout.get('scale')} ...` with the same datasets replaces it.\n")
+        parts += ["<details><summary>runs</summary>", "",
+                  runs_markdown(layout, records, stale), "</details>", ""]
     text = "\n".join(parts)
     return atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))

@@ -164,17 +164,23 @@ def write_layout(out: Path, study: str, cells: list[Cell], meta: dict[str, Any])
     extra "seed"."""
     path = out / "studies" / f"{study}.json"
     old = read_json(path) if path.exists() else {"cells": []}
-
-    def position(c: dict[str, Any]) -> str:
-        return json.dumps({k: v for k, v in c.items() if k != "run"}, sort_keys=True)
-
-    rows = {position(c): c for c in old["cells"]}
+    rows = {cell_position(c): c for c in old["cells"]}
     for c in cells:
-        item = {"dataset": c.dataset, "paper_dataset": c.paper_dataset,
-                "paper_pair": c.paper_pair, "pair": c.pair, "column": c.column,
-                "seed": c.seed, "run": c.node.id}
-        rows[position(item)] = item
+        item = layout_cell(c)
+        rows[cell_position(item)] = item
     return write_json(path, {"study": study, **meta, "cells": list(rows.values())})
+
+
+def layout_cell(c: Cell) -> dict[str, Any]:
+    """A planned cell as stored in ``studies/<study>.json``."""
+    return {"dataset": c.dataset, "paper_dataset": c.paper_dataset,
+            "paper_pair": c.paper_pair, "pair": c.pair, "column": c.column,
+            "seed": c.seed, "run": c.node.id}
+
+
+def cell_position(c: dict[str, Any]) -> str:
+    """Where a stored cell sits in its table (everything but the run filling it)."""
+    return json.dumps({k: v for k, v in c.items() if k != "run"}, sort_keys=True)
 
 
 def run_nodes(nodes: list[RunNode], out: str | Path, *, data_root: str | None = None,
