@@ -230,3 +230,21 @@ def test_report_marks_a_cell_an_earlier_setting_filled(tmp_path):
     # the RobustKD ckd ASR and its removal rate are marked; FKD and LBA cells are not
     assert row.count("†") == 2
     assert f"| {old['run']} † | missing" in text and "earlier setting" in text
+
+
+def test_sweep_report_renders_every_value_from_records(tmp_path):
+    pytest.importorskip("matplotlib")
+    from robustkd.experiments.report import report
+    from robustkd.experiments.runner import write_layout
+
+    cells = plan(["fig4"], "smoke", attacks=["lba"])["fig4"]
+    write_layout(tmp_path, "fig4", cells, {"scale": "smoke", "seeds": [0]})
+    measured = {"lba/fkd": (0.61, 0.72), "lba/0.1": (0.60, 0.31), "lba/0.2": (0.59, 0.22)}
+    lines = [json.dumps({"node": c.node.spec(), "record": {"metrics": {"acc": a, "asr": r}}})
+             for c in cells for col, (a, r) in measured.items() if c.column == col]
+    (tmp_path / RECORDS_FILE).write_text("\n".join(lines) + "\n")
+    text = report(tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| digits"))
+    assert row.split(" | ")[2:] == ["61.0 / 72.0", "60.0 / 31.0", "59.0 / 22.0", "– / –",
+                                    "– / – |"]
+    assert (tmp_path / "fig4.png").stat().st_size > 1000

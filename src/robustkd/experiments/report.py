@@ -217,25 +217,31 @@ def scan_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) ->
     return "\n".join(lines) + "\n"
 
 
-def _plot_sweep(path: Path, name: str, layout, records) -> Path | None:
+def _plot_sweep(path: Path, name: str, layout, records, stale: set[str] = frozenset()
+                ) -> Path | None:
+    """One line per (dataset, pair, attack) of today's plan; runs marked stale are left
+    out of the figure (the table still lists them, marked)."""
     plt = pyplot()
     if plt is None:
         return None
     study = get_study(name)
     values = [str(v) for v in study.sweep_values]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for (ds, _pds, _pp, _pair), cols in sorted(_groups(layout["cells"]).items()):
+    current = [c for c in layout["cells"] if c["run"] not in stale]
+    for (ds, _pds, _pp, pair), cols in sorted(_groups(current).items()):
         for a in study.attacks:
-            if f"{a}/fkd" not in cols:
+            if not any(cols.get(f"{a}/{v}") for v in values):
                 continue
             for ax, metric in zip(axes, ("acc", "asr"), strict=True):
                 ys = [_values(records, cols.get(f"{a}/{v}", []), metric) for v in values]
                 means = [mean(y) if y else float("nan") for y in ys]
-                line = ax.plot(values, means, marker="o", label=f"{a} RobustKD ({ds})")[0]
+                line = ax.plot(range(len(values)), means, marker="o",
+                               label=f"{a} RobustKD ({ds}, {pair})")[0]
                 fkd = _values(records, cols.get(f"{a}/fkd", []), metric)
                 if fkd:
                     ax.axhline(mean(fkd), ls="--", color=line.get_color(), label=f"{a} FKD")
     for ax, metric in zip(axes, ("ACC %", "ASR %"), strict=True):
+        ax.set_xticks(range(len(values)), values)  # every swept value, measured or not
         ax.set_xlabel(study.sweep_option)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -312,7 +318,7 @@ def report(out: str | Path, studies: list[str] | None = None) -> Path:
             parts.append(table_markdown(name, layout, records, stale))
         elif study.kind == "sweep":
             parts.append(sweep_markdown(name, layout, records, stale))
-            png = _plot_sweep(out / f"{name}.png", name, layout, records)
+            png = _plot_sweep(out / f"{name}.png", name, layout, records, stale)
             if png:
                 parts.append(f"![{name}]({png.name})\n")
         else:
