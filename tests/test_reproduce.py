@@ -224,12 +224,16 @@ def test_report_marks_a_cell_an_earlier_setting_filled(tmp_path):
     layout = read_json(path)
     old = next(c for c in layout["cells"] if c["column"] == "robustkd/ckd")
     old["run"] = "digits-wrn16_1-ckd-wrn10_1-robustkd-s0-0123456789"  # an older setting's run
+    clean = next(c for c in layout["cells"] if c["column"] == "teacher/clean")
+    # a row of a pair no longer planned, sharing today's clean teacher
+    layout["cells"].append({**clean, "pair": "wrn16_1-wrn10_2"})
     write_json(path, layout)
     text = report(tmp_path).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| digits"))
     # the RobustKD ckd ASR and its removal rate are marked; FKD and LBA cells are not
     assert row.count("†") == 2
     assert f"| {old['run']} † | missing" in text and "earlier setting" in text
+    assert f"| {clean['run']} | missing" in text  # current in its own row: not marked
 
 
 def test_sweep_report_renders_every_value_from_records(tmp_path):

@@ -77,7 +77,9 @@ def stale_runs(name: str, layout: dict[str, Any]) -> set[str]:
             continue
         current.update({cell_position(item): item["run"]
                         for item in map(layout_cell, cells)})
-    return {c["run"] for c in layout["cells"] if current.get(cell_position(c)) != c["run"]}
+    fresh = {c["run"] for c in layout["cells"] if current.get(cell_position(c)) == c["run"]}
+    # a run that fills a current cell too (a teacher shared with an old row) is not stale
+    return {c["run"] for c in layout["cells"]} - fresh
 
 
 def _marked(text: str, runs: list[str], stale: set[str]) -> str:
