@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Set
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -82,7 +83,7 @@ def stale_runs(name: str, layout: dict[str, Any]) -> set[str]:
     return {c["run"] for c in layout["cells"]} - fresh
 
 
-def _marked(text: str, runs: list[str], stale: set[str]) -> str:
+def _marked(text: str, runs: list[str], stale: Set[str]) -> str:
     return f"{text} {STALE_MARK}" if stale.intersection(runs) else text
 
 
@@ -129,7 +130,7 @@ def _removal(records, fkd_runs: list[str], rkd_runs: list[str],
 
 
 def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]],
-                   stale: set[str] = frozenset()) -> str:
+                   stale: Set[str] = frozenset()) -> str:
     study = get_study(name)
     attacks = [a for a in study.attacks if any(c["column"] == f"teacher/{a}"
                                                for c in layout["cells"])]
@@ -179,7 +180,7 @@ def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[st
 
 
 def sweep_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]],
-                   stale: set[str] = frozenset()) -> str:
+                   stale: Set[str] = frozenset()) -> str:
     study = get_study(name)
     values = [str(v) for v in study.sweep_values]
     header = ["dataset / pair", "attack", "FKD ACC / ASR"] + [
@@ -219,7 +220,7 @@ def scan_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) ->
     return "\n".join(lines) + "\n"
 
 
-def _plot_sweep(path: Path, name: str, layout, records, stale: set[str] = frozenset()
+def _plot_sweep(path: Path, name: str, layout, records, stale: Set[str] = frozenset()
                 ) -> Path | None:
     """One line per (dataset, pair, attack) of today's plan; runs marked stale are left
     out of the figure (the table still lists them, marked)."""
@@ -278,7 +279,7 @@ def _plot_scan(path: Path, layout, records) -> Path | None:
 
 
 def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]],
-                  stale: set[str] = frozenset()) -> str:
+                  stale: Set[str] = frozenset()) -> str:
     """Every run behind the study: its numbers, time, device and revision."""
     lines = ["| run | ACC % | ASR % | seconds | device | git | seed |",
              "|---|---|---|---|---|---|---|"]
