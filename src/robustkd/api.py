@@ -354,13 +354,19 @@ def attack(
     eval_every: int = 1,
     options: dict[str, Any] | None = None,
     holdout: float | None = None,
+    trigger_teacher: str | Path | None = None,
 ) -> dict[str, Any]:
     """Implant a backdoor: poison-fine-tune a clean teacher run, or train poisoned from scratch.
 
     Fine-tuning defaults follow the CKD authors (8 epochs, SGD lr 0.008, constant);
     from scratch it uses the clean-training defaults (30 epochs, lr 0.1, step schedule).
+    From scratch, ``trigger_teacher`` (a clean run of the same data) is the model a learned
+    trigger (CKD, LBA) is optimised on, and the one whose ASR under the trigger is recorded
+    as the backdoor-free level; the poisoned model itself starts from random weights.
     """
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    if trigger_teacher is None:
+        config.pop("trigger_teacher")  # records without it keep their former config
     started = time.perf_counter()
     seed_everything(seed)
     dev = resolve_device(device)
@@ -371,6 +377,9 @@ def attack(
             "or --model NAME (poisoning from scratch), not both or neither"
         )
     parent = None
+    if trigger_teacher is not None and teacher is not None:
+        raise ConfigError("--trigger-teacher is for poisoning from scratch (--model); with "
+                          "--teacher the trigger is learned on that teacher")
     if teacher is not None:
         parent = load_run(teacher, dev)
         net = parent.model
@@ -398,6 +407,10 @@ def attack(
             model, num_classes=splits.num_classes, in_channels=splits.train.channels
         ).to(dev)
     _check_model_fits(net, splits, "teacher" if parent else "model")
+    reference = parent.model if parent else None
+    if trigger_teacher is not None:
+        reference = load_run(trigger_teacher, dev).model
+        _check_model_fits(reference, splits, "--trigger-teacher")
     if not 0 <= target < splits.num_classes:
         raise ConfigError(
             f"--target {target} is not a class of {splits.name} (0..{splits.num_classes - 1})"
@@ -406,7 +419,7 @@ def attack(
     trigger_started = time.perf_counter()
     ctx = AttackContext(
         splits,
-        net if parent else None,
+        reference,
         {**(options or {}), "target": target, "progress": progress},
         dev,
     )
@@ -415,9 +428,10 @@ def attack(
     # the clean model under the new trigger: the ASR a backdoor-free model already shows
     before = (
         evaluate_model(
-            net, splits.test, splits.mean, splits.std, trigger=trigger, target=target, device=dev
+            reference, splits.test, splits.mean, splits.std, trigger=trigger, target=target,
+            device=dev,
         )
-        if parent
+        if reference is not None
         else None
     )
     run_dir = Path(out)
@@ -697,6 +711,7 @@ def distill(
     detox_from: str | Path | None = None,
     stream: bool = False,
     workers: int | None = None,
+    clean_seed: int | None = None,
 ) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
@@ -711,10 +726,14 @@ def distill(
     (no RobustKD, no defence) and ``image_size`` is the crop size.
     """
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    if clean_seed is None:  # records without it keep their former config
+        config.pop("clean_seed")
     started = time.perf_counter()
     seed_everything(seed)
     dev = resolve_device(device)
     trigger = target = None
+    # which clean images the defender holds: fixed by clean_seed across student seeds
+    subset_seed = seed if clean_seed is None else clean_seed
     if (teacher is None) == (teacher_factory is None):
         raise ConfigError(
             "give either --teacher RUN_DIR or --teacher-factory MODULE:FUNC "
@@ -734,14 +753,14 @@ def distill(
         config["stream"] = True
         _check_streamed_distill(method, defense)
         splits, train_ds = _prepare_streamed(
-            dataset, data_root, image_size, clean_fraction, seed, holdout,
+            dataset, data_root, image_size, clean_fraction, subset_seed, holdout,
             parent.meta["normalization"] if teacher is not None else None,
         )
     else:
         for key in ("stream", "workers"):  # in-memory records keep their former config
             config.pop(key)
         splits, train_ds = _prepare_data(
-            dataset, data_root, image_size, clean_fraction, seed, holdout=holdout
+            dataset, data_root, image_size, clean_fraction, subset_seed, holdout=holdout
         )
     if teacher_factory is not None:
         t_net = load_factory(teacher_factory, splits.num_classes, splits.train.channels)

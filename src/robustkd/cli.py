@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from robustkd import __version__
 from robustkd.errors import ConfigError, RobustKDError, UnsafeCheckpointError
@@ -62,7 +63,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, epochs: int | None, lr: float |
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out from its last finished epoch")
     g.add_argument("--no-amp", dest="amp", action="store_false",
-                   help="disable bf16 autocast on CUDA")
+                   help="disable bf16 autocast (on CUDA, and on CPUs with native bf16)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    default=None, help="keep NCHW memory format (default: channels_last)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", metavar="RUN_DIR", help="clean teacher run to fine-tune")
     src.add_argument("--model", help="architecture to poison from scratch")
+    p.add_argument("--trigger-teacher", metavar="RUN_DIR", default=None,
+                   help="with --model: clean run a learned trigger (ckd, lba) is optimised on; "
+                        "its ASR under the trigger is recorded as the backdoor-free level")
     _add_data_args(p, dataset_default=None)
     g = p.add_argument_group("poisoning")
     g.add_argument("--target", type=int, default=0, help="target class index")
@@ -162,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--clean-fraction", type=float, default=None,
                    help="per-class fraction of the clean training set the defender holds")
+    g.add_argument("--clean-seed", type=int, default=None,
+                   help="seed choosing the defender's clean images (default: --seed); fix it "
+                        "to compare student seeds on the same data")
     g.add_argument("--holdout", type=float, default=None,
                    help="evaluate on a held-out validation split (default: the teacher run's)")
     _add_stream_args(p)
@@ -230,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
         "data, then distil from it with --method (default fkd); defaults: NAD paper/code")
     g.add_argument("--defense", default=None, choices=sorted(TEACHER_DEFENSES),
                    help="finetune: SGD fine-tuning of the teacher copy; nad: Neural Attention "
-                        "Distillation (Li et al. 2021) with a fine-tuned attention teacher")
+                        "Distillation (Li et al. 2021) with a fine-tuned attention teacher; "
+                        "anp: adversarial neuron pruning (Wu & Wang 2021); ibau: implicit "
+                        "backdoor adversarial unlearning (Zeng et al. 2022); settings of "
+                        "anp/ibau via --defense-set KEY=VALUE")
     g.add_argument("--defense-epochs", type=int, default=None,
                    help="finetune: fine-tuning epochs (10); nad: erasing epochs (10)")
     g.add_argument("--defense-lr", type=float, default=None,
@@ -250,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "official code's later default is 0,0,5000)")
     g.add_argument("--nad-power", type=float, default=None,
                    help="nad: p of the attention map mean_c |F_c|^p (2)")
+    g.add_argument("--defense-set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any setting of the chosen defence by its name (repeatable), e.g. "
+                        "--defense anp --defense-set threshold=0.3; unknown keys are an error "
+                        "listing the defence's settings")
     p.set_defaults(_defense_options={
         "defense_epochs": "epochs", "defense_lr": "lr", "defense_batch_size": "batch_size",
         "defense_weight_decay": "weight_decay", "nad_teacher_epochs": "teacher_epochs",
@@ -389,6 +403,7 @@ def _cmd_attack(args: argparse.Namespace) -> dict:
     return api.attack(attack=args.attack, teacher=args.teacher, model=args.model,
                       target=args.target, poison_ratio=args.poison_ratio,
                       keep_originals=args.keep_originals, options=options,
+                      trigger_teacher=args.trigger_teacher,
                       **{k: getattr(args, k) for k in _RUN_KEYS})
 
 
@@ -410,12 +425,35 @@ def _defense_options(args: argparse.Namespace) -> dict | None:
              if getattr(args, dest) is not None}
     flags = ", ".join("--" + k.replace("_", "-") for k in given)
     if given and args.defense is None:
-        raise ConfigError(f"{flags} need --defense finetune|nad")
+        raise ConfigError(f"{flags} need --defense NAME")
     nad_only = [k for k in given if k.startswith("nad_")]
     if nad_only and args.defense != "nad":
         raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in nad_only)} apply to "
                           "--defense nad")
-    return {args._defense_options[k]: v for k, v in given.items()} or None
+    options = {args._defense_options[k]: v for k, v in given.items()}
+    for item in args.defense_set or ():
+        if args.defense is None:
+            raise ConfigError("--defense-set needs --defense NAME")
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--defense-set takes KEY=VALUE, got {item!r}")
+        options[key.strip().replace("-", "_")] = _setting_value(value.strip())
+    if options:  # checked here, where the flags entered, before any data or model is loaded
+        from robustkd.defenses.registry import get_teacher_defense, make_settings
+
+        try:
+            make_settings(get_teacher_defense(args.defense), options)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConfigError(f"--defense-set / --defense-* for {args.defense}: {exc}") from None
+    return options or None
+
+
+def _setting_value(text: str) -> Any:
+    """A --defense-set value as JSON when it parses (numbers, true, null, [lists]), else text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _cmd_distill(args: argparse.Namespace) -> dict:
@@ -449,6 +487,7 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
                        robustkd=robustkd if args.method == "robustkd" else None,
                        defense=args.defense, defense_options=defense_options,
                        detox_from=args.detox_from, stream=args.stream, workers=args.workers,
+                       clean_seed=args.clean_seed,
                        **{k: getattr(args, k) for k in keys if k != "compile"})
 
 

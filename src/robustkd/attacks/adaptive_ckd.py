@@ -78,7 +78,7 @@ def _build(ctx: AttackContext) -> Trigger:
     return trigger
 
 
-register_attack(AttackSpec("adaptive-ckd", _build, _arguments,
+register_attack(AttackSpec("adaptive-ckd", _build, _arguments, needs_model=True,
                            description="CKD plus a feature-variance penalty while poisoning "
                                        "(an attacker who knows RobustKD)",
                            shared_arguments=(learned_trigger_arguments, ckd_arguments),

@@ -75,7 +75,7 @@ def build_ckd_trigger(ctx: AttackContext, kind: str = "ckd") -> Trigger:
         progress=o.get("progress", True))
 
 
-register_attack(AttackSpec("ckd", build_ckd_trigger,
+register_attack(AttackSpec("ckd", build_ckd_trigger, needs_model=True,
                            description="learned trigger on the teacher's strongest channels "
                                        "(CKD, survives feature distillation)",
                            shared_arguments=(learned_trigger_arguments, ckd_arguments)))

@@ -287,7 +287,7 @@ def _build(ctx: AttackContext) -> Trigger:
                                 seed=o.get("trigger_seed", 0), kind="htba")
 
 
-register_attack(AttackSpec("htba", _build, htba_arguments,
+register_attack(AttackSpec("htba", _build, htba_arguments, needs_model=True,
                            description="hidden trigger, clean-label: target images perturbed "
                                        "to collide in feature space with patched sources",
                            shared_arguments=(patch_arguments,), build_poison=build_htba_poison,

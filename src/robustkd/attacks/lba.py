@@ -41,6 +41,7 @@ def _build(ctx: AttackContext) -> Trigger:
         params={"layers": names, "target": target}, progress=o.get("progress", True))
 
 
-register_attack(AttackSpec("lba", _build, description="learned trigger mimicking target-class "
-                                                      "features (latent backdoor)",
+register_attack(AttackSpec("lba", _build, needs_model=True,
+                           description="learned trigger mimicking target-class "
+                                       "features (latent backdoor)",
                            shared_arguments=(learned_trigger_arguments,)))

@@ -61,6 +61,8 @@ class AttackSpec:
     build_poison: BuildPoison = relabel_poison
     extra_loss: BuildExtraLoss | None = None
     trainable: Trainable | None = None
+    # the trigger is optimised on a clean model (from scratch: ``--trigger-teacher RUN``)
+    needs_model: bool = False
 
 
 ATTACKS: dict[str, AttackSpec] = {}

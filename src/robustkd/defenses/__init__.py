@@ -1,7 +1,7 @@
 """Defences: RobustKD feature detoxification, and the teacher-cleaning baselines
-(fine-tuning, NAD) registered by name for ``robustkd distill --defense``."""
+(fine-tuning, NAD, ANP, I-BAU) registered by name for ``robustkd distill --defense``."""
 
-from robustkd.defenses import finetune, nad  # noqa: F401  (register the teacher defences)
+from robustkd.defenses import anp, finetune, ibau, nad  # noqa: F401  (register the defences)
 from robustkd.defenses.registry import (
     TEACHER_DEFENSES,
     DefenseContext,

@@ -42,23 +42,36 @@ def accuracy(model: nn.Module, ds: ImageDataset | StreamedImageFolder, mean: Seq
     return float((preds == ds.labels).float().mean()) if len(ds) else float("nan")
 
 
-def attack_success_rate(model: nn.Module, ds: ImageDataset | StreamedImageFolder,
-                        trigger: Trigger, target: int, mean: Sequence[float],
-                        std: Sequence[float], **kw) -> float:
-    """Fraction of triggered non-target test images classified as ``target``.
+def triggered_metrics(model: nn.Module, ds: ImageDataset | StreamedImageFolder,
+                      trigger: Trigger, target: int, mean: Sequence[float],
+                      std: Sequence[float], **kw) -> dict[str, float]:
+    """ASR and R-ACC on the triggered non-target test images, from one forward pass.
 
-    Target-class images are excluded: counting them would credit the backdoor for correct
-    clean predictions (the authors' code includes them, which inflates ASR slightly).
+    ASR: the fraction classified as ``target``. R-ACC (robust accuracy): the fraction still
+    classified as their true label - a removed backdoor should restore it, not just move
+    triggered images to a third class. Target-class images are excluded: counting them
+    would credit the backdoor for correct clean predictions (the authors' code includes
+    them, which inflates ASR slightly).
     """
     from robustkd.attacks.poison import triggered_test_set  # attacks import this module
 
     if is_streamed(ds):  # same images, triggered batch by batch as they are decoded
         poisoned = ds.subset(torch.nonzero(ds.labels != target).flatten())
         preds = predict(model, poisoned, mean, std, trigger=trigger, **kw)
-        return float((preds == target).float().mean()) if len(poisoned) else float("nan")
-    poisoned = triggered_test_set(ds, trigger, target)
-    preds = predict(model, poisoned, mean, std, **kw)
-    return float((preds == target).float().mean()) if len(poisoned) else float("nan")
+    else:
+        poisoned = triggered_test_set(ds, trigger, target)
+        preds = predict(model, poisoned, mean, std, **kw)
+    if not len(poisoned):
+        return {"asr": float("nan"), "racc": float("nan")}
+    return {"asr": float((preds == target).float().mean()),
+            "racc": float((preds == torch.as_tensor(poisoned.labels)).float().mean())}
+
+
+def attack_success_rate(model: nn.Module, ds: ImageDataset | StreamedImageFolder,
+                        trigger: Trigger, target: int, mean: Sequence[float],
+                        std: Sequence[float], **kw) -> float:
+    """Fraction of triggered non-target test images classified as ``target``."""
+    return triggered_metrics(model, ds, trigger, target, mean, std, **kw)["asr"]
 
 
 @torch.no_grad()
@@ -99,8 +112,8 @@ def mean_features(model: nn.Module, ds: ImageDataset, names: Sequence[str],
 def evaluate_model(model: nn.Module, test: ImageDataset | StreamedImageFolder,
                    mean: Sequence[float], std: Sequence[float], trigger: Trigger | None = None,
                    target: int | None = None, **kw) -> dict[str, float]:
-    """``{"acc": …, "asr": …}`` (ASR only when a trigger and target are known)."""
+    """``{"acc", "asr", "racc"}`` (ASR and R-ACC only when a trigger and target are known)."""
     metrics = {"acc": accuracy(model, test, mean, std, **kw)}
     if trigger is not None and target is not None:
-        metrics["asr"] = attack_success_rate(model, test, trigger, target, mean, std, **kw)
+        metrics.update(triggered_metrics(model, test, trigger, target, mean, std, **kw))
     return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from robustkd.experiments.benchmark import plan_benchmark
 from robustkd.experiments.plan import Cell, Planner, plan_study
 from robustkd.experiments.report import report
 from robustkd.experiments.runner import Shard, ordered_nodes, run_nodes, write_layout
@@ -19,11 +20,15 @@ from robustkd.experiments.specs import STUDIES, get_study
 __all__ = ["plan", "reproduce", "report", "STUDIES"]
 
 
+BENCHMARK = "benchmark"
+
+
 def _names(targets: list[str]) -> list[str]:
     names: list[str] = []
     for t in targets:
         for name in (sorted(STUDIES) if t == "all" else [t]):
-            get_study(name)
+            if name != BENCHMARK:
+                get_study(name)
             if name not in names:
                 names.append(name)
     return names
@@ -32,11 +37,14 @@ def _names(targets: list[str]) -> list[str]:
 def plan(targets: list[str], scale: str = "mini", datasets: list[str] | None = None,
          seeds: int = 1, attacks: list[str] | None = None,
          methods: list[str] | None = None) -> dict[str, list[Cell]]:
-    """Cells of every named study (``all`` = every table and figure)."""
+    """Cells of every named study (``all`` = every table and figure; ``benchmark`` = the
+    defence benchmark, whose ``attacks`` filter names its teachers)."""
     sc = get_scale(scale)
     planner = Planner(sc)
-    return {name: plan_study(get_study(name), sc, list(datasets or sc.default_datasets),
-                             list(range(seeds)), attacks, methods, planner)
+    return {name: plan_benchmark(sc, list(range(seeds)), attacks, methods)
+            if name == BENCHMARK else
+            plan_study(get_study(name), sc, list(datasets or sc.default_datasets),
+                       list(range(seeds)), attacks, methods, planner)
             for name in _names(targets)}
 
 

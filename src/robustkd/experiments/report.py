@@ -297,6 +297,18 @@ def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
+def _benchmark_section(out: Path, layout: dict[str, Any],
+                       records: dict[str, dict[str, Any]]) -> list[str]:
+    from robustkd.experiments.bench_report import benchmark_markdown, plot_benchmark
+
+    parts = ["## Defence benchmark: backdoors that cross distillation, every defence", "",
+             f"Scale `{layout.get('scale')}`, seeds {layout.get('seeds')}.", "",
+             benchmark_markdown(layout, records)]
+    parts += [f"![{p.stem}]({p.name})\n" for p in plot_benchmark(out, layout, records)]
+    return parts + ["<details><summary>runs</summary>", "", runs_markdown(layout, records),
+                    "</details>", ""]
+
+
 def report(out: str | Path, studies: list[str] | None = None) -> Path:
     """Write ``OUT/report.md`` (+ one PNG per figure study) for the studies laid out in
     ``OUT/studies``; returns the markdown path."""
@@ -313,6 +325,9 @@ def report(out: str | Path, studies: list[str] | None = None) -> Path:
         if not layout_path.exists():
             continue
         layout = read_json(layout_path)
+        if name == "benchmark":
+            parts += _benchmark_section(out, layout, records)
+            continue
         study = get_study(name)
         stale = stale_runs(name, layout)
         parts += [f"## {study.title}", "",

@@ -102,11 +102,15 @@ def _call(node: RunNode, out: Path, data_root: str | None, device: str,
     common = {"device": device, "out": target}
     if node.kind == "scan":
         return api.scan(**parents, **node.params, **common)
+    if node.kind == "evaluate":
+        return api.evaluate(**parents, **node.params, **common)
     common.update(progress=progress, resume=True)
     if node.kind == "train":
         return api.train(**node.params, data_root=data_root, **common)
     if node.kind == "attack":
-        return api.attack(**parents, **node.params, **common)
+        scratch = "dataset" in node.params  # poisoned from scratch: no teacher to read it from
+        return api.attack(**parents, **node.params, **common,
+                          **({"data_root": data_root} if scratch else {}))
     if node.kind == "distill":
         return api.distill(**parents, **node.params, **common)
     raise ConfigError(f"unknown run kind {node.kind!r}")

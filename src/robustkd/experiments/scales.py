@@ -36,6 +36,30 @@ class DataScale:
 
 
 @dataclass(frozen=True)
+class BenchSizes:
+    """How big every run of the benchmark is at one scale."""
+
+    dataset: str
+    teacher_model: str
+    student_model: str
+    train_fraction: float | None
+    teacher_epochs: int
+    teacher_lr: float = 0.1
+    teacher_schedule: str = "cosine"
+    batch_size: int = 128
+    poison_ratio: float = 0.1
+    clean_fraction: float = 0.2
+    clean_seed: int = 0
+    student_epochs: int = 10
+    student_lr: float = 0.1
+    student_schedule: str = "step"
+    detox_epochs: int = 10
+    attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    robustkd_sizes: dict[str, Any] = field(default_factory=dict)
+    defense_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Scale:
     """A named set of sizes; ``pairs`` maps each paper pair to the models used instead
     (identity at the paper scale), ``sweep_pairs`` overrides it for the figure sweeps
@@ -53,6 +77,7 @@ class Scale:
     robustkd_sizes: dict[str, Any] = field(default_factory=dict)
     defense_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
     scan_samples: int = 100
+    benchmark: BenchSizes | None = None
 
     def for_dataset(self, dataset: str) -> DataScale:
         if dataset in self.data:
@@ -106,6 +131,15 @@ SMOKE = Scale(
     robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200},
     defense_sizes={"finetune": {"epochs": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}},
     scan_samples=50,
+    benchmark=BenchSizes(
+        dataset="digits", teacher_model="wrn10_1", student_model="wrn10_1",
+        train_fraction=None, teacher_epochs=2, batch_size=64, clean_fraction=0.2,
+        student_epochs=1, student_lr=0.05, detox_epochs=1,
+        attack_options={"ckd": {"trigger_epochs": 1, "trigger_images": 200},
+                        "lba": {"trigger_epochs": 1, "trigger_images": 200}},
+        robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200},
+        defense_sizes={"finetune": {"epochs": 1}, "nad": {"teacher_epochs": 1, "epochs": 1},
+                       "anp": {"iterations": 5}, "ibau": {"rounds": 1}}),
 )
 
 # The settings of the CPU mini Table 3 measured before the harness existed
@@ -152,6 +186,17 @@ MINI = Scale(
     attack_options=_ATTACKS_FULL,
     robustkd_sizes={},
     defense_sizes={"finetune": {"epochs": 5}, "nad": {"teacher_epochs": 5, "epochs": 5}},
+    # The defence benchmark (experiments/benchmark.py): teachers poisoned from scratch on all
+    # 50k CIFAR-10 images for 10 cosine epochs (bf16 on this CPU), WRN-16-1 students on a
+    # fixed 20% per-class clean subset for 10 epochs; defences at their own defaults.
+    benchmark=BenchSizes(
+        dataset="cifar10", teacher_model="wrn16_2", student_model="wrn16_1",
+        train_fraction=None, teacher_epochs=10, poison_ratio=0.1, clean_fraction=0.2,
+        student_epochs=10, detox_epochs=10,
+        attack_options={"ckd": {"toxic_fraction": 0.1, **_TRIGGER}, "lba": dict(_TRIGGER)},
+        # ANP's reference runs 2000 iterations on 500 images; on 10k images 500 iterations
+        # (64k draws, ~6 passes) keep the CPU cost of one run near an FKD run's
+        defense_sizes={"anp": {"iterations": 500}}),
 )
 
 PAPER = Scale(

@@ -38,6 +38,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "oracle"}),
     Method("finetune", "fine-tuning + FKD", "fkd", defense="finetune"),
     Method("nad", "NAD + FKD", "fkd", defense="nad"),
+    Method("anp", "ANP + FKD", "fkd", defense="anp"),
+    Method("ibau", "I-BAU + FKD", "fkd", defense="ibau"),
 )}
 
 

@@ -1,0 +1,363 @@
+"""ANP baseline (Wu & Wang, NeurIPS 2021): Adversarial Neuron Pruning.
+
+Backdoored networks are unusually sensitive to small perturbations of single neurons: nudging
+the BatchNorm scales and shifts of a few channels makes them predict the target class on
+clean inputs. ANP gives every BatchNorm channel k a mask m_k in [0, 1] and, on the defender's
+clean data, alternates
+
+1. an inner maximisation over multiplicative perturbations delta_k (on gamma) and xi_k (on
+   beta), each in [-eps, eps]: the channel computes ``gamma_k (m_k + delta_k) x_hat + beta_k
+   (1 + xi_k)``; ``steps`` sign-gradient ascent steps of size ``eps / steps`` on the CE loss
+   from a uniform random start, and
+2. an outer SGD step on the masks of ``alpha * CE(m) + (1 - alpha) * CE(m, delta, xi)``,
+   then clipping the masks to [0, 1].
+
+Channels whose mask ends below ``threshold`` are pruned in a fresh copy of the teacher by
+zeroing their BN weight (the bias is kept), as the reference code prunes. The model weights
+are frozen throughout; only masks and perturbations are optimised, with the model in train
+mode (batch statistics) as in the reference ``optimize_mask_cifar.py``.
+
+Defaults are the paper's and the reference code's: eps 0.4, 1 step, alpha 0.2, mask lr 0.2
+with momentum 0.9, 2000 iterations of batch 128, threshold 0.2. Implementation notes against
+the reference (csdongxian/ANP_backdoor): masks and perturbations live in forward hooks on the
+BatchNorm modules instead of replacement ``NoisyBatchNorm`` layers, so any model works; the
+perturbations are clipped to [-eps, eps] after each ascent step (the paper's constraint; the
+reference leaves them unclipped, up to 2 eps after one step); a channel is pruned when its
+mask is *strictly* below the threshold (the reference uses ``<=``, which differs only at
+exact ties). ``max_acc_drop`` replaces the reference's trigger-based choice among thresholds
+with a blind one: the largest threshold whose accuracy on a held-out part of the clean data
+stays within ``max_acc_drop`` of the unpruned teacher's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkd.data.subsets import split_validation
+from robustkd.defenses.registry import DefenseContext, register_teacher_defense
+from robustkd.errors import ConfigError, DataError
+from robustkd.evaluation.metrics import accuracy
+from robustkd.models.taps import resolve_modules
+from robustkd.training.loop import EpochResult, fit
+from robustkd.training.optim import OptimConfig
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# fraction of each class of the clean data held out to choose the threshold (max_acc_drop)
+VAL_FRACTION = 0.1
+# thresholds tried by the blind choice: 0.05, 0.10, ..., 0.90 (the reference's pruning grid)
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 19))
+
+
+@dataclass
+class ANPSettings:
+    """ANP's knobs (defaults: paper and reference code). ``max_acc_drop`` (a fraction, e.g.
+    0.02) switches from the fixed ``threshold`` to the blind choice on held-out clean data."""
+
+    eps: float = 0.4
+    steps: int = 1
+    alpha: float = 0.2
+    mask_lr: float = 0.2
+    iterations: int = 2000
+    batch_size: int = 128
+    threshold: float = 0.2
+    max_acc_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_number("eps", self.eps, low=0.0)
+        _check_int("steps", self.steps, low=1)
+        _check_number("alpha", self.alpha, low=0.0, high=1.0)
+        _check_number("mask_lr", self.mask_lr, low=0.0, open_low=True)
+        _check_int("iterations", self.iterations, low=1)
+        _check_int("batch_size", self.batch_size, low=1)
+        _check_number("threshold", self.threshold, low=0.0, high=1.0)
+        if self.max_acc_drop is not None:
+            _check_number("max_acc_drop", self.max_acc_drop, low=0.0, high=1.0)
+
+
+def _check_number(name: str, value: object, *, low: float, high: float | None = None,
+                  open_low: bool = False) -> None:
+    ok = (isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > low if open_low else value >= low)
+          and (high is None or value <= high))
+    if not ok:
+        bounds = f"{'>' if open_low else '>='} {low}" + ("" if high is None else f" and <= {high}")
+        raise ConfigError(f"ANP setting {name} must be a number {bounds}, got {value!r}")
+
+
+def _check_int(name: str, value: object, *, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"ANP setting {name} must be an integer >= {low}, got {value!r}")
+
+
+def batchnorm_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    """The affine BatchNorm modules by name, and the names of non-affine ones (no gamma to
+    prune, so ANP leaves them alone)."""
+    found, skipped = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, BATCHNORMS):
+            if module.affine:
+                found[name] = module
+            else:
+                skipped.append(name)
+    return found, skipped
+
+
+def perturbed_bn_output(y: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor,
+                        shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Turn a BN output ``y = gamma x_hat + beta`` into ``gamma scale x_hat + beta (1 +
+    shift)`` per channel (dim 1), with ``scale = m + delta`` and ``shift = xi``.
+
+    Written as ``y + (scale - 1)(y - beta) + shift beta`` so that the identity (scale 1, no
+    shift) returns ``y`` bit for bit, and it holds in train mode (batch statistics) too.
+    """
+    view = (1, -1) + (1,) * (y.dim() - 2)
+    out = y + (scale - 1).view(view) * (y - beta.view(view))
+    if shift is not None:
+        out = out + (shift * beta).view(view)
+    return out
+
+
+class NeuronMasks:
+    """One mask and two perturbations per channel of every affine BN of ``model``, applied by
+    forward hooks (:meth:`attach`). ``perturbed`` switches the perturbations on."""
+
+    def __init__(self, model: nn.Module, eps: float = 0.0) -> None:
+        self.layers, self.skipped = batchnorm_layers(model)
+        if not self.layers:
+            raise ConfigError(f"ANP needs affine BatchNorm layers; {type(model).__name__} "
+                              "has none")
+        self.eps = float(eps)
+        self.perturbed = False
+
+        def per_channel(bn: nn.Module, value: float) -> torch.Tensor:
+            return torch.full((bn.num_features,), value, device=bn.weight.device)
+
+        self.masks = {n: per_channel(bn, 1.0).requires_grad_(True) for n, bn in self.layers.items()}
+        self.deltas = {n: per_channel(bn, 0.0) for n, bn in self.layers.items()}
+        self.xis = {n: per_channel(bn, 0.0) for n, bn in self.layers.items()}
+
+    @property
+    def num_channels(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def mask_params(self) -> list[torch.Tensor]:
+        return list(self.masks.values())
+
+    def noise(self) -> list[torch.Tensor]:
+        return [*self.deltas.values(), *self.xis.values()]
+
+    @contextmanager
+    def attach(self) -> Iterator[NeuronMasks]:
+        """Hook every BN for the duration of the block (hooks removed even on errors)."""
+        handles = [bn.register_forward_hook(self._hook(name)) for name, bn in self.layers.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+            mask = self.masks[name]
+            if self.perturbed:
+                return perturbed_bn_output(output, module.bias, mask + self.deltas[name],
+                                           self.xis[name])
+            return perturbed_bn_output(output, module.bias, mask)
+
+        return hook
+
+    @torch.no_grad()
+    def randomize_noise(self, generator: torch.Generator | None = None) -> None:
+        """The inner maximisation's start: delta, xi uniform in [-eps, eps]."""
+        for t in self.noise():
+            t.copy_(torch.rand(t.shape, generator=generator, device=t.device)
+                    .mul_(2 * self.eps).sub_(self.eps))
+
+    def ascend(self, loss_fn, lr: float) -> None:
+        """One ascent step on ``loss_fn()``: noise += lr * sign(grad), clipped to [-eps, eps]
+        (the reference takes the gradient's sign before its SGD step)."""
+        noise = self.noise()
+        for t in noise:
+            t.requires_grad_(True)
+        try:
+            grads = torch.autograd.grad(loss_fn(), noise)
+        finally:
+            for t in noise:
+                t.requires_grad_(False)
+        with torch.no_grad():
+            for t, g in zip(noise, grads, strict=True):
+                t.add_(g.sign(), alpha=lr).clamp_(-self.eps, self.eps)
+
+    @torch.no_grad()
+    def clip_(self) -> None:
+        for m in self.masks.values():
+            m.clamp_(0.0, 1.0)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the masks."""
+        return {n: m.detach().float().cpu().clone() for n, m in self.masks.items()}
+
+
+class _Iterations:
+    """``n`` batches of ``loader`` as one pass, restarting it (the next epoch's order) when it
+    runs out, so the loop counts iterations as the reference does rather than epochs."""
+
+    def __init__(self, loader: Iterable, n: int) -> None:
+        self.loader, self.n = loader, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator:
+        done = 0
+        while done < self.n:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                if done == self.n:
+                    return
+                yield batch
+                done += 1
+            if empty:
+                raise DataError("ANP: the clean data loader yields no batches")
+
+
+def anp_step(model: nn.Module, masks: NeuronMasks, cfg: ANPSettings,
+             generator: torch.Generator | None = None):
+    """Step closure for :func:`fit`: inner ascent on the perturbations, then the mask loss
+    ``alpha * CE(natural) + (1 - alpha) * CE(perturbed)``."""
+
+    def ce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).float(), y)
+
+    def step(x: torch.Tensor, y: torch.Tensor, _idx: torch.Tensor):
+        robust = x.new_zeros((), dtype=torch.float32)
+        if cfg.eps > 0:
+            masks.randomize_noise(generator)
+            masks.perturbed = True
+            try:
+                for _ in range(cfg.steps):
+                    masks.ascend(lambda: ce(x, y), cfg.eps / cfg.steps)
+                robust = ce(x, y)
+            finally:
+                masks.perturbed = False
+        logits = model(x)
+        natural = F.cross_entropy(logits.float(), y)
+        loss = cfg.alpha * natural + (1 - cfg.alpha) * robust
+        return loss, {"train_acc": (logits.argmax(1) == y).sum(),
+                      "natural_loss": natural.detach() * x.shape[0],
+                      "robust_loss": robust.detach() * x.shape[0]}
+
+    return step
+
+
+def optimize_masks(teacher: nn.Module, loader: Iterable, cfg: ANPSettings, *,
+                   device: torch.device | str = "cpu", amp: bool = True, seed: int = 0,
+                   progress: bool = False) -> tuple[dict[str, torch.Tensor], list[EpochResult]]:
+    """ANP's mask optimisation on a frozen copy of ``teacher`` over ``cfg.iterations``
+    batches of ``loader`` (batches ``(x, y, idx)``); returns the masks by BN name."""
+    model = copy.deepcopy(teacher).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    masks = NeuronMasks(model, cfg.eps)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+    optim = OptimConfig(name="sgd", lr=cfg.mask_lr, momentum=0.9, weight_decay=0.0,
+                        nesterov=False, schedule="constant")
+    with masks.attach():
+        history = fit(masks.mask_params(), anp_step(model, masks, cfg, generator),
+                      _Iterations(loader, cfg.iterations), 1, optim, train_modules=[model],
+                      device=device, amp=amp, after_step=masks.clip_, progress=progress,
+                      desc="ANP masks")
+    return masks.values(), history
+
+
+def prune_by_masks(teacher: nn.Module, masks: Mapping[str, torch.Tensor],
+                   threshold: float) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of ``teacher`` with the BN weight of every channel whose mask is below
+    ``threshold`` set to 0 (bias kept), and the pruned count per layer."""
+    model = copy.deepcopy(teacher)
+    modules = resolve_modules(model, masks)
+    counts = {}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = modules[name].weight
+            if mask.shape != weight.shape:
+                raise ConfigError(f"ANP mask for {name!r} has shape {tuple(mask.shape)}, the "
+                                  f"BN weight {tuple(weight.shape)}")
+            prune = (mask < threshold).to(weight.device)
+            weight[prune] = 0.0
+            counts[name] = int(prune.sum())
+    return model, counts
+
+
+def choose_threshold(teacher: nn.Module, masks: Mapping[str, torch.Tensor], val,
+                     ctx: DefenseContext, max_acc_drop: float) -> tuple[float, dict]:
+    """The largest grid threshold whose held-out clean accuracy stays within
+    ``max_acc_drop`` of the unpruned teacher's (0.0, no pruning, when none does)."""
+    base = accuracy(teacher, val, ctx.mean, ctx.std, device=ctx.device)
+    candidates = []
+    for threshold in THRESHOLD_GRID:
+        pruned, counts = prune_by_masks(teacher, masks, threshold)
+        acc = accuracy(pruned, val, ctx.mean, ctx.std, device=ctx.device)
+        candidates.append({"threshold": threshold, "val_acc": acc,
+                           "pruned": sum(counts.values())})
+    ok = [c["threshold"] for c in candidates if c["val_acc"] >= base - max_acc_drop - 1e-12]
+    chosen = max(ok) if ok else 0.0
+    return chosen, {"val_images": len(val), "val_acc_unpruned": base, "candidates": candidates}
+
+
+def mask_stats(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    flat = torch.cat([m.flatten() for m in masks.values()])
+    return {"min": float(flat.min()), "max": float(flat.max()), "mean": float(flat.mean()),
+            "median": float(flat.median()), "below_0.5": int((flat < 0.5).sum()),
+            "zero": int((flat == 0).sum())}
+
+
+@register_teacher_defense("anp", ANPSettings, help="adversarial neuron pruning (Wu & Wang 2021)")
+def anp_defense(teacher: nn.Module, ctx: DefenseContext,
+                cfg: ANPSettings) -> tuple[nn.Module, dict]:
+    """Optimise the neuron masks on the clean data, then prune a fresh copy of the teacher."""
+    if len(ctx.clean) == 0:
+        raise DataError("ANP needs clean data, got an empty clean subset")
+    search = None
+    mask_data, val = ctx.clean, None
+    if cfg.max_acc_drop is not None:
+        mask_data, val = split_validation(ctx.clean, VAL_FRACTION, seed=ctx.seed)
+        if len(val) == 0:
+            raise DataError("ANP max_acc_drop needs a validation part, but no class of the "
+                            "clean subset has 2 or more images")
+    loader = dataclasses.replace(ctx, clean=mask_data).loader(cfg.batch_size)
+    started = time.perf_counter()
+    masks, history = optimize_masks(teacher, loader, cfg, device=ctx.device, amp=ctx.amp,
+                                    seed=ctx.seed, progress=ctx.progress)
+    mask_seconds = time.perf_counter() - started
+    threshold = cfg.threshold
+    if cfg.max_acc_drop is not None:
+        threshold, search = choose_threshold(teacher, masks, val, ctx, cfg.max_acc_drop)
+    model, counts = prune_by_masks(teacher, masks, threshold)
+    _, skipped = batchnorm_layers(teacher)
+    return model.eval(), {
+        "threshold": threshold,
+        "threshold_choice": "fixed" if search is None else "max_acc_drop",
+        "threshold_search": search,
+        "mask_images": len(mask_data),
+        "bn_layers": len(masks),
+        "channels": sum(m.numel() for m in masks.values()),
+        "pruned": sum(counts.values()),
+        "pruned_per_layer": counts,
+        "skipped_layers": skipped,
+        "mask_stats": mask_stats(masks),
+        "mask_seconds": mask_seconds,
+        "masks": {name: m.tolist() for name, m in masks.items()},
+        "history": [h.as_dict() for h in history],
+    }

@@ -1,0 +1,157 @@
+"""The defence benchmark: backdoored teachers that cross distillation, every defence, seeds.
+
+Unlike the paper's tables (one teacher per seed, fine-tune-implanted), the benchmark fixes
+one teacher per backdoor - most of them poisoned *from scratch*, so the backdoor is deep -
+and varies only the student's seed. Every method distils on the same defender data: a
+per-class clean subset fixed by ``clean_seed`` for every method and seed. Besides the
+students it plans the clean teacher under each trigger (the floor a removed backdoor
+falls to) as an ``evaluate`` node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from robustkd.attacks.registry import get_attack
+from robustkd.defenses.robustkd import DEFAULT_PRESET, PRESETS
+from robustkd.errors import ConfigError
+from robustkd.experiments.plan import Cell, Planner, RunNode
+from robustkd.experiments.scales import BenchSizes, Scale
+from robustkd.experiments.specs import STAND_INS, Method, get_method
+
+
+@dataclass(frozen=True)
+class BenchTeacher:
+    """One backdoored teacher: an attack, poisoned from scratch or by fine-tuning the clean
+    teacher (``poison_epochs``/``poison_lr`` then size the fine-tuning)."""
+
+    name: str
+    attack: str
+    mode: str = "scratch"
+    options: dict[str, Any] = field(default_factory=dict)
+    poison_ratio: float | None = None
+    poison_epochs: int | None = None
+    poison_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("scratch", "finetune"):
+            raise ConfigError(f"benchmark teacher {self.name}: mode must be scratch or "
+                              f"finetune, got {self.mode!r}")
+
+
+# Methods compared (all blind: no trigger, target or test data), and those that get every
+# seed; the others run on the first seed only (2 CPU cores).
+BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
+                 "robustkd-default")
+BENCH_SEEDED = ("fkd", "finetune", "anp", "ibau", "robustkd-default")
+
+BENCH_TEACHERS = (
+    BenchTeacher("badnets-scratch", "badnets"),
+    BenchTeacher("blended-scratch", "blended", options={"alpha": 0.2}),
+    BenchTeacher("ckd-scratch", "ckd"),
+    BenchTeacher("lba-scratch", "lba", options={"mask_max": 0.2}),
+)
+
+
+def default_method() -> Method:
+    """The column "RobustKD default": whatever ``robustkd distill`` runs with no flags."""
+    return Method("robustkd-default", f"RobustKD default ({DEFAULT_PRESET})", "robustkd",
+                  {"preset": DEFAULT_PRESET})
+
+
+def bench_method(name: str) -> Method:
+    return default_method() if name == "robustkd-default" else get_method(name)
+
+
+class BenchPlanner(Planner):
+    """Nodes of the benchmark: one clean teacher, one backdoored teacher per entry, the
+    clean teacher's ASR under each trigger, and the students."""
+
+    def __init__(self, scale: Scale, sizes: BenchSizes) -> None:
+        super().__init__(scale)
+        self.sizes = sizes
+
+    def bench_clean(self) -> RunNode:
+        b = self.sizes
+        return self._node("train", f"bench-{b.dataset}-{b.teacher_model}-clean", {
+            "dataset": b.dataset, "model": b.teacher_model, "epochs": b.teacher_epochs,
+            "lr": b.teacher_lr, "schedule": b.teacher_schedule, "batch_size": b.batch_size,
+            "train_fraction": b.train_fraction, "seed": 0, "eval_every": b.teacher_epochs,
+        })
+
+    def bench_backdoored(self, clean: RunNode, t: BenchTeacher) -> RunNode:
+        b = self.sizes
+        options = {**b.attack_options.get(t.attack, {}), **t.options}
+        params: dict[str, Any] = {
+            "attack": t.attack, "target": 0, "poison_ratio": t.poison_ratio or b.poison_ratio,
+            "train_fraction": b.train_fraction, "batch_size": b.batch_size,
+            "options": options, "seed": 0,
+        }
+        label = f"bench-{b.dataset}-{b.teacher_model}-{t.name}"
+        if t.mode == "scratch":
+            params.update(model=b.teacher_model, dataset=b.dataset, epochs=b.teacher_epochs,
+                          lr=b.teacher_lr, schedule=b.teacher_schedule,
+                          eval_every=b.teacher_epochs)
+            # a learned trigger is optimised on the clean teacher; a fixed one needs no model
+            learned = get_attack(t.attack).needs_model
+            return self._node("attack", label, params,
+                              {"trigger_teacher": clean} if learned else {})
+        epochs = t.poison_epochs or 3
+        params.update(epochs=epochs, lr=t.poison_lr or 0.01, eval_every=epochs)
+        return self._node("attack", label, params, {"teacher": clean})
+
+    def floor(self, clean: RunNode, bad: RunNode) -> RunNode:
+        """The clean teacher under the backdoor's trigger: the ASR no backdoor explains."""
+        return self._node("evaluate", bad.label + "-floor", {},
+                          {"model_dir": clean, "trigger_from": bad})
+
+    def bench_student(self, bad: RunNode, method: Method, seed: int) -> RunNode:
+        b = self.sizes
+        params: dict[str, Any] = {
+            "method": method.method, "student": b.student_model, "epochs": b.student_epochs,
+            "lr": b.student_lr, "schedule": b.student_schedule, "batch_size": b.batch_size,
+            "clean_fraction": b.clean_fraction, "clean_seed": b.clean_seed, "seed": seed,
+            "eval_every": b.student_epochs,
+        }
+        if method.robustkd is not None:
+            preset = PRESETS.get(method.robustkd.get("preset", DEFAULT_PRESET), {})
+            params["robustkd"] = {**preset, **method.robustkd, "detox_epochs": b.detox_epochs,
+                                  **b.robustkd_sizes}
+        if method.defense is not None:
+            params["defense"] = method.defense
+            params["defense_options"] = dict(b.defense_sizes.get(method.defense, {}))
+        return self._node("distill", f"{bad.label}-{b.student_model}-{method.name}-s{seed}",
+                          params, {"teacher": bad})
+
+
+def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = None,
+                   methods: list[str] | None = None) -> list[Cell]:
+    """Every cell of the benchmark at ``scale`` (rows: teachers; columns: methods)."""
+    sizes = scale.benchmark
+    if sizes is None:
+        raise ConfigError(f"scale {scale.name!r} has no benchmark sizes")
+    known = {t.name: t for t in BENCH_TEACHERS}
+    for name in teachers or ():
+        if name not in known:
+            raise ConfigError(f"unknown benchmark teacher {name!r}; choose from {sorted(known)}")
+    use = [t for t in BENCH_TEACHERS if teachers is None or t.name in teachers]
+    use_methods = list(methods or BENCH_METHODS)
+    for name in use_methods:
+        bench_method(name)  # unknown names fail here, before anything runs
+    planner = BenchPlanner(scale, sizes)
+    clean = planner.bench_clean()
+    where = {"study": "benchmark", "dataset": sizes.dataset,
+             "paper_dataset": STAND_INS.get(sizes.dataset, sizes.dataset),
+             "paper_pair": "", "pair": f"{sizes.teacher_model}-{sizes.student_model}"}
+    cells = [Cell(**where, column="teacher/clean", seed=0, node=clean)]
+    for t in use:
+        bad = planner.bench_backdoored(clean, t)
+        cells.append(Cell(**where, column=f"teacher/{t.name}", seed=0, node=bad))
+        cells.append(Cell(**where, column=f"floor/{t.name}", seed=0,
+                          node=planner.floor(clean, bad)))
+        for name in use_methods:
+            for seed in (seeds if name in BENCH_SEEDED else seeds[:1]):
+                node = planner.bench_student(bad, bench_method(name), seed)
+                cells.append(Cell(**where, column=f"{name}/{t.name}", seed=seed, node=node))
+    return cells

@@ -1,0 +1,143 @@
+"""The defence benchmark: fixed teachers and defender data, seeded students, its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from robustkd import api
+from robustkd.cli import main as cli_main
+from robustkd.data.dataset import ImageDataset
+from robustkd.evaluation.metrics import evaluate_model
+from robustkd.experiments import plan, reproduce
+from robustkd.experiments.bench_report import criteria_line
+from robustkd.experiments.benchmark import BENCH_SEEDED
+from robustkd.experiments.report import load_records
+
+
+def test_benchmark_fixes_teachers_and_clean_data_and_seeds_only_students():
+    cells = plan(["benchmark"], "mini", seeds=3)["benchmark"]
+    nodes = {c.node.id: c.node for c in cells}.values()
+    teachers = [n for n in nodes if n.kind == "attack"]
+    assert len(teachers) == 4 and {n.params["seed"] for n in teachers} == {0}
+    assert len([n for n in nodes if n.kind == "train"]) == 1
+    by_attack = {n.params["attack"]: n for n in teachers}
+    # learned triggers are optimised on the clean teacher; fixed ones need no model
+    assert set(by_attack["ckd"].parents) == {"trigger_teacher"}
+    assert by_attack["badnets"].parents == {}
+    assert all("dataset" in n.params for n in teachers)  # poisoned from scratch
+    students = [n for n in nodes if n.kind == "distill"]
+    assert {s.params["clean_seed"] for s in students} == {0}
+    assert {s.params["clean_fraction"] for s in students} == {0.2}
+    for teacher in teachers:
+        mine = [s for s in students if s.parents["teacher"] is teacher]
+        seeds = {}
+        for s in mine:
+            name = s.label.rsplit("-s", 1)[0].split("wrn16_1-", 1)[1]
+            seeds.setdefault(name, set()).add(s.params["seed"])
+        assert {m for m, v in seeds.items() if v == {0, 1, 2}} == set(BENCH_SEEDED)
+        assert all(v == {0} for m, v in seeds.items() if m not in BENCH_SEEDED)
+    floors = [n for n in nodes if n.kind == "evaluate"]
+    assert len(floors) == 4 and all(set(f.parents) == {"model_dir", "trigger_from"}
+                                    for f in floors)
+
+
+def test_an_unknown_benchmark_teacher_or_method_fails_before_running(tmp_path):
+    from robustkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="benchmark teacher"):
+        plan(["benchmark"], "smoke", attacks=["nope"])
+    with pytest.raises(ConfigError, match="unknown method"):
+        plan(["benchmark"], "smoke", methods=["fkd", "nope"])
+
+
+def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "bench"
+    args = dict(scale="smoke", out=out, attacks=["ckd-scratch", "badnets-scratch"],
+                methods=["ce", "fkd"], seeds=2, device="cpu", progress=False, log=lambda m: None)
+    first = reproduce(["benchmark"], **args)
+    assert first["run"] == first["total"] == 1 + 2 * (1 + 1 + 1 + 2)
+    again = reproduce(["benchmark"], **args)
+    assert again["run"] == 0 and again["skipped"] == first["total"]
+    records = load_records(out)
+    layout = json.loads((out / "studies" / "benchmark.json").read_text())
+    run_of = {(c["column"], c["seed"]): c["run"] for c in layout["cells"]}
+    ckd = records[run_of[("teacher/ckd-scratch", 0)]]
+    floor = records[run_of[("floor/ckd-scratch", 0)]]
+    # the attack measured the clean trigger teacher under its trigger; the floor node
+    # measures the same model under the same trigger independently
+    assert ckd["teacher_metrics"]["asr"] == pytest.approx(floor["metrics"]["asr"])
+    assert ckd["config"]["trigger_teacher"].endswith(run_of[("teacher/clean", 0)])
+    s0, s1 = (records[run_of[("fkd/ckd-scratch", s)]] for s in (0, 1))
+    assert s0["config"]["clean_seed"] == s1["config"]["clean_seed"] == 0
+    assert s0["seed"] == 0 and s1["seed"] == 1
+    assert {"acc", "asr", "racc"} <= set(s0["metrics"])
+    text = (out / "report.md").read_text()
+    assert "### ckd-scratch" in text and "### badnets-scratch" in text
+    assert "| FKD | 2/2 |" in text and "R-ACC %" in text and "Criteria:" in text
+    assert (out / "benchmark-ckd-scratch.png").stat().st_size > 1000
+
+
+def test_criteria_marks_met_failed_and_missing():
+    nums = {"teacher_acc": 80.0, "teacher_asr": 95.0, "clean_acc": 82.0, "floor": 4.0,
+            "fkd": 55.0, "ce": 3.0, "finetune": None}
+    line = criteria_line(nums)
+    assert "✓ teacher ASR ≥ 90" in line and "✓ FKD ASR ≥ 40" in line
+    assert "? fine-tune + FKD ASR ≥ 30 (deep)" in line
+    assert "✗ clean teacher ASR ≤ 10" in criteria_line({**nums, "floor": 30.0})
+
+
+class _Always(nn.Module):
+    """Predicts one class whatever the input."""
+
+    def __init__(self, cls: int, classes: int = 3) -> None:
+        super().__init__()
+        self.cls, self.classes, self.dummy = cls, classes, nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(x), self.classes)
+        out[:, self.cls] = 1.0
+        return out + 0 * self.dummy
+
+
+def test_racc_counts_triggered_images_kept_at_their_true_label():
+    from robustkd.attacks.triggers import Trigger
+
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])
+    ds = ImageDataset(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), labels, ["a", "b", "c"])
+    trig = Trigger(torch.ones(3, 4, 4), torch.full((1, 4, 4), 0.5))
+    m = evaluate_model(_Always(1), ds, (0.5,) * 3, (0.25,) * 3, trigger=trig, target=0)
+    # 5 non-target images: none go to the target, 2 of 5 keep their label (class 1)
+    assert m["asr"] == 0.0 and m["racc"] == pytest.approx(2 / 5)
+    m = evaluate_model(_Always(0), ds, (0.5,) * 3, (0.25,) * 3, trigger=trig, target=0)
+    assert m["asr"] == 1.0 and m["racc"] == 0.0
+
+
+def test_clean_seed_fixes_the_defenders_images_across_student_seeds(monkeypatch, tmp_path):
+    seen = []
+    real = api.per_class_subset
+
+    def spy(ds, *, fraction, seed):
+        seen.append(seed)
+        return real(ds, fraction=fraction, seed=seed)
+
+    monkeypatch.setattr(api, "per_class_subset", spy)
+    api.train(dataset="digits", model="wrn10_1", epochs=1, out=tmp_path / "t", device="cpu",
+              progress=False)
+    seen.clear()
+    for seed in (1, 2):
+        api.distill(method="ce", teacher=tmp_path / "t", student="wrn10_1", epochs=1,
+                    clean_fraction=0.2, clean_seed=7, seed=seed, device="cpu",
+                    progress=False, out=tmp_path / f"s{seed}")
+    assert seen == [7, 7]
+
+
+def test_defense_set_rejects_an_unknown_setting_before_loading_anything(tmp_path, capsys):
+    # the teacher does not exist: the settings are checked first, where the flag entered
+    rc = cli_main(["distill", "--teacher", str(tmp_path / "none"), "--defense", "finetune",
+                   "--defense-set", "epochz=3", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "epochz" in err and "'epochs'" in err and "--defense-set" in err
