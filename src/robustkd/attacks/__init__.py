@@ -7,10 +7,12 @@ from robustkd.attacks import (  # noqa: F401  (registers the attacks)
     ckd,
     htba,
     lba,
+    sig,
 )
 from robustkd.attacks.poison import poison_dataset, select_poison_indices, triggered_test_set
 from robustkd.attacks.registry import ATTACKS, AttackContext, AttackSpec, get_attack
 from robustkd.attacks.triggers import (
+    AdditiveTrigger,
     RandomPatchTrigger,
     Trigger,
     blend_trigger,
@@ -19,7 +21,7 @@ from robustkd.attacks.triggers import (
 )
 
 __all__ = [
-    "ATTACKS", "AttackContext", "AttackSpec", "RandomPatchTrigger", "Trigger", "blend_trigger",
-    "get_attack", "patch_trigger", "poison_dataset", "random_patch_trigger",
-    "select_poison_indices", "triggered_test_set",
+    "ATTACKS", "AdditiveTrigger", "AttackContext", "AttackSpec", "RandomPatchTrigger",
+    "Trigger", "blend_trigger", "get_attack", "patch_trigger", "poison_dataset",
+    "random_patch_trigger", "select_poison_indices", "triggered_test_set",
 ]

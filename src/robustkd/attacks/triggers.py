@@ -178,7 +178,39 @@ class RandomPatchTrigger(Trigger):
                    params=params, seed=int(params.get("seed", 0)))
 
 
-PLACEMENTS: dict[str, type[Trigger]] = {"random": RandomPatchTrigger}
+class AdditiveTrigger(Trigger):
+    """A signal added to the whole image and clipped to [0, 1]: ``clip(x + v)`` (SIG's
+    sinusoid), which no masked blend expresses. ``pattern`` holds ``v`` (values may be
+    negative); ``mask`` is all ones, kept so the tensors save like any trigger's."""
+
+    placement = "additive"
+
+    def __init__(self, signal: torch.Tensor, mask: torch.Tensor | None = None, *,
+                 kind: str = "additive", params: dict[str, Any] | None = None) -> None:
+        if mask is None:
+            mask = torch.ones(1, *signal.shape[-2:])
+        super().__init__(signal, mask, kind=kind, params=params)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Triggered copy of a float batch ``[B, C, H, W]`` in [0, 1]."""
+        self.check_images(x)
+        return (x + self.pattern.to(x.dtype)).clamp(0.0, 1.0)
+
+    forward = apply
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "placement": self.placement}
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+                   ) -> AdditiveTrigger:
+        signal, mask = _saved_tensors(tensors)
+        return cls(signal, mask, kind=config.get("kind", "additive"),
+                   params=config.get("params", {}))
+
+
+PLACEMENTS: dict[str, type[Trigger]] = {"random": RandomPatchTrigger,
+                                        "additive": AdditiveTrigger}
 
 
 def checkerboard(size: int, channels: int = 1) -> torch.Tensor:

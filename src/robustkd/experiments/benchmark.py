@@ -51,6 +51,8 @@ BENCH_TEACHERS = (
     BenchTeacher("blended-scratch", "blended", options={"alpha": 0.2}),
     BenchTeacher("ckd-scratch", "ckd"),
     BenchTeacher("lba-scratch", "lba", options={"mask_max": 0.2}),
+    # clean-label: 80% of the target class's images carry the signal
+    BenchTeacher("sig-scratch", "sig", poison_ratio=0.8),
 )
 
 

@@ -1,0 +1,72 @@
+"""SIG (Barni, Kallas & Tondi 2019): a clean-label backdoor with a sinusoidal signal.
+
+A horizontal sinusoid ``v(i, j) = delta * sin(2 pi j f / W)`` (every row and channel) is
+added to a share of the *target class's* training images, whose labels stay correct; the
+model learns the signal as a feature of the target class, and at test time the same signal
+on any image sends it there. It is neither a patch nor a blend, and the poisoned labels are
+right, so label inspection finds nothing. Defaults (delta 40/255, f 6) are BackdoorBench's
+CIFAR-10 setting; ``--poison-ratio`` is the share of target-class images signed (their
+originals are replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
+from robustkd.attacks.triggers import AdditiveTrigger, Trigger
+from robustkd.data.dataset import ImageDataset
+from robustkd.errors import ConfigError
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sig")
+    g.add_argument("--sig-delta", type=float, default=40.0,
+                   help="amplitude of the sinusoid in pixel levels of 255 (default 40)")
+    g.add_argument("--sig-frequency", type=float, default=6.0,
+                   help="periods of the sinusoid across the image width (default 6)")
+
+
+def sinusoid(image_size: tuple[int, int], channels: int, delta: float,
+             frequency: float) -> torch.Tensor:
+    """``[C, H, W]`` signal ``delta/255 * sin(2 pi j f / W)``, constant down each column."""
+    if not (math.isfinite(delta) and 0 < delta <= 255):
+        raise ConfigError(f"--sig-delta must be in (0, 255], got {delta}")
+    if not (math.isfinite(frequency) and frequency > 0):
+        raise ConfigError(f"--sig-frequency must be > 0, got {frequency}")
+    h, w = image_size
+    row = (delta / 255.0) * torch.sin(2 * math.pi * torch.arange(w) * frequency / w)
+    return row.expand(channels, h, w).clone()
+
+
+def _build(ctx: AttackContext) -> Trigger:
+    o = ctx.options
+    delta, freq = o.get("sig_delta", 40.0), o.get("sig_frequency", 6.0)
+    signal = sinusoid(ctx.splits.train.image_size, ctx.splits.train.channels, delta, freq)
+    return AdditiveTrigger(signal, kind="sig", params={"delta": delta, "frequency": freq})
+
+
+def sig_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, target: int,
+               ratio: float, keep_originals: bool = True, seed: int = 0) -> ImageDataset:
+    """Add the signal to ``ratio`` of the target class's images in place of the originals;
+    labels unchanged (clean-label, so ``keep_originals`` does not apply)."""
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"--poison-ratio must be in (0, 1] for sig, got {ratio}")
+    members = torch.nonzero(train.labels == target).flatten()
+    if not len(members):
+        raise ConfigError(f"sig poisons target-class images; class {target} has none")
+    gen = torch.Generator().manual_seed(seed)
+    count = max(1, round(ratio * len(members)))
+    index = torch.sort(members[torch.randperm(len(members), generator=gen)[:count]]).values
+    images, is_poison = train.images.clone(), train.is_poison.clone()
+    images[index] = trigger.apply_uint8(train.images[index])
+    is_poison[index] = True
+    return ImageDataset(images, train.labels.clone(), list(train.classes),
+                        name=f"{train.name}+sig", is_poison=is_poison)
+
+
+register_attack(AttackSpec("sig", _build, _arguments, build_poison=sig_poison,
+                           description="clean-label sinusoidal signal (Barni et al. 2019)"))
