@@ -216,3 +216,17 @@ def test_invalid_settings_raise_config_error_naming_them(name, value):
 def test_unknown_setting_is_refused():
     with pytest.raises(ConfigError, match="no setting"):
         defend_teacher("ibau", _net(), _ctx(_images(8)), {"n_rounds": 1})
+
+
+def test_max_images_unlearns_on_a_per_class_part_of_the_clean_data():
+    labels = torch.arange(64) % 4
+    ds = ImageDataset(images=torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8),
+                      labels=labels, classes=[str(i) for i in range(4)], name="balanced")
+    _, rep = defend_teacher("ibau", _net(), _ctx(ds),
+                            {"rounds": 1, "batch_size": 8, "max_images": 16})
+    used = rep["settings_used"]
+    assert used["images"] == 16 and used["batches_per_round"] == 2
+    _, full = defend_teacher("ibau", _net(), _ctx(ds), {"rounds": 1, "batch_size": 8})
+    assert full["settings_used"]["images"] == 64
+    with pytest.raises(ConfigError, match="'max_images'"):
+        defend_teacher("ibau", _net(), _ctx(ds), {"max_images": 0})

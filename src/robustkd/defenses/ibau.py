@@ -41,6 +41,7 @@ does the same; the reference has none).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustkd.data.loader import denormalize, normalize
+from robustkd.data.subsets import per_class_subset
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.errors import ConfigError
 from robustkd.training.loop import autocast_for
@@ -75,6 +77,10 @@ class IBAUSettings:
     perturbed_fraction: float = 0.01
     lr: float = 0.001
     batch_size: int = 100
+    # unlearn on at most this many clean images (a per-class subset, seeded by the run):
+    # the reference unlearns on 5,000 images and BackdoorBench on 5% of the training set;
+    # each step costs K second-order passes, so this bounds the CPU time. None: all of them
+    max_images: int | None = None
 
 
 def _is_int(v: object) -> bool:
@@ -103,6 +109,8 @@ def check_settings(cfg: IBAUSettings) -> None:
          and 0 < cfg.perturbed_fraction <= 1, "a number in (0, 1]"),
         ("lr", _is_number(cfg.lr) and cfg.lr > 0, "a number > 0"),
         ("batch_size", _is_int(cfg.batch_size) and cfg.batch_size >= 1, "an int >= 1"),
+        ("max_images", cfg.max_images is None
+         or (_is_int(cfg.max_images) and cfg.max_images >= 1), "None or an int >= 1"),
     ]
     for name, ok, what in checks:
         if not ok:
@@ -273,6 +281,10 @@ def ibau_defense(teacher: nn.Module, ctx: DefenseContext,
     mean = torch.tensor([float(m) for m in ctx.mean], device=device)
     std = torch.tensor([float(s) for s in ctx.std], device=device)
     shape = (ctx.clean.channels, *ctx.clean.image_size)
+    if cfg.max_images is not None and len(ctx.clean) > cfg.max_images:
+        part = per_class_subset(ctx.clean, fraction=cfg.max_images / len(ctx.clean),
+                                seed=ctx.seed)
+        ctx = dataclasses.replace(ctx, clean=part)
     loader = ctx.loader(cfg.batch_size)
     inner_steps = len(loader) if cfg.inner_steps is None else cfg.inner_steps
     pick = torch.Generator().manual_seed(ctx.seed)
@@ -303,7 +315,8 @@ def ibau_defense(teacher: nn.Module, ctx: DefenseContext,
                         "adversarial_loss": float(adv_ce),
                         "perturbation_norm": float(delta.norm()),
                         "seconds": time.perf_counter() - t0})
-    used = {**asdict(cfg), "inner_steps": inner_steps, "batches_per_round": len(loader),
+    used = {**asdict(cfg), "images": len(ctx.clean), "inner_steps": inner_steps,
+            "batches_per_round": len(loader),
             "perturbed_per_batch": sorted(perturbed), "perturbation_units": "pixels [0, 1]",
             "norm": "l2"}
     return model.eval(), {
