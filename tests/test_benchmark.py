@@ -142,3 +142,14 @@ def test_defense_set_rejects_an_unknown_setting_before_loading_anything(tmp_path
                    "--defense-set", "epochz=3", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc != 0 and "epochz" in err and "'epochs'" in err and "--defense-set" in err
+
+
+def test_a_learned_trigger_from_scratch_needs_a_trigger_teacher(tmp_path):
+    from robustkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--trigger-teacher"):
+        api.attack(attack="ckd", model="wrn10_1", dataset="digits", epochs=1,
+                   out=tmp_path / "x", device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="--trigger-teacher is for poisoning from scratch"):
+        api.attack(attack="ckd", teacher=tmp_path / "t", trigger_teacher=tmp_path / "t",
+                   out=tmp_path / "y", device="cpu", progress=False)

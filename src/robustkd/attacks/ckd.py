@@ -42,7 +42,8 @@ def ckd_arguments(parser: argparse.ArgumentParser) -> None:
 def build_ckd_trigger(ctx: AttackContext, kind: str = "ckd") -> Trigger:
     """Pick toxic channels on the clean teacher and optimise the trigger that drives them."""
     if ctx.model is None:
-        raise ConfigError(f"{kind} optimises its trigger on a clean teacher: use --teacher RUN_DIR")
+        raise ConfigError(f"{kind} optimises its trigger on a clean teacher: use --teacher "
+                          "RUN_DIR, or --model NAME with --trigger-teacher RUN_DIR")
     o = ctx.options
     splits, model, device = ctx.splits, ctx.model, ctx.device
     names = feature_names(model, o.get("feature_layers"))

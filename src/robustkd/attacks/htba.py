@@ -224,7 +224,8 @@ def build_htba_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset,
                       ratio: float, keep_originals: bool = True, seed: int = 0) -> ImageDataset:
     """Perturbed target-class images, labels unchanged, appended to (or replacing) originals."""
     if ctx.model is None:
-        raise ConfigError("htba crafts its poisons on a clean teacher: use --teacher RUN_DIR")
+        raise ConfigError("htba crafts its poisons on a clean teacher: use --teacher RUN_DIR, "
+                          "or --model NAME with --trigger-teacher RUN_DIR")
     if not isinstance(trigger, RandomPatchTrigger):
         raise ConfigError("htba needs its random-position patch trigger")
     o = ctx.options

@@ -19,7 +19,8 @@ from robustkd.evaluation.metrics import mean_features
 
 def _build(ctx: AttackContext) -> Trigger:
     if ctx.model is None:
-        raise ConfigError("LBA optimises its trigger on a clean teacher: use --teacher RUN_DIR")
+        raise ConfigError("LBA optimises its trigger on a clean teacher: use --teacher RUN_DIR, "
+                          "or --model NAME with --trigger-teacher RUN_DIR")
     o = ctx.options
     splits, model, device = ctx.splits, ctx.model, ctx.device
     target = o["target"]
