@@ -18,7 +18,17 @@ from pathlib import Path
 import torch
 
 from robustkd.experiments import plan
-from robustkd.experiments.runner import is_finished, run_nodes, write_layout
+from robustkd.experiments.runner import is_finished, run_dir, run_nodes, write_layout
+from robustkd.io import RECORD_FILE, read_json
+
+GATE_FREE = ("teacher", "floor", "fkd")
+
+
+def crosses(out: Path, fkd, threshold: float) -> bool:
+    """Whether the FKD student is finished and its ASR reaches ``threshold``."""
+    if not is_finished(out, fkd):
+        return False
+    return read_json(run_dir(out, fkd) / RECORD_FILE)["metrics"].get("asr", 0.0) >= threshold
 
 
 def main() -> None:
@@ -31,6 +41,9 @@ def main() -> None:
                    help="comma-separated column prefixes, e.g. teacher/,floor/,fkd/")
     p.add_argument("--seed-only", type=int, default=None, help="only cells of this seed")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--gate-fkd-asr", type=float, default=None, metavar="F",
+                   help="skip a teacher's other students unless its seed-0 FKD student is "
+                        "finished with ASR >= F (the admission criterion: it crosses)")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cells = plan(["benchmark"], args.scale, seeds=args.seeds)["benchmark"]
@@ -40,15 +53,26 @@ def main() -> None:
     prefixes = args.columns.split(",")
     chosen = [c for c in cells if any(c.column.startswith(x) for x in prefixes)
               and (args.seed_only is None or c.seed == args.seed_only)]
-    nodes, seen = [], set()
+    fkd0 = {c.column.split("/", 1)[1]: c.node for c in cells
+            if c.column.startswith("fkd/") and c.seed == 0}
+    nodes, seen, gate = [], set(), {}
     for c in chosen:
         if c.node.id not in seen:
             seen.add(c.node.id)
             nodes.append(c.node)
+            gate[c.node.id] = (c.column, fkd0.get(c.column.split("/", 1)[1]))
+    # the gate reads the FKD students, so they (and teachers, floors) run first
+    nodes.sort(key=lambda n: gate[n.id][0].split("/")[0] not in GATE_FREE)
     counts = {"run": 0, "skipped": 0}
     for node in nodes:  # a parent another lane computes is waited for, not recomputed
         while not all(is_finished(out, p) for p in node.parents.values()):
             time.sleep(30)
+        column, fkd = gate[node.id]
+        if (args.gate_fkd_asr is not None and column.split("/")[0] not in GATE_FREE
+                and fkd is not None and not crosses(out, fkd, args.gate_fkd_asr)):
+            print(f"skipped {node.id}: the FKD student does not cross "
+                  f"(ASR < {args.gate_fkd_asr})", flush=True)
+            continue
         done = run_nodes([node], out, data_root=args.data_root, device=args.device,
                          progress=False)
         counts = {k: counts[k] + done[k] for k in counts}
