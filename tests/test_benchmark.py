@@ -153,3 +153,17 @@ def test_a_learned_trigger_from_scratch_needs_a_trigger_teacher(tmp_path):
     with pytest.raises(ConfigError, match="--trigger-teacher is for poisoning from scratch"):
         api.attack(attack="ckd", teacher=tmp_path / "t", trigger_teacher=tmp_path / "t",
                    out=tmp_path / "y", device="cpu", progress=False)
+
+
+def test_defense_set_reaches_the_defence_from_the_cli(tmp_path):
+    api.train(dataset="digits", model="wrn10_1", epochs=1, out=tmp_path / "t", device="cpu",
+              progress=False)
+    rc = cli_main(["distill", "--teacher", str(tmp_path / "t"), "--student", "wrn10_1",
+                   "--defense", "anp", "--defense-set", "iterations=3",
+                   "--defense-set", "threshold=0.3", "--epochs", "1", "--clean-fraction", "0.2",
+                   "--device", "cpu", "--no-progress", "--out", str(tmp_path / "s")])
+    assert rc == 0
+    rec = json.loads((tmp_path / "s" / "record.json").read_text())
+    settings = rec["defense"]["settings"]
+    assert settings["iterations"] == 3 and settings["threshold"] == 0.3
+    assert rec["defense"]["threshold"] == 0.3 and rec["defense"]["pruned"] >= 0
