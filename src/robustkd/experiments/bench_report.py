@@ -15,7 +15,7 @@ from typing import Any
 
 from robustkd.errors import ConfigError
 from robustkd.experiments.benchmark import BENCH_METHODS, BENCH_TEACHERS, bench_method
-from robustkd.experiments.report import _fmt, _metric, _values, interval
+from robustkd.experiments.report import _fmt, _removal, _values, interval
 from robustkd.experiments.scales import get_scale
 from robustkd.plotting import pyplot, save_png
 
@@ -72,18 +72,6 @@ def criteria_line(numbers: dict[str, float | None]) -> str:
     return "; ".join(parts)
 
 
-def _removal(records, runs: list[str], fkd_runs: list[str], seed_of: dict[str, int]
-             ) -> list[float]:
-    """Per-seed ``1 − ASR/ASR(FKD)`` in %, paired with FKD's run of the same seed."""
-    fkd = {seed_of[r]: r for r in fkd_runs}
-    out = []
-    for r in runs:
-        fa, ra = _metric(records.get(fkd.get(seed_of[r])), "asr"), _metric(records.get(r), "asr")
-        if fa and ra is not None:
-            out.append(100.0 * (1 - ra / fa))
-    return out
-
-
 def _seconds(records, runs: list[str]) -> str:
     secs = [records[r]["seconds"] for r in runs if r in records]
     if not secs:
@@ -128,7 +116,7 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
         for m in methods:
             runs = [r for r in c[m] if r in records]
             label = bench_method(m).label if m in BENCH_METHODS else m
-            removal = "–" if m == "fkd" else _fmt(_removal(records, runs, c.get("fkd", []),
+            removal = "–" if m == "fkd" else _fmt(_removal(records, c.get("fkd", []), runs,
                                                            seed_of))
             lines.append(f"| {label} | {len(runs)}/{len(c[m])} | "
                          f"{_fmt(_values(records, runs, 'acc'))} | "

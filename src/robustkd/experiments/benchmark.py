@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from robustkd.attacks.registry import get_attack
-from robustkd.defenses.robustkd import DEFAULT_PRESET, PRESETS
+from robustkd.defenses.robustkd import DEFAULT_PRESET
 from robustkd.errors import ConfigError
-from robustkd.experiments.plan import Cell, Planner, RunNode
+from robustkd.experiments.plan import Cell, Planner, RunNode, method_params
 from robustkd.experiments.scales import BenchSizes, Scale
 from robustkd.experiments.specs import STAND_INS, Method, get_method
 
@@ -116,13 +116,7 @@ class BenchPlanner(Planner):
             "clean_fraction": b.clean_fraction, "clean_seed": b.clean_seed, "seed": seed,
             "eval_every": b.student_epochs,
         }
-        if method.robustkd is not None:
-            preset = PRESETS.get(method.robustkd.get("preset", DEFAULT_PRESET), {})
-            params["robustkd"] = {**preset, **method.robustkd, "detox_epochs": b.detox_epochs,
-                                  **b.robustkd_sizes}
-        if method.defense is not None:
-            params["defense"] = method.defense
-            params["defense_options"] = dict(b.defense_sizes.get(method.defense, {}))
+        params.update(method_params(method, b.detox_epochs, b.robustkd_sizes, b.defense_sizes))
         return self._node("distill", f"{bad.label}-{b.student_model}-{method.name}-s{seed}",
                           params, {"teacher": bad})
 

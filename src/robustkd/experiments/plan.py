@@ -99,15 +99,9 @@ class Planner:
             "lr": d.student_lr, "schedule": d.student_schedule, "batch_size": d.batch_size,
             "clean_fraction": d.clean_fraction, "seed": seed, "eval_every": d.student_epochs,
         }
-        if method.robustkd is not None:
-            # a preset's values are spelled out, so a changed preset is a new run, not a
-            # stale record (the literal "paper" preset is empty and keeps its ids)
-            preset = PRESETS.get(method.robustkd.get("preset", DEFAULT_PRESET), {})
-            params["robustkd"] = {**preset, **method.robustkd, "detox_epochs": d.detox_epochs,
-                                  **self.scale.robustkd_sizes, **(robustkd_overrides or {})}
-        if method.defense is not None:
-            params["defense"] = method.defense
-            params["defense_options"] = dict(self.scale.defense_sizes.get(method.defense, {}))
+        params.update(method_params(method, d.detox_epochs,
+                                    {**self.scale.robustkd_sizes, **(robustkd_overrides or {})},
+                                    self.scale.defense_sizes))
         label = teacher.label.rsplit("-s", 1)[0] + f"-{student_model}-{method.name}{tag}-s{seed}"
         return self._node("distill", label, params, {"teacher": teacher})
 
@@ -122,6 +116,22 @@ class Planner:
         while node.kind != "train":
             node = node.parents["teacher"]
         return self.scale.for_dataset(node.params["dataset"])
+
+
+def method_params(method: Method, detox_epochs: int, robustkd_sizes: dict[str, Any],
+                  defense_sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The distill parameters a method adds: its RobustKD options or its teacher defence."""
+    params: dict[str, Any] = {}
+    if method.robustkd is not None:
+        # a preset's values are spelled out, so a changed preset is a new run, not a
+        # stale record (the literal "paper" preset is empty and keeps its ids)
+        preset = PRESETS.get(method.robustkd.get("preset", DEFAULT_PRESET), {})
+        params["robustkd"] = {**preset, **method.robustkd, "detox_epochs": detox_epochs,
+                              **robustkd_sizes}
+    if method.defense is not None:
+        params["defense"] = method.defense
+        params["defense_options"] = dict(defense_sizes.get(method.defense, {}))
+    return params
 
 
 def _is_method_default(method: Method, option: str, value: Any) -> bool:
