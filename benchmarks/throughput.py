@@ -68,7 +68,8 @@ def measure(model_name: str, device: torch.device, *, batch_size: int, steps: in
         run(per_window)
         rates.append(per_window * batch_size / (time.perf_counter() - t))
     return {"model": model_name, "device": describe_device(device), "batch_size": batch_size,
-            "amp": not isinstance(autocast_for(device, amp), contextlib.nullcontext), "channels_last": channels_last,
+            "amp": not isinstance(autocast_for(device, amp), contextlib.nullcontext),
+            "channels_last": channels_last,
             "compile": compile, "steps": per_window * windows, "warmup_seconds": warmup_seconds,
             "images_per_second_median": statistics.median(rates),
             "images_per_second_windows": rates}
