@@ -2,10 +2,12 @@
 store into ``benchmarks/results/bench-teachers`` (weights, meta, record, trigger; no
 resume state), or back into a run store so the harness sees them finished.
 
-Teachers are the benchmark's fixed inputs and cost ~0.5 CPU-hour each; students and
-defences are recomputed from them.
+Teachers are the benchmark's fixed inputs and cost 0.5-3 CPU-hours each (by machine);
+students and defences are recomputed from them. ``--partial`` also keeps a teacher that
+is still training, with its resume state, under ``bench-teachers/partial/``: restored, the
+runner resumes it from its last finished epoch instead of starting again.
 
-    python benchmarks/bench_store.py save --out runs/bench
+    python benchmarks/bench_store.py save --out runs/bench [--partial]
     python benchmarks/bench_store.py restore --out runs/bench
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from robustkd.experiments import plan
 from robustkd.experiments.runner import is_finished, run_dir
+from robustkd.io import read_json
 
 STORE = Path(__file__).resolve().parent / "results" / "bench-teachers"
 TEACHER_KINDS = ("train", "attack")
@@ -33,11 +36,12 @@ def teacher_nodes(scale: str) -> list:
     return nodes
 
 
-def copy_run(src: Path, dst: Path) -> None:
+def copy_run(src: Path, dst: Path, skip: tuple[str, ...] = SKIP) -> None:
     """Copy into a temporary sibling, then rename: a half-copied run is never seen."""
-    tmp = dst.with_name(dst.name + ".partial")
+    tmp = dst.with_name(dst.name + ".copying")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*SKIP))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
@@ -49,18 +53,29 @@ def main() -> None:
     p.add_argument("--out", required=True, help="the benchmark's run store")
     p.add_argument("--scale", default="mini")
     p.add_argument("--store", default=str(STORE))
+    p.add_argument("--partial", action="store_true",
+                   help="save: also keep unfinished teachers with their resume state")
     args = p.parse_args()
     out, store = Path(args.out), Path(args.store)
     for node in teacher_nodes(args.scale):
-        kept = store / node.id
+        kept, partial = store / node.id, store / "partial" / node.id
+        src = run_dir(out, node)
         if args.action == "save":
             if is_finished(out, node) and not (kept / "record.json").exists():
-                copy_run(run_dir(out, node), kept)
+                copy_run(src, kept)
+                shutil.rmtree(partial, ignore_errors=True)
                 print(f"saved {node.id}")
-        elif (kept / "record.json").exists() and not is_finished(out, node):
-            run_dir(out, node).parent.mkdir(parents=True, exist_ok=True)
-            copy_run(kept, run_dir(out, node))
-            print(f"restored {node.id}")
+            elif args.partial and not is_finished(out, node) and (src / "state").is_dir():
+                copy_run(src, partial, skip=("run.lock",))
+                done = read_json(src / "meta.json").get("epochs_done")
+                print(f"saved unfinished {node.id} ({done} epochs done)")
+        elif not is_finished(out, node):
+            if (kept / "record.json").exists():
+                copy_run(kept, src)
+                print(f"restored {node.id}")
+            elif partial.is_dir():
+                copy_run(partial, src)
+                print(f"restored unfinished {node.id}: the runner resumes it")
 
 
 if __name__ == "__main__":

@@ -38,14 +38,15 @@ def main() -> None:
     model = run.model.eval()
     splits = load_dataset(run.meta["dataset"]["name"], args.data_root)
     sizes = get_scale("mini").benchmark
-    base = {**sizes.attack_options.get("lba", {}), "target": 0, "progress": False}
+    spec = get_attack("lba")
+    base = dict(sizes.attack_options.get("lba", {}))
     held = splits.train.subset(torch.randperm(len(splits.train),
                                               generator=torch.Generator().manual_seed(1))
                                [: args.held_out])
     for m in (float(x) for x in args.mask_max.split(",")):
         start = time.perf_counter()
-        trigger = get_attack("lba").build_trigger(
-            AttackContext(splits, model, {**base, "mask_max": m}))
+        settings = spec.make_settings({**base, "mask_max": m})
+        trigger = spec.build_trigger(AttackContext(splits, model, settings, progress=False))
         seconds = time.perf_counter() - start
         row = {"mask_max": m, "trigger_seconds": round(seconds, 1)}
         for name, ds in (("train_heldout", held), ("test", splits.test)):

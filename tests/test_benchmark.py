@@ -51,7 +51,7 @@ def test_an_unknown_benchmark_teacher_or_method_fails_before_running(tmp_path):
 
     with pytest.raises(ConfigError, match="benchmark teacher"):
         plan(["benchmark"], "smoke", attacks=["nope"])
-    with pytest.raises(ConfigError, match="unknown method"):
+    with pytest.raises(ConfigError, match="unknown student recipe"):
         plan(["benchmark"], "smoke", methods=["fkd", "nope"])
 
 
@@ -105,7 +105,7 @@ class _Always(nn.Module):
 
 
 def test_racc_counts_triggered_images_kept_at_their_true_label():
-    from robustkd.attacks.triggers import Trigger
+    from robustkd.triggers import Trigger
 
     labels = torch.tensor([0, 1, 1, 2, 2, 2])
     ds = ImageDataset(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), labels, ["a", "b", "c"])
@@ -136,12 +136,12 @@ def test_clean_seed_fixes_the_defenders_images_across_student_seeds(monkeypatch,
     assert seen == [7, 7]
 
 
-def test_defense_set_rejects_an_unknown_setting_before_loading_anything(tmp_path, capsys):
+def test_a_bad_defence_setting_is_refused_before_loading_anything(tmp_path, capsys):
     # the teacher does not exist: the settings are checked first, where the flag entered
     rc = cli_main(["distill", "--teacher", str(tmp_path / "none"), "--defense", "finetune",
-                   "--defense-set", "epochz=3", "--out", str(tmp_path / "o")])
+                   "--finetune-epochs", "-3", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc != 0 and "epochz" in err and "'epochs'" in err and "--defense-set" in err
+    assert rc != 0 and "defence finetune: epochs must be >= 0, got -3" in err
 
 
 def test_a_learned_trigger_from_scratch_needs_a_trigger_teacher(tmp_path):
@@ -155,12 +155,12 @@ def test_a_learned_trigger_from_scratch_needs_a_trigger_teacher(tmp_path):
                    out=tmp_path / "y", device="cpu", progress=False)
 
 
-def test_defense_set_reaches_the_defence_from_the_cli(tmp_path):
+def test_defence_flags_reach_the_defence_from_the_cli(tmp_path):
     api.train(dataset="digits", model="wrn10_1", epochs=1, out=tmp_path / "t", device="cpu",
               progress=False)
     rc = cli_main(["distill", "--teacher", str(tmp_path / "t"), "--student", "wrn10_1",
-                   "--defense", "anp", "--defense-set", "iterations=3",
-                   "--defense-set", "threshold=0.3", "--epochs", "1", "--clean-fraction", "0.2",
+                   "--defense", "anp", "--anp-iterations", "3",
+                   "--anp-threshold", "0.3", "--epochs", "1", "--clean-fraction", "0.2",
                    "--device", "cpu", "--no-progress", "--out", str(tmp_path / "s")])
     assert rc == 0
     rec = json.loads((tmp_path / "s" / "record.json").read_text())

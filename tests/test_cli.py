@@ -1,6 +1,7 @@
 """The CLI contract end to end on the embedded data: train, attack, evaluate, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +30,8 @@ def test_train_attack_evaluate_write_records(tmp_path, capsys):
     assert (teacher / "model.safetensors").exists() and (teacher / "meta.json").exists()
 
     assert main(["attack", "--attack", "badnets", "--teacher", str(teacher), "--epochs", "1",
-                 "--poison-ratio", "0.1", "--patch-size", "2", "--out", str(bd), *common]) == 0
+                 "--poison-ratio", "0.1", "--badnets-patch-size", "2", "--out", str(bd),
+                 *common]) == 0
     rec = json.loads((bd / "record.json").read_text())
     assert 0.0 <= rec["metrics"]["asr"] <= 1.0
     meta = json.loads((bd / "meta.json").read_text())
@@ -88,9 +90,30 @@ def test_models_lists_paper_models(capsys):
 
 
 def test_attack_flags_reach_the_trigger():
+    from robustkd.attacks import get_attack
+    from robustkd.settings import entry_options
+
     args = build_parser().parse_args(["attack", "--attack", "blended", "--model", "wrn10_1",
-                                      "--dataset", "digits", "--alpha", "0.3", "--out", "x"])
-    assert "alpha" in args._attack_options and args.alpha == 0.3
+                                      "--dataset", "digits", "--blended-alpha", "0.3",
+                                      "--out", "x"])
+    spec = get_attack("blended")
+    given = entry_options(args, args._attack_flags, "blended", choose="--attack")
+    assert given == {"alpha": 0.3}  # only what the user gave: the defaults stay in one place
+    assert spec.make_settings(given).alpha == 0.3 and spec.make_settings({}).alpha == 0.15
+
+
+def test_attack_flag_of_another_attack_is_refused(capsys):
+    code = main(["attack", "--attack", "badnets", "--model", "wrn10_1", "--dataset", "digits",
+                 "--blended-alpha", "0.3", "--out", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--blended-alpha applies to --attack blended, not badnets" in err
+    assert not Path("x").exists()
+
+
+def test_attack_setting_out_of_range_names_it(capsys):
+    code = main(["attack", "--attack", "blended", "--model", "wrn10_1", "--dataset", "digits",
+                 "--blended-alpha", "1.5", "--out", "x"])
+    assert code == 2 and "alpha must be <= 1.0, got 1.5" in capsys.readouterr().err
 
 
 def test_import_refuses_pickle_unless_opted_in(tmp_path, capsys):

@@ -107,7 +107,7 @@ COMMON = ["--student", "wrn10_1", "--epochs", "1", "--clean-fraction", "0.2", "-
 def test_cli_nad_then_fkd_writes_defence_record(tmp_path, bd_dir):
     weights_before = (bd_dir / "model.safetensors").read_bytes()
     out = tmp_path / "nad"
-    assert main(["distill", "--teacher", str(bd_dir), "--defense", "nad", "--defense-epochs", "1",
+    assert main(["distill", "--teacher", str(bd_dir), "--defense", "nad", "--nad-epochs", "1",
                  "--nad-teacher-epochs", "1", "--nad-betas", "250,500,1000", "--out", str(out),
                  *COMMON]) == 0
     rec = json.loads((out / "record.json").read_text())
@@ -127,10 +127,11 @@ def test_cli_nad_then_fkd_writes_defence_record(tmp_path, bd_dir):
 def test_cli_rejects_misplaced_defence_flags(tmp_path, bd_dir, capsys):
     assert main(["distill", "--teacher", str(bd_dir), "--defense", "finetune", "--nad-betas",
                  "1,2,3", "--out", str(tmp_path / "x"), *COMMON]) == 2
-    assert "--nad-betas apply to --defense nad" in capsys.readouterr().err
-    assert main(["distill", "--teacher", str(bd_dir), "--defense-lr", "0.1", "--out",
+    assert "--nad-betas applies to --defense nad, not finetune" in capsys.readouterr().err
+    assert main(["distill", "--teacher", str(bd_dir), "--finetune-lr", "0.1", "--out",
                  str(tmp_path / "y"), *COMMON]) == 2
-    assert "need --defense" in capsys.readouterr().err
+    assert "--finetune-lr applies to --defense finetune, and --defense is not given" in \
+        capsys.readouterr().err
 
 
 def test_api_finetune_then_fkd_and_resume_reuses_the_defence(tmp_path, bd_dir):

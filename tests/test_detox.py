@@ -6,11 +6,10 @@ import torch
 from robustkd.defenses.detox import (
     DetoxMasks,
     detox_loss,
-    per_example_variance,
     train_detox_masks,
 )
 from robustkd.errors import ConfigError
-from robustkd.evaluation.metrics import accuracy
+from robustkd.evaluation.metrics import accuracy, per_example_variance
 from robustkd.models.taps import tap
 
 

@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 
 from robustkd.cli import main
 from robustkd.distill import build_distiller, distill_student
-from robustkd.distill.base import frozen_teacher
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy
 from robustkd.models import build_model
+from robustkd.models.layers import frozen_teacher
 from robustkd.training.optim import OptimConfig
 from tests.toy_models import TinyNet
 
@@ -76,7 +76,7 @@ def test_fkd_spatial_mismatch_is_a_clear_error():
     with pytest.raises(ConfigError, match="pairs layers one to one"):
         build_distiller("fkd", teacher, student, teacher_layers=["bn1"],
                         student_layers=["bn1", "bn2"])
-    with pytest.raises(ConfigError, match="has no option"):
+    with pytest.raises(ConfigError, match="has no setting"):
         build_distiller("kd", teacher, student, options={"beta": 2.0})
 
 
@@ -97,8 +97,8 @@ def test_cli_distill_with_factory_teacher_and_pickle_guard(tmp_path, capsys, dig
     rec = json.loads((tmp_path / "s1" / "record.json").read_text())
     assert 0 <= rec["metrics"]["acc"] <= 1 and rec["clean_images"] < len(digits.train) / 2
     assert main([*base, "--teacher-weights", str(tmp_path / "t.safetensors"),
-                 "--temperature", "3", "--out", str(tmp_path / "s2")]) == 2
-    assert "does not take temperature" in capsys.readouterr().err
+                 "--kd-temperature", "3", "--out", str(tmp_path / "s2")]) == 2
+    assert "--kd-temperature applies to --method kd, not fkd" in capsys.readouterr().err
 
 
 def test_cli_teacher_with_wrong_class_count(tmp_path, capsys):

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.training import distributed as ddp
+from robustkd import distributed as ddp
 from robustkd.training.loop import fit
 from robustkd.training.optim import OptimConfig
 

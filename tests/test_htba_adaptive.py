@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from robustkd import api
-from robustkd.attacks import AttackContext, RandomPatchTrigger, Trigger, random_patch_trigger
+from robustkd.attacks import (
+    AttackContext,
+    RandomPatchTrigger,
+    Trigger,
+    get_attack,
+    random_patch_trigger,
+)
 from robustkd.attacks.adaptive_ckd import variance_loss
 from robustkd.attacks.ckd import build_ckd_trigger
 from robustkd.attacks.htba import build_htba_poison, craft_poisons
@@ -42,8 +48,9 @@ def test_random_patch_moves_per_image_is_reproducible_and_round_trips():
 
 
 def test_htba_poisons_keep_target_labels_stay_in_bound_and_collide(digits, digits_teacher):
-    ctx = AttackContext(digits, digits_teacher, {"htba_poisons": 24, "htba_steps": 15,
-                                                 "htba_batch": 24, "htba_eps": EPS}, "cpu")
+    settings = get_attack("htba").make_settings({"htba_poisons": 24, "htba_steps": 15,
+                                                 "htba_batch": 24, "htba_eps": EPS})
+    ctx = AttackContext(digits, digits_teacher, settings, "cpu")
     trig = random_patch_trigger(digits.train.image_size, 1, size=4, kind="htba")
     train = digits.train
     out = build_htba_poison(ctx, trig, train, target=0, ratio=0.1, seed=0)
@@ -90,9 +97,10 @@ def test_htba_backdoor_beats_the_clean_model(tmp_path, digits, digits_teacher):
 
 
 def test_adaptive_ckd_keeps_asr_and_lowers_feature_variance(digits, digits_teacher):
-    opts = {"trigger_images": 300, "trigger_epochs": 2, "trigger_lr": 0.05, "target": 0,
-            "progress": False, "variance_weight": 1.0}
-    ctx = AttackContext(digits, digits_teacher, opts, "cpu")
+    opts = {"trigger_images": 300, "trigger_epochs": 2, "trigger_lr": 0.05,
+            "variance_weight": 1.0}
+    settings = get_attack("adaptive-ckd").make_settings(opts)
+    ctx = AttackContext(digits, digits_teacher, settings, "cpu", target=0, progress=False)
     trig = build_ckd_trigger(ctx)
     poisoned = poison_dataset(digits.train, trig, 0, 0.1, seed=0)
     layer = digits_teacher.distill_layers()[-1].stage
@@ -120,7 +128,8 @@ def test_attack_cli_smoke(attack, tmp_path, digits_teacher, digits):
     out = tmp_path / attack
     extra = (["--htba-steps", "3", "--htba-poisons", "16", "--htba-eps", "16/255"]
              if attack == "htba" else
-             ["--trigger-images", "200", "--trigger-epochs", "1", "--variance-weight", "0.5"])
+             ["--adaptive-ckd-trigger-images", "200", "--adaptive-ckd-trigger-epochs", "1",
+              "--adaptive-ckd-variance-weight", "0.5"])
     assert main(["attack", "--attack", attack, "--teacher", str(teacher_dir), "--epochs", "1",
                  *extra, "--out", str(out), "--device", "cpu", "--no-progress",
                  "--eval-every", "0"]) == 0

@@ -25,9 +25,9 @@ from robustkd.data.streaming import (
     random_resized_box,
 )
 from robustkd.distill import build_distiller
-from robustkd.distill.base import frozen_teacher
 from robustkd.errors import ConfigError, DataError
 from robustkd.models import DistillLayer, build_model, count_parameters, list_models
+from robustkd.models.layers import frozen_teacher
 from robustkd.models.taps import disable_inplace, tap
 from robustkd.training.loop import fit
 from robustkd.training.optim import OptimConfig

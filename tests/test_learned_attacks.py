@@ -64,8 +64,9 @@ def test_learned_attack_cli_end_to_end(attack, tmp_path, digits_teacher, digits)
     save_run_model(teacher_dir, digits_teacher, run_meta(digits_teacher, digits, None, 0))
     out = tmp_path / attack
     assert main(["attack", "--attack", attack, "--teacher", str(teacher_dir), "--epochs", "3",
-                 "--lr", "0.01", "--poison-ratio", "0.1", "--trigger-images", "300",
-                 "--trigger-epochs", "2", "--trigger-lr", "0.05", "--out", str(out),
+                 "--lr", "0.01", "--poison-ratio", "0.1", f"--{attack}-trigger-images", "300",
+                 f"--{attack}-trigger-epochs", "2", f"--{attack}-trigger-lr", "0.05",
+                 "--out", str(out),
                  "--device", "cpu", "--no-progress", "--eval-every", "0"]) == 0
     rec = json.loads((out / "record.json").read_text())
     meta = json.loads((out / "meta.json").read_text())

@@ -14,8 +14,9 @@ import pytest
 
 from robustkd.cli import main as cli_main
 from robustkd.experiments import plan, reproduce
+from robustkd.experiments.cells import interval
 from robustkd.experiments.plan import Planner
-from robustkd.experiments.report import interval, load_records
+from robustkd.experiments.report import load_records
 from robustkd.experiments.runner import RECORDS_FILE, Shard, ordered_nodes
 from robustkd.experiments.scales import MINI, SMOKE
 from robustkd.experiments.specs import STUDIES
@@ -89,12 +90,12 @@ def test_a_changed_setting_gives_a_new_run_id():
 def test_a_named_preset_is_spelled_out_in_the_run(monkeypatch):
     """Changing what a preset means must give new runs, not reuse stale records."""
     from robustkd.defenses import robustkd as rkd
-    from robustkd.experiments.specs import get_method
+    from robustkd.experiments.specs import get_recipe
 
     def improved_node():
         p = Planner(MINI)
         teacher = p.clean_teacher("cifar10", "wrn16_2", 0)
-        return p.student(teacher, "wrn16_1", get_method("robustkd-improved"), 0)
+        return p.student(teacher, "wrn16_1", get_recipe("robustkd-improved"), 0)
 
     node = improved_node()
     assert node.params["robustkd"]["inversion_classes"] == "suspects"

@@ -41,14 +41,15 @@ def teacher_dirs(tmp_path, digits_teacher, digits):
 
 
 # the paper's literal configuration: these tests exercise masks and tau selection
-COMMON = ["--student", "wrn10_1", "--epochs", "1", "--detox-epochs", "1", "--clean-fraction",
-          "0.3", "--device", "cpu", "--no-progress", "--lr", "0.05", "--robustkd-config", "paper"]
+COMMON = ["--student", "wrn10_1", "--epochs", "1", "--robustkd-detox-epochs", "1",
+          "--clean-fraction", "0.3", "--device", "cpu", "--no-progress", "--lr", "0.05",
+          "--robustkd-preset", "paper"]
 
 
 def test_robustkd_fixed_tau_writes_masks_and_record(tmp_path, teacher_dirs):
     _, bd = teacher_dirs
     out = tmp_path / "rk"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(bd), "--tau", "0.3",
+    assert main(["distill", "--method", "robustkd", "--teacher", str(bd), "--robustkd-tau", "0.3",
                  "--out", str(out), *COMMON]) == 0
     rec = json.loads((out / "record.json").read_text())
     assert rec["selection"] == "fixed" and rec["chosen_tau"] == 0.3
@@ -63,18 +64,20 @@ def test_robustkd_fixed_tau_writes_masks_and_record(tmp_path, teacher_dirs):
 def test_robustkd_blind_and_oracle_selection(tmp_path, teacher_dirs, capsys):
     clean, bd = teacher_dirs
     out = tmp_path / "blind"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(bd), "--taus", "0.1,0.6",
-                 "--selection", "blind", "--out", str(out), *COMMON]) == 0
+    assert main(["distill", "--method", "robustkd", "--teacher", str(bd),
+                 "--robustkd-taus", "0.1,0.6", "--robustkd-selection", "blind",
+                 "--out", str(out), *COMMON]) == 0
     rec = json.loads((out / "record.json").read_text())
     assert rec["selection"] == "blind" and rec["chosen_tau"] in (0.1, 0.6)
     assert len(rec["robustkd"]["candidates"]) == 2
-    assert main(["distill", "--method", "robustkd", "--teacher", str(clean), "--taus",
-                 "0.1,0.6", "--selection", "oracle", "--out", str(tmp_path / "o1"),
+    assert main(["distill", "--method", "robustkd", "--teacher", str(clean), "--robustkd-taus",
+                 "0.1,0.6", "--robustkd-selection", "oracle", "--out", str(tmp_path / "o1"),
                  *COMMON]) == 2
     assert "needs the teacher's trigger" in capsys.readouterr().err
     out = tmp_path / "oracle"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(bd), "--taus", "0.1,0.6",
-                 "--selection", "oracle", "--layers", "last", "--out", str(out), *COMMON]) == 0
+    assert main(["distill", "--method", "robustkd", "--teacher", str(bd),
+                 "--robustkd-taus", "0.1,0.6", "--robustkd-selection", "oracle",
+                 "--robustkd-layers", "last", "--out", str(out), *COMMON]) == 0
     rec = json.loads((out / "record.json").read_text())
     assert rec["selection"] == "oracle" and rec["robustkd"]["layers"] == ["block3"]
     assert {c["tau"] for c in rec["robustkd"]["candidates"]} == {0.1, 0.6}
@@ -82,9 +85,9 @@ def test_robustkd_blind_and_oracle_selection(tmp_path, teacher_dirs, capsys):
 
 def test_detox_flags_rejected_for_other_methods(tmp_path, teacher_dirs, capsys):
     clean, _ = teacher_dirs
-    assert main(["distill", "--method", "fkd", "--teacher", str(clean), "--tau", "0.1",
+    assert main(["distill", "--method", "fkd", "--teacher", str(clean), "--robustkd-tau", "0.1",
                  "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
-    assert "--tau apply to --method robustkd" in capsys.readouterr().err
+    assert "--robustkd-tau applies to --method robustkd, not fkd" in capsys.readouterr().err
 
 
 def test_oracle_candidates_differ_only_in_tau(tmp_path, teacher_dirs):
@@ -92,7 +95,8 @@ def test_oracle_candidates_differ_only_in_tau(tmp_path, teacher_dirs):
     # two candidate students must score identically (tau is the only thing compared)
     _, bd = teacher_dirs
     out = tmp_path / "same"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(bd), "--taus", "0.3,0.3",
-                 "--selection", "oracle", "--out", str(out), *COMMON]) == 0
+    assert main(["distill", "--method", "robustkd", "--teacher", str(bd),
+                 "--robustkd-taus", "0.3,0.3", "--robustkd-selection", "oracle",
+                 "--out", str(out), *COMMON]) == 0
     first, second = json.loads((out / "record.json").read_text())["robustkd"]["candidates"]
     assert first == second

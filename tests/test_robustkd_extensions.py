@@ -76,7 +76,7 @@ def test_presets_and_overrides():
     assert cfg.extra["preset"] == "improved"
     with pytest.raises(ConfigError, match="unknown robustkd configuration"):
         robustkd_config({"preset": "nope"})
-    with pytest.raises(ConfigError, match="unknown robustkd options"):
+    with pytest.raises(ConfigError, match="robustkd has no setting"):
         robustkd_config({"taux": 1})
 
 
@@ -176,12 +176,15 @@ def test_saved_detox_masks_serve_another_student(tmp_path, digits_teacher, digit
     common = ["--student", "wrn10_1", "--epochs", "1", "--clean-fraction", "0.2", "--device",
               "cpu", "--no-progress", "--lr", "0.05"]
     first = tmp_path / "first"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher), "--tau", "0.3",
-                 "--detox-epochs", "1", "--consistency", "0.5", "--inversion-epochs", "1",
+    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher),
+                 "--robustkd-tau", "0.3", "--robustkd-detox-epochs", "1",
+                 "--robustkd-consistency", "0.5",
+                 "--robustkd-inversion-epochs", "1",
                  "--out", str(first), *common]) == 0
     second = tmp_path / "second"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher), "--consistency",
-                 "0.5", "--detox-from", str(first), "--out", str(second), *common]) == 0
+    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher),
+                 "--robustkd-consistency", "0.5", "--detox-from", str(first),
+                 "--out", str(second), *common]) == 0
     rec = json.loads((second / "record.json").read_text())
     assert rec["selection"] == "reused" and rec["chosen_tau"] == 0.3
     assert rec["robustkd"]["inversion"]["reused"] is True

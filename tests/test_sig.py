@@ -10,9 +10,9 @@ import torch
 from robustkd import api
 from robustkd.attacks.registry import AttackContext
 from robustkd.attacks.sig import sig_poison, sinusoid
-from robustkd.attacks.triggers import AdditiveTrigger, Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.errors import ConfigError
+from robustkd.triggers import AdditiveTrigger, Trigger
 
 
 def test_sinusoid_matches_the_formula_and_is_constant_down_columns():
@@ -39,7 +39,7 @@ def test_sig_poisons_only_target_images_and_keeps_every_label():
     labels = torch.tensor([0] * 10 + [1] * 10)
     ds = ImageDataset(torch.full((20, 1, 2, 4), 100, dtype=torch.uint8), labels, ["a", "b"])
     trig = AdditiveTrigger(torch.full((1, 2, 4), 0.2))
-    out = sig_poison(AttackContext(None, None, {}), trig, ds, target=0, ratio=0.5, seed=1)
+    out = sig_poison(AttackContext(None, None), trig, ds, target=0, ratio=0.5, seed=1)
     assert len(out) == len(ds) and torch.equal(out.labels, labels)
     changed = (out.images != ds.images).flatten(1).any(1)
     assert torch.equal(changed, out.is_poison)

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from robustkd import api
-from robustkd.attacks.triggers import patch_trigger
 from robustkd.cli import main
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.streaming import EXTRACT_MARKER, load_streamed
@@ -24,6 +23,7 @@ from robustkd.data.subsets import per_class_subset
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.models import build_model
+from robustkd.triggers import patch_trigger
 
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 8

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustkd.attacks.triggers import (
+from robustkd.errors import ConfigError
+from robustkd.triggers import (
     Trigger,
     blend_trigger,
     patch_trigger,
@@ -14,7 +15,6 @@ from robustkd.attacks.triggers import (
     rescale_trigger,
     trigger_scale,
 )
-from robustkd.errors import ConfigError
 
 
 def test_scale_rule():

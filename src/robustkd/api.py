@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustkd import distributed as ddp
 from robustkd.attacks import AttackContext, get_attack
 from robustkd.attacks.render import render_trigger
 from robustkd.data import load_dataset, per_class_subset
@@ -22,16 +24,17 @@ from robustkd.data.dataset import DatasetSplits
 from robustkd.data.registry import STREAMED
 from robustkd.data.streaming import StreamedImageFolder, StreamedSplits, load_streamed
 from robustkd.defenses import DefenseContext, defend_teacher
+from robustkd.defenses.detox import DetoxMasks
+from robustkd.defenses.inversion import SyntheticTriggers
 from robustkd.defenses.robustkd import robustkd_config, run_robustkd
 from robustkd.distill import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model, feature_variance
 from robustkd.evaluation.scan import plot_histograms, summarise
-from robustkd.io import load_state_dict, read_json, save_tensors, write_json
+from robustkd.io import RECORD_FILE, load_state_dict, read_json, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
 from robustkd.runs import load_run, run_meta, save_run_model, write_record
-from robustkd.training import distributed as ddp
 from robustkd.training.classifier import train_classifier
 from robustkd.training.loop import EpochResult
 from robustkd.training.optim import OptimConfig
@@ -371,6 +374,7 @@ def attack(
     seed_everything(seed)
     dev = resolve_device(device)
     spec = get_attack(attack)
+    settings = spec.make_settings(options)  # checked before any data or model is loaded
     if (teacher is None) == (model is None):
         raise ConfigError(
             "give either --teacher RUN_DIR (poison fine-tuning of a clean model) "
@@ -417,12 +421,7 @@ def attack(
         )
     use_cl = _prepare_model(net, dev, channels_last)
     trigger_started = time.perf_counter()
-    ctx = AttackContext(
-        splits,
-        reference,
-        {**(options or {}), "target": target, "progress": progress},
-        dev,
-    )
+    ctx = AttackContext(splits, reference, settings, dev, target=target, progress=progress)
     trigger = spec.build_trigger(ctx).to(dev)
     trigger_seconds = time.perf_counter() - trigger_started
     # the clean model under the new trigger: the ASR a backdoor-free model already shows
@@ -956,11 +955,6 @@ def distill(
 
 def load_detox(run_dir: str | Path):
     """The detox masks (and synthetic triggers, if any) a RobustKD run saved, for reuse."""
-    from safetensors.torch import load_file
-
-    from robustkd.defenses.detox import DetoxMasks
-    from robustkd.defenses.inversion import SyntheticTriggers
-
     run_dir = Path(run_dir)
     if not (run_dir / DETOX_FILE).exists() or not (run_dir / DETOX_META).exists():
         raise ConfigError(
@@ -1094,7 +1088,5 @@ def _throughput(history: list[dict]) -> dict[str, float]:
 
 
 def _read(run_dir: str | Path) -> dict[str, Any]:
-    from robustkd.io import RECORD_FILE, read_json
-
     ddp.barrier()  # under torchrun only rank 0 wrote the record: wait for it
     return read_json(Path(run_dir) / RECORD_FILE)

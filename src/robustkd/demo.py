@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from robustkd import api
+from robustkd.defenses.robustkd import DEFAULT_PRESET
 from robustkd.io import RECORD_FILE, read_json, write_json
 from robustkd.plotting import pyplot, save_png
 
@@ -33,7 +34,7 @@ class DemoSettings:
     student_epochs: int = 15
     batch_size: int = 64
     poison_ratio: float = 0.1
-    robustkd_config: str = "improved"
+    robustkd_config: str = DEFAULT_PRESET
     detox_epochs: int = 10
     seed: int = 0
 

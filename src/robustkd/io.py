@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from robustkd.distributed import is_main
 from robustkd.errors import UnsafeCheckpointError
-from robustkd.training.distributed import is_main
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import DatasetSplits
 from robustkd.data.streaming import StreamedSplits
 from robustkd.errors import ConfigError
 from robustkd.io import RECORD_FILE, load_checkpoint, save_checkpoint, write_json
 from robustkd.models import build_model
+from robustkd.triggers import Trigger
 from robustkd.utils import git_revision
 
 

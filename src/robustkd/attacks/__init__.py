@@ -9,9 +9,10 @@ from robustkd.attacks import (  # noqa: F401  (registers the attacks)
     lba,
     sig,
 )
-from robustkd.attacks.poison import poison_dataset, select_poison_indices, triggered_test_set
+from robustkd.attacks.poison import poison_dataset, select_poison_indices
 from robustkd.attacks.registry import ATTACKS, AttackContext, AttackSpec, get_attack
-from robustkd.attacks.triggers import (
+from robustkd.evaluation.metrics import triggered_test_set
+from robustkd.triggers import (
     AdditiveTrigger,
     RandomPatchTrigger,
     Trigger,

@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
-from robustkd.attacks.triggers import Trigger, patch_trigger
+from robustkd.attacks.registry import AttackContext, AttackSpec, TriggerSettings, register_attack
+from robustkd.settings import setting
+from robustkd.triggers import Trigger, patch_trigger
+
+PATTERNS = ("checkerboard", "white", "random")
 
 
-def patch_arguments(parser: argparse.ArgumentParser) -> None:
-    """Patch flags shared by the patch attacks (badnets; htba, which places it at random)."""
-    group = parser.add_argument_group("patch triggers (badnets, htba)")
-    group.add_argument("--patch-size", type=int, default=3,
-                       help="patch side in pixels of a 32x32 image (badnets: scales with the "
-                            "shorter side of larger images, e.g. 3 -> 21 at 224 px)")
-    group.add_argument("--patch-position", default="br",
-                       help="badnets: br, bl, tr, tl, center, or ROW,COL")
-    group.add_argument("--patch-pattern", default="checkerboard",
-                       choices=["checkerboard", "white", "random"])
+@dataclass(frozen=True)
+class PatchSettings(TriggerSettings):
+    """The patch the patch attacks paste (badnets in a corner, htba at random places)."""
+
+    patch_size: int = setting(3, "patch side in pixels of a 32x32 image (badnets: scales "
+                                 "with the shorter side of larger images, 3 -> 21 at 224 px)",
+                              minimum=1)
+    patch_pattern: str = setting("checkerboard", "the patch's pixels", choices=PATTERNS)
+
+
+@dataclass(frozen=True)
+class BadNetsSettings(PatchSettings):
+    patch_position: str = setting("br", "br, bl, tr, tl, center, or ROW,COL",
+                                  metavar="POSITION")
 
 
 def _build(ctx: AttackContext) -> Trigger:
-    pos = ctx.options.get("patch_position", "br")
-    if isinstance(pos, str) and "," in pos:
+    s: BadNetsSettings = ctx.settings
+    pos = s.patch_position
+    if "," in pos:
         pos = tuple(int(v) for v in pos.split(","))
     return patch_trigger(ctx.splits.train.image_size, ctx.splits.train.channels,
-                         size=ctx.options.get("patch_size", 3), position=pos,
-                         pattern=ctx.options.get("patch_pattern", "checkerboard"),
-                         seed=ctx.options.get("trigger_seed", 0))
+                         size=s.patch_size, position=pos, pattern=s.patch_pattern,
+                         seed=s.trigger_seed)
 
 
-register_attack(AttackSpec("badnets", _build,
-                           description="fixed patch in a corner (Gu et al. 2017)",
-                           shared_arguments=(patch_arguments,)))
+register_attack(AttackSpec("badnets", _build, BadNetsSettings,
+                           description="fixed patch in a corner (Gu et al. 2017)"))

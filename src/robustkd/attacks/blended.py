@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
-from robustkd.attacks.triggers import Trigger, blend_trigger
+from robustkd.attacks.registry import AttackContext, AttackSpec, TriggerSettings, register_attack
 from robustkd.errors import ConfigError
+from robustkd.settings import setting
+from robustkd.triggers import Trigger, blend_trigger
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("blended")
-    group.add_argument("--alpha", type=float, default=0.15, help="blend weight of the pattern")
-    group.add_argument("--blend-pattern", default="noise",
-                       help="noise, stripes, or the path of an image file")
+@dataclass(frozen=True)
+class BlendedSettings(TriggerSettings):
+    alpha: float = setting(0.15, "blend weight of the pattern", above=0.0, maximum=1.0)
+    blend_pattern: str = setting("noise", "noise, stripes, or the path of an image file",
+                                 metavar="PATTERN")
 
 
 def _build(ctx: AttackContext) -> Trigger:
-    pattern = ctx.options.get("blend_pattern", "noise")
+    s: BlendedSettings = ctx.settings
+    pattern = s.blend_pattern
     if pattern not in ("noise", "stripes"):
         try:
             with Image.open(pattern) as img:
@@ -31,9 +33,8 @@ def _build(ctx: AttackContext) -> Trigger:
             raise ConfigError(f"cannot read blend pattern image {pattern}: {exc}") from None
         pattern = torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
     return blend_trigger(ctx.splits.train.image_size, ctx.splits.train.channels,
-                         alpha=ctx.options.get("alpha", 0.15), pattern=pattern,
-                         seed=ctx.options.get("trigger_seed", 0))
+                         alpha=s.alpha, pattern=pattern, seed=s.trigger_seed)
 
 
-register_attack(AttackSpec("blended", _build, _arguments,
+register_attack(AttackSpec("blended", _build, BlendedSettings,
                            description="full-image blend of a pattern (Chen et al. 2017)"))

@@ -8,20 +8,21 @@ response. Then the teacher is poison-fine-tuned with the trigger.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 
 from robustkd.attacks.learned import (
+    LearnedTriggerSettings,
     feature_names,
-    learned_trigger_arguments,
     optimise_trigger,
     trigger_images,
 )
 from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
-from robustkd.attacks.triggers import Trigger
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import mean_features
+from robustkd.settings import setting
+from robustkd.triggers import Trigger
 
 
 def toxic_channels(channel_means: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -32,11 +33,12 @@ def toxic_channels(channel_means: torch.Tensor, fraction: float) -> torch.Tensor
     return torch.topk(channel_means, k).indices
 
 
-def ckd_arguments(parser: argparse.ArgumentParser) -> None:
-    """CKD's flags (shared with adaptive-ckd, which builds the same trigger)."""
-    g = parser.add_argument_group("ckd, adaptive-ckd")
-    g.add_argument("--toxic-fraction", type=float, default=0.1,
-                   help="fraction of channels per layer treated as toxic (rho)")
+@dataclass(frozen=True)
+class CKDSettings(LearnedTriggerSettings):
+    """CKD's settings (adaptive-ckd builds the same trigger and extends them)."""
+
+    toxic_fraction: float = setting(0.1, "fraction of channels per layer treated as toxic "
+                                         "(rho)", above=0.0, maximum=1.0)
 
 
 def build_ckd_trigger(ctx: AttackContext, kind: str = "ckd") -> Trigger:
@@ -44,12 +46,12 @@ def build_ckd_trigger(ctx: AttackContext, kind: str = "ckd") -> Trigger:
     if ctx.model is None:
         raise ConfigError(f"{kind} optimises its trigger on a clean teacher: use --teacher "
                           "RUN_DIR, or --model NAME with --trigger-teacher RUN_DIR")
-    o = ctx.options
+    s: CKDSettings = ctx.settings
     splits, model, device = ctx.splits, ctx.model, ctx.device
-    names = feature_names(model, o.get("feature_layers"))
-    images = trigger_images(splits.train, o.get("trigger_images", 2000), o.get("trigger_seed", 0))
+    names = feature_names(model, s.feature_layers)
+    images = trigger_images(splits.train, s.trigger_images, s.trigger_seed)
     means = mean_features(model, images, names, splits.mean, splits.std, device=device)
-    fraction = o.get("toxic_fraction", 0.1)
+    fraction = s.toxic_fraction
     toxic, values = {}, {}
     for n in names:
         channel_means = means[n].mean((1, 2)) if means[n].dim() == 3 else means[n]
@@ -65,18 +67,15 @@ def build_ckd_trigger(ctx: AttackContext, kind: str = "ckd") -> Trigger:
             total = total + ((sel - values[n]) ** 2).mean(dim=dims).sum()
         return total
 
-    mask_max = o.get("mask_max") or 0.2
     return optimise_trigger(
-        model, images, names, loss, mask_max=mask_max, mean=splits.mean, std=splits.std,
-        device=device, epochs=o.get("trigger_epochs", 5), lr=o.get("trigger_lr", 0.005),
-        seed=o.get("trigger_seed", 0), kind=kind,
+        model, images, names, loss, mask_max=s.mask_max, mean=splits.mean, std=splits.std,
+        device=device, epochs=s.trigger_epochs, lr=s.trigger_lr, seed=s.trigger_seed, kind=kind,
         params={"toxic_fraction": fraction, "layers": names,
                 "toxic_channels": {n: toxic[n].tolist() for n in names},
                 "target_values": values},
-        progress=o.get("progress", True))
+        progress=ctx.progress)
 
 
-register_attack(AttackSpec("ckd", build_ckd_trigger, needs_model=True,
+register_attack(AttackSpec("ckd", build_ckd_trigger, CKDSettings, needs_model=True,
                            description="learned trigger on the teacher's strongest channels "
-                                       "(CKD, survives feature distillation)",
-                           shared_arguments=(learned_trigger_arguments, ckd_arguments)))
+                                       "(CKD, survives feature distillation)"))

@@ -25,19 +25,21 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from torch import nn
 
-from robustkd.attacks.badnets import patch_arguments
+from robustkd.attacks.badnets import PatchSettings
 from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
-from robustkd.attacks.triggers import RandomPatchTrigger, Trigger, random_patch_trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import augment_batch, check_augment, normalize
-from robustkd.distill.base import frozen_teacher, layers_of
 from robustkd.errors import ConfigError
+from robustkd.models.layers import frozen_teacher, layers_of
 from robustkd.models.taps import tap
+from robustkd.settings import setting
+from robustkd.triggers import RandomPatchTrigger, Trigger, random_patch_trigger
 
 POOLS = ("relu-mean", "mean", "none")
 PAIRINGS = ("assign", "nearest")
@@ -53,39 +55,45 @@ def pixel_fraction(text: str) -> float:
                                          f"got {text!r}") from None
 
 
-def htba_arguments(parser: argparse.ArgumentParser) -> None:
-    """HTBA's flags; the patch itself uses the shared --patch-size/--patch-pattern."""
-    g = parser.add_argument_group(
-        "htba (hidden trigger, clean-label; --poison-ratio = fraction of the TARGET class "
-        "that is perturbed, unless --htba-poisons is given)")
-    g.add_argument("--htba-eps", type=pixel_fraction, default=16 / 255,
-                   help="L-inf bound of the poison perturbation in [0, 1] pixel units "
-                        "(16/255 accepted; default 16/255)")
-    g.add_argument("--htba-source", default=None, metavar="C1,C2",
-                   help="source classes whose patched images the poisons imitate "
-                        "(default: every non-target class)")
-    g.add_argument("--htba-poisons", type=int, default=None,
-                   help="number of poisoned target-class images (overrides --poison-ratio)")
-    g.add_argument("--htba-steps", type=int, default=300,
-                   help="PGD iterations over all poisons")
-    g.add_argument("--htba-lr", type=float, default=0.01,
-                   help="PGD step size in [0, 1] pixel units (cosine-decayed to a tenth)")
-    g.add_argument("--htba-batch", type=int, default=64,
-                   help="poisons (and patched source images) per PGD step")
-    g.add_argument("--htba-layer", default=None,
-                   help="module whose output features collide (default: the last "
-                        "distillation layer's pre-ReLU feature)")
-    g.add_argument("--htba-pool", default="relu-mean", choices=POOLS,
-                   help="relu-mean: ReLU then spatial mean (the penultimate feature of the "
-                        "built-in models, position-invariant like the random patch); mean; "
-                        "none: the full feature map")
-    g.add_argument("--htba-pairing", default="assign", choices=PAIRINGS,
-                   help="pair poisons with patched sources one-to-one (paper) or nearest")
-    g.add_argument("--htba-finetune", default="head", choices=FINETUNE,
-                   help="fine-tune only the classifier, the last nn.Linear (paper; default), "
-                        "or every layer (which washes the backdoor out on small models)")
-    g.add_argument("--htba-no-eot", dest="htba_eot", action="store_false",
-                   help="craft without the dataset's training augmentation on the poisons")
+def class_list(text: str) -> tuple[int, ...]:
+    """Class indices given as ``C1,C2``."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class indices like 1,2, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class HTBASettings(PatchSettings):
+    """HTBA's settings (``--poison-ratio`` is the fraction of the TARGET class perturbed,
+    unless ``htba_poisons`` is given); the patch uses the shared patch settings."""
+
+    htba_eps: float = setting(16 / 255, "L-inf bound of the poison perturbation in [0, 1] "
+                                        "pixel units (16/255 accepted)", above=0.0,
+                              maximum=1.0, parse=pixel_fraction, metavar="EPS")
+    htba_source: tuple[int, ...] | None = setting(
+        None, "source classes whose patched images the poisons imitate (default: every "
+              "non-target class)", metavar="C1,C2", parse=class_list)
+    htba_poisons: int | None = setting(None, "number of poisoned target-class images "
+                                             "(overrides --poison-ratio)", minimum=1)
+    htba_steps: int = setting(300, "PGD iterations over all poisons", minimum=1)
+    htba_lr: float = setting(0.01, "PGD step size in [0, 1] pixel units (cosine-decayed to a "
+                                   "tenth)", above=0.0)
+    htba_batch: int = setting(64, "poisons (and patched source images) per PGD step",
+                              minimum=1)
+    htba_layer: str | None = setting(None, "module whose output features collide (default: "
+                                           "the last distillation layer's pre-ReLU feature)",
+                                     metavar="MODULE")
+    htba_pool: str = setting("relu-mean", "relu-mean: ReLU then spatial mean (position-"
+                                          "invariant like the random patch); mean; none: the "
+                                          "full feature map", choices=POOLS)
+    htba_pairing: str = setting("assign", "pair poisons with patched sources one-to-one "
+                                          "(paper) or nearest", choices=PAIRINGS)
+    htba_finetune: str = setting("head", "fine-tune only the classifier, the last nn.Linear "
+                                         "(paper), or every layer (which washes the backdoor "
+                                         "out on small models)", choices=FINETUNE)
+    htba_eot: bool = setting(True, "craft with the dataset's training augmentation on the "
+                                   "poisons (expectation over transformations)")
 
 
 def collision_layer(model: nn.Module, name: str | None) -> str:
@@ -228,9 +236,9 @@ def build_htba_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset,
                           "or --model NAME with --trigger-teacher RUN_DIR")
     if not isinstance(trigger, RandomPatchTrigger):
         raise ConfigError("htba needs its random-position patch trigger")
-    o = ctx.options
+    o: HTBASettings = ctx.settings
     members = torch.nonzero(train.labels == target).flatten()
-    count = o.get("htba_poisons")
+    count = o.htba_poisons
     if count is None:
         if not 0.0 < ratio <= 1.0:
             raise ConfigError(f"poison ratio must be in (0, 1], got {ratio}")
@@ -240,18 +248,17 @@ def build_htba_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset,
                           "training images")
     gen = torch.Generator().manual_seed(seed)
     index = torch.sort(members[torch.randperm(len(members), generator=gen)[:count]]).values
-    source_classes = _classes(o.get("htba_source"), train.num_classes, target)
+    source_classes = _classes(o.htba_source, train.num_classes, target)
     src_index = torch.nonzero(torch.isin(train.labels, torch.tensor(source_classes))).flatten()
     poisons, report = craft_poisons(
         ctx.model, train.images[index], train.images[src_index], trigger,
-        mean=ctx.splits.mean, std=ctx.splits.std, eps=o.get("htba_eps", 16 / 255),
-        steps=o.get("htba_steps", 300), lr=o.get("htba_lr", 0.01),
-        batch_size=o.get("htba_batch", 64), layer=o.get("htba_layer"),
-        pool=o.get("htba_pool", "relu-mean"), pairing=o.get("htba_pairing", "assign"),
-        augment=ctx.splits.augment if o.get("htba_eot", True) else None, device=ctx.device,
+        mean=ctx.splits.mean, std=ctx.splits.std, eps=o.htba_eps, steps=o.htba_steps,
+        lr=o.htba_lr, batch_size=o.htba_batch, layer=o.htba_layer, pool=o.htba_pool,
+        pairing=o.htba_pairing, augment=ctx.splits.augment if o.htba_eot else None,
+        device=ctx.device,
         seed=seed)
     report["source_classes"] = source_classes
-    report["finetune"] = o.get("htba_finetune", "head")
+    report["finetune"] = o.htba_finetune
     trigger.params["poison_report"] = report  # saved with the trigger in meta.json
     if keep_originals:
         images = torch.cat([train.images, poisons])
@@ -268,10 +275,7 @@ def build_htba_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset,
 
 def classifier_head(ctx: AttackContext, model: nn.Module) -> nn.Module | None:
     """The module HTBA fine-tuning trains: the last ``nn.Linear`` (``head``), or all."""
-    mode = ctx.options.get("htba_finetune", "head")
-    if mode not in FINETUNE:
-        raise ConfigError(f"--htba-finetune must be one of {FINETUNE}, got {mode!r}")
-    if mode == "all":
+    if ctx.settings.htba_finetune == "all":
         return None
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -281,15 +285,14 @@ def classifier_head(ctx: AttackContext, model: nn.Module) -> nn.Module | None:
 
 
 def _build(ctx: AttackContext) -> Trigger:
-    o = ctx.options
+    s: HTBASettings = ctx.settings
     return random_patch_trigger(ctx.splits.train.image_size, ctx.splits.train.channels,
-                                size=o.get("patch_size", 3),
-                                pattern=o.get("patch_pattern", "checkerboard"),
-                                seed=o.get("trigger_seed", 0), kind="htba")
+                                size=s.patch_size, pattern=s.patch_pattern,
+                                seed=s.trigger_seed, kind="htba")
 
 
-register_attack(AttackSpec("htba", _build, htba_arguments, needs_model=True,
+register_attack(AttackSpec("htba", _build, HTBASettings, needs_model=True,
                            description="hidden trigger, clean-label: target images perturbed "
                                        "to collide in feature space with patched sources",
-                           shared_arguments=(patch_arguments,), build_poison=build_htba_poison,
+                           build_poison=build_htba_poison,
                            trainable=classifier_head))

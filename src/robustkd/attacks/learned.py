@@ -7,36 +7,38 @@ code rebinds the tensor instead, so its projection never reaches the optimiser).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from robustkd.attacks.triggers import Trigger
+from robustkd.attacks.registry import TriggerSettings
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader, normalize
 from robustkd.data.subsets import per_class_subset
-from robustkd.distill.base import frozen_teacher, layers_of
+from robustkd.models.layers import frozen_teacher, layers_of
 from robustkd.models.taps import tap
+from robustkd.settings import setting
 from robustkd.training.loop import fit
 from robustkd.training.optim import OptimConfig
+from robustkd.triggers import Trigger
 
 FeatureLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
-def learned_trigger_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI flags shared by every learned-trigger attack."""
-    g = parser.add_argument_group("learned triggers (ckd, lba)")
-    g.add_argument("--mask-max", type=float, default=None,
-                   help="upper bound of the trigger mask (ckd 0.2, lba 0.5)")
-    g.add_argument("--trigger-lr", type=float, default=0.005, help="Adam lr for P and M")
-    g.add_argument("--trigger-epochs", type=int, default=5,
-                   help="passes over the trigger-optimisation images")
-    g.add_argument("--trigger-images", type=int, default=2000,
-                   help="clean training images used to optimise the trigger")
-    g.add_argument("--feature-layers", default=None,
-                   help="comma-separated module names (default: the model's distill layers)")
+@dataclass(frozen=True)
+class LearnedTriggerSettings(TriggerSettings):
+    """What every learned-trigger attack takes (its mask budget is its own default)."""
+
+    mask_max: float = setting(0.2, "upper bound of the trigger mask", above=0.0, maximum=1.0)
+    trigger_lr: float = setting(0.005, "Adam lr for the pattern and the mask", above=0.0)
+    trigger_epochs: int = setting(5, "passes over the trigger-optimisation images", minimum=1)
+    trigger_images: int = setting(2000, "clean training images used to optimise the trigger",
+                                  minimum=1)
+    feature_layers: tuple[str, ...] | None = setting(
+        None, "module names whose features the trigger drives (default: the model's "
+              "distillation layers)", metavar="A,B,C")
 
 
 def feature_names(model: nn.Module, names: str | Sequence[str] | None) -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.errors import ConfigError
+from robustkd.triggers import Trigger
 
 
 def select_poison_indices(labels: torch.Tensor, target: int, ratio: float,
@@ -51,9 +51,3 @@ def poison_dataset(ds: ImageDataset, trigger: Trigger, target: int, ratio: float
                         is_poison=is_poison)
 
 
-def triggered_test_set(ds: ImageDataset, trigger: Trigger, target: int) -> ImageDataset:
-    """Triggered copies of the test images whose true label is not ``target`` (for ASR)."""
-    keep = torch.nonzero(ds.labels != target).flatten()
-    images = trigger.apply_uint8(ds.images[keep])
-    return ImageDataset(images, ds.labels[keep].clone(), list(ds.classes),
-                        name=f"{ds.name}+trigger", is_poison=torch.ones(len(keep), dtype=bool))

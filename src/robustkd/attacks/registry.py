@@ -1,31 +1,40 @@
-"""Attack registry: each attack file registers how to build its trigger and its CLI flags."""
+"""Attack registry: each attack file registers how to build its trigger and the settings
+dataclass that holds its defaults (the CLI flags are generated from it)."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from robustkd.attacks.poison import poison_dataset
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import DatasetSplits, ImageDataset
 from robustkd.errors import ConfigError
+from robustkd.settings import make_settings, setting
+from robustkd.training.classifier import ExtraLoss
+from robustkd.triggers import Trigger
 
-if TYPE_CHECKING:
-    from robustkd.training.classifier import ExtraLoss
+
+@dataclass(frozen=True)
+class TriggerSettings:
+    """What every attack takes: the seed of its trigger's randomness."""
+
+    trigger_seed: int = setting(0, "seed of the trigger's random pattern or optimisation",
+                                minimum=0)
 
 
 @dataclass
 class AttackContext:
-    """What a trigger builder may look at: the data, the (clean) model, the options."""
+    """What a trigger builder may look at: the data, the (clean) model, its settings."""
 
     splits: DatasetSplits
     model: nn.Module | None
-    options: dict[str, Any]
+    settings: Any = TriggerSettings()
     device: Any = "cpu"
+    target: int = 0
+    progress: bool = True
 
 
 def relabel_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, target: int,
@@ -44,7 +53,7 @@ Trainable = Callable[[AttackContext, nn.Module], "nn.Module | None"]
 
 @dataclass
 class AttackSpec:
-    """How an attack builds its trigger and poisoned data, and which CLI flags it takes.
+    """How an attack builds its trigger and poisoned data; ``settings`` is its dataclass.
 
     ``build_poison`` defaults to relabel-and-trigger; clean-label attacks (HTBA) replace it.
     ``extra_loss``, when set, adds a term to the fine-tuning loss (adaptive attacks);
@@ -53,16 +62,17 @@ class AttackSpec:
 
     name: str
     build_trigger: Callable[[AttackContext], Trigger]
-    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
-    defaults: dict[str, Any] = field(default_factory=dict)
+    settings: type = TriggerSettings
     description: str = ""
-    # flag groups several attacks share (added once to the CLI, deduplicated by identity)
-    shared_arguments: tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
     build_poison: BuildPoison = relabel_poison
     extra_loss: BuildExtraLoss | None = None
     trainable: Trainable | None = None
     # the trigger is optimised on a clean model (from scratch: ``--trigger-teacher RUN``)
     needs_model: bool = False
+
+    def make_settings(self, options: dict[str, Any] | None) -> Any:
+        """The attack's settings from its defaults and the options a user gave."""
+        return make_settings(self.settings, options, f"attack {self.name}")
 
 
 ATTACKS: dict[str, AttackSpec] = {}

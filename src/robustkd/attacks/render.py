@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from robustkd.attacks.triggers import Trigger
 from robustkd.io import atomic_write
+from robustkd.triggers import Trigger
 
 
 def _to_image(x: torch.Tensor, scale: int) -> Image.Image:

@@ -11,23 +11,24 @@ originals are replaced).
 
 from __future__ import annotations
 
-import argparse
 import math
+from dataclasses import dataclass
 
 import torch
 
-from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
-from robustkd.attacks.triggers import AdditiveTrigger, Trigger
+from robustkd.attacks.registry import AttackContext, AttackSpec, TriggerSettings, register_attack
 from robustkd.data.dataset import ImageDataset
 from robustkd.errors import ConfigError
+from robustkd.settings import setting
+from robustkd.triggers import AdditiveTrigger, Trigger
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sig")
-    g.add_argument("--sig-delta", type=float, default=40.0,
-                   help="amplitude of the sinusoid in pixel levels of 255 (default 40)")
-    g.add_argument("--sig-frequency", type=float, default=6.0,
-                   help="periods of the sinusoid across the image width (default 6)")
+@dataclass(frozen=True)
+class SIGSettings(TriggerSettings):
+    sig_delta: float = setting(40.0, "amplitude of the sinusoid in pixel levels of 255",
+                               above=0.0, maximum=255.0)
+    sig_frequency: float = setting(6.0, "periods of the sinusoid across the image width",
+                                   above=0.0)
 
 
 def sinusoid(image_size: tuple[int, int], channels: int, delta: float,
@@ -43,8 +44,8 @@ def sinusoid(image_size: tuple[int, int], channels: int, delta: float,
 
 
 def _build(ctx: AttackContext) -> Trigger:
-    o = ctx.options
-    delta, freq = o.get("sig_delta", 40.0), o.get("sig_frequency", 6.0)
+    s: SIGSettings = ctx.settings
+    delta, freq = s.sig_delta, s.sig_frequency
     signal = sinusoid(ctx.splits.train.image_size, ctx.splits.train.channels, delta, freq)
     return AdditiveTrigger(signal, kind="sig", params={"delta": delta, "frequency": freq})
 
@@ -68,5 +69,5 @@ def sig_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, tar
                         name=f"{train.name}+sig", is_poison=is_poison)
 
 
-register_attack(AttackSpec("sig", _build, _arguments, build_poison=sig_poison,
+register_attack(AttackSpec("sig", _build, SIGSettings, build_poison=sig_poison,
                            description="clean-label sinusoidal signal (Barni et al. 2019)"))

@@ -47,7 +47,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,9 +60,7 @@ from robustkd.data.dataset import ImageDataset
 from robustkd.data.imagefolder import is_image_file
 from robustkd.data.loader import DeviceLoader, EpochBatches, epoch_seed
 from robustkd.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from robustkd.attacks.triggers import Trigger
+from robustkd.triggers import Trigger
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +280,7 @@ class StreamLoader(EpochBatches):
     The interface matches :class:`~robustkd.data.loader.DeviceLoader` (``len``, ``set_epoch``,
     ``order``, ``num_samples``). ``mean``/``std`` default to the ImageNet statistics.
     ``trigger`` (for ASR) is applied to each decoded uint8 batch on the device and quantised
-    back to uint8 before normalisation, as :func:`~robustkd.attacks.poison.triggered_test_set`
+    back to uint8 before normalisation, as :func:`~robustkd.evaluation.metrics.triggered_test_set`
     does to an in-memory test set (a triggered image file would be stored that way).
     """
 
@@ -530,7 +528,7 @@ def loader_for(ds: ImageDataset | StreamedImageFolder, batch_size: int, *,
                             workers=workers, trigger=trigger)
     if trigger is not None:
         raise ConfigError("in-memory data are triggered before loading "
-                          "(robustkd.attacks.poison.triggered_test_set), not by the loader")
+                          "(robustkd.evaluation.metrics.triggered_test_set), not by the loader")
     return DeviceLoader(ds, batch_size, device=device, mean=mean, std=std, shuffle=shuffle,
                         augment=augment, drop_last=drop_last, seed=seed,
                         channels_last=channels_last)

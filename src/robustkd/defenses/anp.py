@@ -48,6 +48,7 @@ from robustkd.defenses.registry import DefenseContext, register_teacher_defense
 from robustkd.errors import ConfigError, DataError
 from robustkd.evaluation.metrics import accuracy
 from robustkd.models.taps import resolve_modules
+from robustkd.settings import setting
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
 
@@ -58,19 +59,23 @@ VAL_FRACTION = 0.1
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 19))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ANPSettings:
-    """ANP's knobs (defaults: paper and reference code). ``max_acc_drop`` (a fraction, e.g.
-    0.02) switches from the fixed ``threshold`` to the blind choice on held-out clean data."""
+    """ANP's knobs (defaults: paper and reference code)."""
 
-    eps: float = 0.4
-    steps: int = 1
-    alpha: float = 0.2
-    mask_lr: float = 0.2
-    iterations: int = 2000
-    batch_size: int = 128
-    threshold: float = 0.2
-    max_acc_drop: float | None = None
+    eps: float = setting(0.4, "bound of the multiplicative neuron perturbation", minimum=0.0)
+    steps: int = setting(1, "ascent steps on the perturbation per batch", minimum=1)
+    alpha: float = setting(0.2, "weight of the natural loss (1 - alpha: perturbed loss)",
+                           minimum=0.0, maximum=1.0)
+    mask_lr: float = setting(0.2, "SGD lr of the neuron masks", above=0.0)
+    iterations: int = setting(2000, "mask-optimisation batches", minimum=1)
+    batch_size: int = setting(128, "batch size", minimum=1)
+    threshold: float = setting(0.2, "prune neurons whose mask ends below this",
+                               minimum=0.0, maximum=1.0)
+    max_acc_drop: float | None = setting(None, "choose the threshold blind instead: the "
+                                               "largest pruning whose held-out clean accuracy "
+                                               "drops by at most this fraction",
+                                         minimum=0.0, maximum=1.0)
 
     def __post_init__(self) -> None:
         _check_number("eps", self.eps, low=0.0)

@@ -24,9 +24,9 @@ from torch import nn
 
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
-from robustkd.distill.base import frozen_teacher
 from robustkd.errors import ConfigError
-from robustkd.evaluation.metrics import mean_features
+from robustkd.evaluation.metrics import mean_features, per_example_variance
+from robustkd.models.layers import frozen_teacher
 from robustkd.models.taps import tap
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
@@ -104,11 +104,6 @@ class DetoxMasks(nn.Module):
             for i, n in enumerate(names):
                 masks.masks[i].copy_(tensors[f"detox.{n}.mask"])
         return masks
-
-
-def per_example_variance(feature: torch.Tensor) -> torch.Tensor:
-    """Variance of all elements of each example's feature map, ``[B]`` (Eq. 8's quantity)."""
-    return feature.float().flatten(1).var(dim=1)
 
 
 def detox_loss(logits: torch.Tensor, labels: torch.Tensor, last_feature: torch.Tensor,

@@ -15,21 +15,23 @@ from torch import nn
 
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.errors import ConfigError
+from robustkd.settings import setting
 from robustkd.training.classifier import classification_step
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneSettings:
-    """Plain SGD fine-tuning on the clean subset (``schedule``: step, cosine or constant)."""
+    """Plain SGD fine-tuning on the clean subset."""
 
-    epochs: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "constant"
-    batch_size: int = 64
+    epochs: int = setting(10, "fine-tuning epochs", minimum=0)
+    lr: float = setting(0.01, "SGD learning rate", above=0.0)
+    momentum: float = setting(0.9, "SGD momentum", minimum=0.0, maximum=1.0)
+    weight_decay: float = setting(5e-4, "weight decay", minimum=0.0)
+    schedule: str = setting("constant", "learning-rate schedule",
+                            choices=("step", "cosine", "constant"))
+    batch_size: int = setting(64, "batch size", minimum=1)
 
 
 def finetune_copy(teacher: nn.Module, ctx: DefenseContext, *, epochs: int,

@@ -56,31 +56,33 @@ from robustkd.data.loader import denormalize, normalize
 from robustkd.data.subsets import per_class_subset
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.errors import ConfigError
+from robustkd.settings import setting
 from robustkd.training.loop import autocast_for
 
 
-@dataclass
+@dataclass(frozen=True)
 class IBAUSettings:
-    """Every knob of I-BAU (defaults: the reference code, see the module docstring).
+    """Every knob of I-BAU (defaults: the reference code, see the module docstring)."""
 
-    ``inner_steps`` None means one ascent step per batch over one pass of the clean subset
-    (the reference); ``radius`` is an L2 norm in [0, 1] pixel units over ``C*H*W``.
-    """
-
-    rounds: int = 5
-    inner_steps: int | None = None
-    inner_lr: float = 10.0
-    inner_reg: float = 0.001
-    radius: float = 10.0
-    hypergrad_iterations: int = 5
-    fixed_point_lr: float = 0.1
-    perturbed_fraction: float = 0.01
-    lr: float = 0.001
-    batch_size: int = 100
-    # unlearn on at most this many clean images (a per-class subset, seeded by the run):
+    rounds: int = setting(5, "outer rounds of unlearning", minimum=0)
+    inner_steps: int | None = setting(None, "ascent steps on the perturbation (default: one "
+                                            "per batch over one pass, the reference)",
+                                      minimum=1)
+    inner_lr: float = setting(10.0, "lr of the perturbation's ascent", above=0.0)
+    inner_reg: float = setting(0.001, "L2 regulariser of the inner objective", minimum=0.0)
+    radius: float = setting(10.0, "L2 bound of the perturbation in [0, 1] pixel units over "
+                                  "C*H*W", above=0.0)
+    hypergrad_iterations: int = setting(5, "K: fixed-point iterations of the implicit "
+                                           "hypergradient", minimum=1)
+    fixed_point_lr: float = setting(0.1, "step of the fixed-point iteration", above=0.0)
+    perturbed_fraction: float = setting(0.01, "share of each batch shown perturbed",
+                                        above=0.0, maximum=1.0)
+    lr: float = setting(0.001, "Adam lr of the model update", above=0.0)
+    batch_size: int = setting(100, "batch size", minimum=1)
     # the reference unlearns on 5,000 images and BackdoorBench on 5% of the training set;
-    # each step costs K second-order passes, so this bounds the CPU time. None: all of them
-    max_images: int | None = None
+    # each step costs K second-order passes, so this bounds the CPU time
+    max_images: int | None = setting(None, "unlearn on at most this many clean images (a "
+                                           "per-class subset; default: all)", minimum=1)
 
 
 def _is_int(v: object) -> bool:

@@ -28,8 +28,8 @@ from torch import nn
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader, denormalize, normalize
 from robustkd.data.subsets import per_class_subset
-from robustkd.distill.base import frozen_teacher
 from robustkd.errors import ConfigError
+from robustkd.models.layers import frozen_teacher
 from robustkd.training.loop import fit
 from robustkd.training.optim import OptimConfig
 

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.io import load_state_dict, read_json, save_tensors, write_json
+from robustkd.settings import make_settings as settings_from
+from robustkd.triggers import Trigger
 
 DEFENDED_TEACHER = "defended_teacher.safetensors"
 DEFENSE_JSON = "defense.json"
@@ -103,14 +104,8 @@ def get_teacher_defense(name: str) -> TeacherDefense:
 
 
 def make_settings(spec: TeacherDefense, options: Mapping[str, Any] | None) -> Any:
-    """The defence's settings from its defaults plus ``options``; unknown keys are an error."""
-    fields = {f.name: f for f in dataclasses.fields(spec.settings)}
-    unknown = sorted(set(options or {}) - set(fields))
-    if unknown:
-        raise ConfigError(f"defence {spec.name!r} has no setting(s) {unknown}; "
-                          f"it takes {sorted(fields)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
-    return spec.settings(**values)
+    """The defence's settings from its defaults plus ``options`` (checked, see settings.py)."""
+    return settings_from(spec.settings, options, f"defence {spec.name}")
 
 
 def trainable_copy(model: nn.Module) -> nn.Module:

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.subsets import per_class_subset, split_validation
 from robustkd.defenses.detox import DetoxMasks, train_detox_masks
@@ -30,12 +29,14 @@ from robustkd.defenses.inversion import (
     suspect_classes,
     trigger_consistency,
 )
-from robustkd.distill.base import layers_of
 from robustkd.distill.run import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy, evaluate_model, feature_variance
+from robustkd.models.layers import layers_of
 from robustkd.models.taps import tap
+from robustkd.settings import make_settings, setting
 from robustkd.training.optim import OptimConfig
+from robustkd.triggers import Trigger
 
 LAYER_CHOICES = ("all", "last", "last2")
 INVERSION_CLASSES = ("all", "suspects")
@@ -45,33 +46,43 @@ INVERSION_CLASSES = ("all", "suspects")
 class RobustKDConfig:
     """Every knob of the defence; the defaults are the paper's literal reading (``paper``)."""
 
-    tau: float = 0.2
-    taus: tuple[float, ...] = ()
-    variant: str = "eq7"
-    layers: str = "all"
-    loss: str = "ce+var"
-    lam: float = 1.0
-    detox_epochs: int = 40
-    detox_lr: float = 1e-3
-    mask_init: float | None = None
-    mask_shape: str = "element"
-    open_weight: float = 0.0
-    detox_teacher_bn: str = "eval"
-    # trigger-consistent distillation (not in the paper; defenses/inversion.py): the share
-    # of each batch the student sees with a synthetic trigger, 0 = off
-    consistency: float = 0.0
-    inversion_epochs: int = 5
-    inversion_lr: float = 0.02
-    inversion_mask_max: float = 0.5
-    inversion_images: int = 5000
-    # which synthetic triggers the student sees: every class's, or only the suspects
-    # (outlying success, inversion.suspect_classes) -- the target-specific variant
-    inversion_classes: str = "all"
-    outlier_z: float = 2.0
-    selection: str = "blind"
-    epsilon: float = 0.02
-    val_fraction: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)
+    tau: float = setting(0.2, "mask threshold", above=0.0)
+    taus: tuple[float, ...] = setting((), "thresholds to choose from with selection",
+                                      above=0.0, metavar="T1,T2,…")
+    variant: str = setting("eq7", "mask equation", choices=("eq7", "eq15"))
+    layers: str = setting("all", "distillation layers to detoxify", choices=LAYER_CHOICES)
+    loss: str = setting("ce+var", "detox loss", choices=("ce+var", "ce", "var"))
+    lam: float = setting(1.0, "weight of the variance term", minimum=0.0)
+    detox_epochs: int = setting(40, "detoxification epochs", minimum=0)
+    detox_lr: float = setting(1e-3, "Adam lr of the masks", above=0.0)
+    mask_init: float | None = setting(None, "initial mask (default tau/2)", minimum=0.0)
+    mask_shape: str = setting("element", "one mask value per feature element (paper) or per "
+                                         "channel", choices=("element", "channel"))
+    open_weight: float = setting(0.0, "weight of the mask-opening reward (not in the paper)",
+                                 minimum=0.0)
+    detox_teacher_bn: str = setting("eval", "teacher BN mode while the masks train",
+                                    choices=("eval", "train"))
+    consistency: float = setting(0.0, "share of each batch the student sees with a synthetic "
+                                      "trigger (trigger-consistent distillation, not in the "
+                                      "paper; 0 = off)", minimum=0.0, maximum=1.0)
+    inversion_epochs: int = setting(5, "epochs of blind trigger synthesis", minimum=1)
+    inversion_lr: float = setting(0.02, "Adam lr of the trigger synthesis", above=0.0)
+    inversion_mask_max: float = setting(0.5, "largest blend weight of a synthetic trigger",
+                                        above=0.0, maximum=1.0)
+    inversion_images: int = setting(5000, "clean images the synthesis optimises on",
+                                    minimum=1)
+    inversion_classes: str = setting("all", "synthetic triggers the student sees: every "
+                                            "class's, or only the suspects whose success "
+                                            "stands out (robust z >= outlier_z)",
+                                     choices=("all", "suspects"))
+    outlier_z: float = setting(2.0, "robust z-score that makes a class a suspect")
+    selection: str = setting("blind", "how tau is chosen from taus: clean data only, or "
+                                      "with the trigger (research)",
+                             choices=("blind", "oracle"))
+    epsilon: float = setting(0.02, "accuracy tolerance of the selection rule", minimum=0.0)
+    val_fraction: float = setting(0.1, "share of the clean data held out for the selection",
+                                  above=0.0, maximum=0.5)
+    extra: dict[str, Any] = field(default_factory=dict)  # bookkeeping (the preset's name)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -101,10 +112,7 @@ def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
     name = options.pop("preset", None) or DEFAULT_PRESET
     if name not in PRESETS:
         raise ConfigError(f"unknown robustkd configuration {name!r}; available: {sorted(PRESETS)}")
-    unknown = sorted(set(options) - set(RobustKDConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"unknown robustkd options {unknown}")
-    cfg = RobustKDConfig(**{**PRESETS[name], **options})
+    cfg = make_settings(RobustKDConfig, {**PRESETS[name], **options}, "robustkd")
     cfg.extra = {**cfg.extra, "preset": name}
     return cfg
 
@@ -248,7 +256,7 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     elif cfg.selection == "oracle":
         if trigger is None or target is None:
             raise ConfigError("oracle selection measures ASR and needs the teacher's trigger; "
-                              "use --selection blind (the defender's setting)")
+                              "use --robustkd-selection blind (the defender's setting)")
         if student_factory is None:
             raise ConfigError("oracle selection needs a student factory (one student per tau)")
         best = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,24 +11,8 @@ from torch import nn
 
 from robustkd.errors import ConfigError
 from robustkd.models.base import DistillLayer
-from robustkd.models.taps import Replacement, resolve_modules, tap
-
-
-def layers_of(model: nn.Module, names: Sequence[str] | None = None) -> list[DistillLayer]:
-    """Distillation layers of a model: the given module names, else the model's declaration.
-
-    A user-named module is its own stage and pre-ReLU point; if it is a BatchNorm its affine
-    parameters give FKD's margins, otherwise margins are estimated on clean data.
-    """
-    if names:
-        modules = resolve_modules(model, names)
-        return [DistillLayer(stage=n, prerelu=n,
-                             bn=n if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
-                for n, m in modules.items()]
-    if hasattr(model, "distill_layers"):
-        return list(model.distill_layers())
-    raise ConfigError(f"{type(model).__name__} does not declare distillation layers; name them "
-                      "(API: teacher_layers=[...], CLI: --teacher-layers a,b,c)")
+from robustkd.models.taps import Replacement, tap
+from robustkd.settings import make_settings, settings_dict
 
 
 @dataclass
@@ -51,20 +34,22 @@ class DistillSetup:
     student_input: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """A method without settings."""
+
+
 class Distiller(nn.Module):
     """A distillation method: trainable extras (e.g. connectors) plus the student's loss."""
 
     name = "base"
-    defaults: dict[str, Any] = {}
+    settings: type = NoSettings  # the method's settings dataclass: its defaults live there
 
     def __init__(self, setup: DistillSetup) -> None:
         super().__init__()
         self.setup = setup
-        self.options = {**self.defaults, **setup.options}
-        unknown = set(setup.options) - set(self.defaults)
-        if unknown:
-            raise ConfigError(f"method {self.name!r} has no option(s) {sorted(unknown)}; "
-                              f"it takes {sorted(self.defaults) or 'none'}")
+        self.options = settings_dict(make_settings(self.settings, setup.options,
+                                                   f"method {self.name}"))
         # Not registered as submodules: the distiller's own parameters are only its extras.
         object.__setattr__(self, "teacher", setup.teacher)
         object.__setattr__(self, "student", setup.student)
@@ -84,35 +69,6 @@ class Distiller(nn.Module):
         with torch.no_grad(), tap(self.teacher, capture, replace=self.setup.teacher_replace) as t:
             logits = self.teacher(x)
         return logits, t
-
-
-@contextmanager
-def frozen_teacher(teacher: nn.Module, mode: str):
-    """Teacher in ``mode`` with gradients off; in train mode BN uses batch statistics but its
-    running statistics are left untouched (momentum 0), so the teacher is not altered."""
-    if mode not in ("train", "eval"):
-        raise ConfigError(f"teacher BN mode must be 'train' or 'eval', got {mode!r}")
-    was_training = teacher.training
-    grads = [(p, p.requires_grad) for p in teacher.parameters()]
-    bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    tracked = [m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
-               for m in bns]
-    try:
-        for p, _ in grads:
-            p.requires_grad_(False)
-        teacher.train(mode == "train")
-        for m in bns:
-            m.momentum = 0.0
-        yield teacher
-    finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, momentum, count in zip(bns, momenta, tracked, strict=True):
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
-        teacher.train(was_training)
 
 
 METHODS: dict[str, type[Distiller]] = {}

@@ -9,6 +9,7 @@ connector on the student side, the partial L2 distance, stage weights 1/2^(L-l),
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from robustkd.distill.base import Distiller, register_method
 from robustkd.distill.losses import bn_margin, empirical_margin, fkd_feature_loss
 from robustkd.errors import ConfigError
 from robustkd.models.taps import resolve_modules, tap
+from robustkd.settings import setting
 
 
 def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
@@ -41,11 +43,25 @@ def salt_and_pepper(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where((u >= fraction / 2) & (u < fraction), hi, out)
 
 
+@dataclass(frozen=True)
+class FKDSettings:
+    beta: float = setting(1.0, "feature-loss weight", minimum=0.0)
+    scale: float = setting(1000.0, "the feature loss is divided by batch * scale (FKD's 1000)",
+                           above=0.0)
+    teacher_bn: str = setting("train", "teacher BN on batch statistics (train, FKD's choice) "
+                                       "or running statistics (eval)", choices=("train", "eval"))
+    spatial: str = setting("error", "when teacher and student maps differ in size: refuse, "
+                                    "or pool the larger to the smaller",
+                           choices=("error", "pool"))
+    input_noise: float = setting(0.0, "salt-and-pepper noise on this fraction of the "
+                                      "student's input pixels (the RobustKD authors' "
+                                      "undocumented trick)", minimum=0.0, maximum=1.0)
+
+
 @register_method
 class FeatureDistillation(Distiller):
     name = "fkd"
-    defaults = {"beta": 1.0, "scale": 1000.0, "teacher_bn": "train", "spatial": "error",
-                "input_noise": 0.0}
+    settings = FKDSettings
 
     def __init__(self, setup) -> None:
         super().__init__(setup)
@@ -57,8 +73,6 @@ class FeatureDistillation(Distiller):
                 f"({', '.join(d.prerelu for d in setup.student_layers)}); name equally many "
                 "layers of equal resolution (API teacher_layers=/student_layers=, CLI "
                 "--teacher-layers/--student-layers), e.g. the deeper model's last ones")
-        if self.options["spatial"] not in ("error", "pool"):
-            raise ConfigError("FKD option spatial must be 'error' or 'pool'")
         self.t_names = [layer.prerelu for layer in setup.teacher_layers]
         self.s_names = [layer.prerelu for layer in setup.student_layers]
         self.connectors = nn.ModuleList()

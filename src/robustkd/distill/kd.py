@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from robustkd.distill.base import Distiller, register_method
 from robustkd.distill.losses import kd_loss
+from robustkd.settings import setting
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    temperature: float = setting(4.0, "softmax temperature", above=0.0)
+    alpha: float = setting(0.9, "weight of the soft-target term (1 - alpha: cross-entropy)",
+                           minimum=0.0, maximum=1.0)
 
 
 @register_method
 class HintonKD(Distiller):
     name = "kd"
-    defaults = {"temperature": 4.0, "alpha": 0.9}
+    settings = KDSettings
 
     def loss(self, x: torch.Tensor, y: torch.Tensor):
         t_logits, _ = self.teacher_forward(x)

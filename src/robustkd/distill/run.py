@@ -9,14 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.streaming import StreamedImageFolder, loader_for
-from robustkd.distill.base import Distiller, DistillSetup, frozen_teacher, get_method, layers_of
+from robustkd.distill.base import Distiller, DistillSetup, get_method
 from robustkd.evaluation.metrics import evaluate_model
+from robustkd.models.layers import frozen_teacher, layers_of
 from robustkd.models.taps import Replacement
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
+from robustkd.triggers import Trigger
 
 # FKD's CIFAR schedule: SGD nesterov, momentum 0.9, wd 5e-4, lr 0.1, /10 at 50% and 75%.
 FKD_SCHEDULE = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,9 +11,20 @@ from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
 from robustkd.data.streaming import StreamedImageFolder, is_streamed, loader_for
 from robustkd.models.taps import tap
+from robustkd.triggers import Trigger
 
-if TYPE_CHECKING:
-    from robustkd.attacks.triggers import Trigger
+
+def per_example_variance(feature: torch.Tensor) -> torch.Tensor:
+    """Variance of all elements of each example's feature map, ``[B]`` (Eq. 8's quantity)."""
+    return feature.float().flatten(1).var(dim=1)
+
+
+def triggered_test_set(ds: ImageDataset, trigger: Trigger, target: int) -> ImageDataset:
+    """Triggered copies of the test images whose true label is not ``target`` (for ASR)."""
+    keep = torch.nonzero(ds.labels != target).flatten()
+    images = trigger.apply_uint8(ds.images[keep])
+    return ImageDataset(images, ds.labels[keep].clone(), list(ds.classes),
+                        name=f"{ds.name}+trigger", is_poison=torch.ones(len(keep), dtype=bool))
 
 
 @torch.no_grad()
@@ -53,8 +63,6 @@ def triggered_metrics(model: nn.Module, ds: ImageDataset | StreamedImageFolder,
     would credit the backdoor for correct clean predictions (the authors' code includes
     them, which inflates ASR slightly).
     """
-    from robustkd.attacks.poison import triggered_test_set  # attacks import this module
-
     if is_streamed(ds):  # same images, triggered batch by batch as they are decoded
         poisoned = ds.subset(torch.nonzero(ds.labels != target).flatten())
         preds = predict(model, poisoned, mean, std, trigger=trigger, **kw)

@@ -14,8 +14,8 @@ from statistics import mean
 from typing import Any
 
 from robustkd.errors import ConfigError
-from robustkd.experiments.benchmark import BENCH_METHODS, BENCH_TEACHERS, bench_method
-from robustkd.experiments.report import _fmt, _removal, _values, interval
+from robustkd.experiments.benchmark import BENCH_METHODS, BENCH_TEACHERS, bench_recipe
+from robustkd.experiments.cells import cell_values, format_cell, interval, removal_rates
 from robustkd.experiments.scales import get_scale
 from robustkd.plotting import pyplot, save_png
 
@@ -44,7 +44,7 @@ def _seeds(layout: dict[str, Any]) -> dict[str, int]:
 
 
 def _mean(records, runs: list[str], metric: str) -> float | None:
-    vals = _values(records, runs, metric)
+    vals = cell_values(records, runs, metric)
     return mean(vals) if vals else None
 
 
@@ -98,16 +98,18 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
     seed_of = _seeds(layout)
     clean_runs = cols.get("clean", {}).get("teacher", [])
     lines = [_defender_data(layout.get("scale")), "",
-             f"Clean teacher: ACC {_fmt(_values(records, clean_runs, 'acc'))}.", ""]
+             f"Clean teacher: ACC {format_cell(cell_values(records, clean_runs, 'acc'))}.", ""]
     order = [t.name for t in BENCH_TEACHERS] + sorted(set(cols) - {t.name for t in
                                                                   BENCH_TEACHERS} - {"clean"})
     for name in [t for t in order if t in cols]:
         c = cols[name]
         nums = teacher_numbers(records, c, clean_runs)
-        t_acc, t_asr = (_fmt(_values(records, c.get("teacher", []), m)) for m in ("acc", "asr"))
+        t_acc, t_asr = (format_cell(cell_values(records, c.get("teacher", []), m))
+                        for m in ("acc", "asr"))
+        floor = format_cell(cell_values(records, c.get("floor", []), "asr"))
         lines += [f"### {name}", "",
                   f"Teacher ACC {t_acc}, ASR {t_asr}; the clean teacher under this trigger "
-                  f"(floor): ASR {_fmt(_values(records, c.get('floor', []), 'asr'))}.", "",
+                  f"(floor): ASR {floor}.", "",
                   f"Criteria: {criteria_line(nums)}.", "",
                   "| method | seeds | ACC % | ASR % | R-ACC % | removal vs FKD % | seconds |",
                   "|---|---|---|---|---|---|---|"]
@@ -115,13 +117,13 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
                                                                - {"teacher", "floor"})
         for m in methods:
             runs = [r for r in c[m] if r in records]
-            label = bench_method(m).label if m in BENCH_METHODS else m
-            removal = "–" if m == "fkd" else _fmt(_removal(records, c.get("fkd", []), runs,
-                                                           seed_of))
+            label = bench_recipe(m).label if m in BENCH_METHODS else m
+            removal = "–" if m == "fkd" else format_cell(
+                removal_rates(records, c.get("fkd", []), runs, seed_of))
             lines.append(f"| {label} | {len(runs)}/{len(c[m])} | "
-                         f"{_fmt(_values(records, runs, 'acc'))} | "
-                         f"{_fmt(_values(records, runs, 'asr'))} | "
-                         f"{_fmt(_values(records, runs, 'racc'))} | {removal} | "
+                         f"{format_cell(cell_values(records, runs, 'acc'))} | "
+                         f"{format_cell(cell_values(records, runs, 'asr'))} | "
+                         f"{format_cell(cell_values(records, runs, 'racc'))} | {removal} | "
                          f"{_seconds(records, runs)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -141,14 +143,14 @@ def plot_benchmark(out: Path, layout: dict[str, Any], records: dict[str, dict[st
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, metric in zip(axes, ("asr", "acc"), strict=True):
-            stats = [interval(v) if (v := _values(records, c[m], metric)) else (0.0, None)
+            stats = [interval(v) if (v := cell_values(records, c[m], metric)) else (0.0, None)
                      for m in methods]
             ax.bar(range(len(methods)), [s[0] for s in stats],
                    yerr=[s[1] or 0.0 for s in stats], capsize=3, color="tab:blue")
             ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
             ax.set_ylabel(f"{metric.upper()} %")
             ax.grid(axis="y", alpha=0.3)
-            if metric == "asr" and (floor := _values(records, c.get("floor", []), "asr")):
+            if metric == "asr" and (floor := cell_values(records, c.get("floor", []), "asr")):
                 ax.axhline(mean(floor), ls="--", color="tab:red", label="clean teacher")
                 ax.legend(fontsize=7)
         fig.suptitle(f"benchmark: {name} (mean, 95% interval over seeds)", fontsize=9)

@@ -18,7 +18,7 @@ from robustkd.defenses.robustkd import DEFAULT_PRESET
 from robustkd.errors import ConfigError
 from robustkd.experiments.plan import Cell, Planner, RunNode, method_params
 from robustkd.experiments.scales import BenchSizes, Scale
-from robustkd.experiments.specs import STAND_INS, Method, get_method
+from robustkd.experiments.specs import STAND_INS, Recipe, get_recipe
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,14 @@ BENCH_TEACHERS = (
 )
 
 
-def default_method() -> Method:
+def default_recipe() -> Recipe:
     """The column "RobustKD default": whatever ``robustkd distill`` runs with no flags."""
-    return Method("robustkd-default", f"RobustKD default ({DEFAULT_PRESET})", "robustkd",
+    return Recipe("robustkd-default", f"RobustKD default ({DEFAULT_PRESET})", "robustkd",
                   {"preset": DEFAULT_PRESET})
 
 
-def bench_method(name: str) -> Method:
-    return default_method() if name == "robustkd-default" else get_method(name)
+def bench_recipe(name: str) -> Recipe:
+    return default_recipe() if name == "robustkd-default" else get_recipe(name)
 
 
 class BenchPlanner(Planner):
@@ -108,7 +108,7 @@ class BenchPlanner(Planner):
         return self._node("evaluate", bad.label + "-floor", {},
                           {"model_dir": clean, "trigger_from": bad})
 
-    def bench_student(self, bad: RunNode, method: Method, seed: int) -> RunNode:
+    def bench_student(self, bad: RunNode, method: Recipe, seed: int) -> RunNode:
         b = self.sizes
         params: dict[str, Any] = {
             "method": method.method, "student": b.student_model, "epochs": b.student_epochs,
@@ -134,7 +134,7 @@ def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = 
     use = [t for t in BENCH_TEACHERS if teachers is None or t.name in teachers]
     use_methods = list(methods or BENCH_METHODS)
     for name in use_methods:
-        bench_method(name)  # unknown names fail here, before anything runs
+        bench_recipe(name)  # unknown names fail here, before anything runs
     planner = BenchPlanner(scale, sizes)
     clean = planner.bench_clean()
     where = {"study": "benchmark", "dataset": sizes.dataset,
@@ -148,6 +148,6 @@ def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = 
                           node=planner.floor(clean, bad)))
         for name in use_methods:
             for seed in (seeds if name in BENCH_SEEDED else seeds[:1]):
-                node = planner.bench_student(bad, bench_method(name), seed)
+                node = planner.bench_student(bad, bench_recipe(name), seed)
                 cells.append(Cell(**where, column=f"{name}/{t.name}", seed=seed, node=node))
     return cells

@@ -20,7 +20,7 @@ from typing import Any
 from robustkd.defenses.robustkd import DEFAULT_PRESET, PRESETS, robustkd_config
 from robustkd.errors import ConfigError
 from robustkd.experiments.scales import DataScale, Scale
-from robustkd.experiments.specs import STAND_INS, Method, Study, get_method
+from robustkd.experiments.specs import STAND_INS, Recipe, Study, get_recipe
 
 
 @dataclass(eq=False)
@@ -91,7 +91,7 @@ class Planner:
             "eval_every": d.attack_epochs,
         }, {"teacher": teacher})
 
-    def student(self, teacher: RunNode, student_model: str, method: Method, seed: int,
+    def student(self, teacher: RunNode, student_model: str, method: Recipe, seed: int,
                 robustkd_overrides: dict[str, Any] | None = None, tag: str = "") -> RunNode:
         d = self._data(teacher)
         params: dict[str, Any] = {
@@ -118,7 +118,7 @@ class Planner:
         return self.scale.for_dataset(node.params["dataset"])
 
 
-def method_params(method: Method, detox_epochs: int, robustkd_sizes: dict[str, Any],
+def method_params(method: Recipe, detox_epochs: int, robustkd_sizes: dict[str, Any],
                   defense_sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The distill parameters a method adds: its RobustKD options or its teacher defence."""
     params: dict[str, Any] = {}
@@ -134,7 +134,7 @@ def method_params(method: Method, detox_epochs: int, robustkd_sizes: dict[str, A
     return params
 
 
-def _is_method_default(method: Method, option: str, value: Any) -> bool:
+def _is_method_default(method: Recipe, option: str, value: Any) -> bool:
     """Whether ``method`` already runs with ``option = value`` (a sweep point that equals
     the method's own configuration is the same run as the method's table cell)."""
     if method.robustkd is None:
@@ -186,9 +186,9 @@ def plan_study(study: Study, scale: Scale, datasets: list[str], seeds: list[int]
                         scan = planner.scan(bad, clean, seed)
                         cells.append(Cell(**where, column=f"scan/{attack}", node=scan))
                     elif study.kind == "sweep":
-                        fkd = planner.student(bad, s_model, get_method("fkd"), seed)
+                        fkd = planner.student(bad, s_model, get_recipe("fkd"), seed)
                         cells.append(Cell(**where, column=f"{attack}/fkd", node=fkd))
-                        method = get_method(use_methods[0])
+                        method = get_recipe(use_methods[0])
                         for value in study.sweep_values:
                             if _is_method_default(method, study.sweep_option, value):
                                 # the method's own setting: the tables' run, computed once
@@ -200,6 +200,6 @@ def plan_study(study: Study, scale: Scale, datasets: list[str], seeds: list[int]
                             cells.append(Cell(**where, column=f"{attack}/{value}", node=node))
                     else:
                         for name in use_methods:
-                            node = planner.student(bad, s_model, get_method(name), seed)
+                            node = planner.student(bad, s_model, get_recipe(name), seed)
                             cells.append(Cell(**where, column=f"{name}/{attack}", node=node))
     return cells

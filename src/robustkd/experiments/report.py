@@ -9,49 +9,45 @@ same cell (where it printed one) follows in brackets.
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Set
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 from typing import Any
 
 from robustkd.errors import ConfigError
+from robustkd.experiments.bench_report import benchmark_markdown, plot_benchmark
+from robustkd.experiments.cells import (
+    cell_values,
+    format_cell,
+    metric_percent,
+    removal_rates,
+)
 from robustkd.experiments.paper import paper_value
 from robustkd.experiments.plan import Planner, plan_study
+from robustkd.experiments.results_csv import write_results_csv
 from robustkd.experiments.runner import RECORDS_FILE, cell_position, layout_cell
 from robustkd.experiments.scales import get_scale
-from robustkd.experiments.specs import STAND_INS, get_method, get_study
+from robustkd.experiments.specs import STAND_INS, get_recipe, get_study
 from robustkd.io import atomic_write, read_json
 from robustkd.plotting import pyplot, save_png
 
-# two-sided 95% Student-t quantiles by degrees of freedom (1..30), then the normal value
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-
-def interval(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the 95% t-interval half-width (``None`` for a single value)."""
-    if len(values) < 2:
-        return values[0], None
-    t = _T95[len(values) - 2] if len(values) - 1 <= len(_T95) else 1.96
-    return mean(values), t * stdev(values) / math.sqrt(len(values))
+def load_items(out: str | Path) -> list[dict[str, Any]]:
+    """The ``{"node", "record"}`` lines of ``records.jsonl`` (a torn last line is ignored)."""
+    path = Path(out) / RECORDS_FILE
+    items = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            items.append(json.loads(line))
+        except ValueError:
+            continue
+    return items
 
 
 def load_records(out: str | Path) -> dict[str, dict[str, Any]]:
-    """``run id -> record`` from ``records.jsonl`` (a torn last line is ignored)."""
-    path = Path(out) / RECORDS_FILE
-    records: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        records[item["node"]["id"]] = item["record"]
-    return records
+    """``run id -> record`` from ``records.jsonl``."""
+    return {item["node"]["id"]: item["record"] for item in load_items(out)}
 
 
 STALE_MARK = "†"
@@ -87,22 +83,6 @@ def _marked(text: str, runs: list[str], stale: Set[str]) -> str:
     return f"{text} {STALE_MARK}" if stale.intersection(runs) else text
 
 
-def _metric(record: dict[str, Any] | None, name: str) -> float | None:
-    if record is None:
-        return None
-    value = record.get("metrics", {}).get(name)
-    return None if value is None else 100.0 * value
-
-
-def _fmt(values: list[float], paper: float | None = None) -> str:
-    if not values:
-        text = "–"
-    else:
-        m, h = interval(values)
-        text = f"{m:.1f}" if h is None else f"{m:.1f} ± {h:.1f}"
-    return text if paper is None else f"{text} [{paper:.2f}]"
-
-
 def _groups(cells: list[dict[str, Any]]) -> dict[tuple, dict[str, list[str]]]:
     """(dataset, paper dataset, paper pair, pair) -> column -> run ids (one per seed)."""
     rows: dict[tuple, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -110,23 +90,6 @@ def _groups(cells: list[dict[str, Any]]) -> dict[tuple, dict[str, list[str]]]:
         key = (c["dataset"], c["paper_dataset"], c["paper_pair"], c["pair"])
         rows[key][c["column"]].append(c["run"])
     return rows
-
-
-def _values(records: dict[str, dict[str, Any]], runs: list[str], metric: str) -> list[float]:
-    return [v for r in runs if (v := _metric(records.get(r), metric)) is not None]
-
-
-def _removal(records, fkd_runs: list[str], rkd_runs: list[str],
-             seed_of: dict[str, int]) -> list[float]:
-    """Per-seed ``1 - ASR(RobustKD)/ASR(FKD)`` (in %), for seeds where FKD's ASR > 0."""
-    fkd_by_seed = {seed_of[f]: f for f in fkd_runs}
-    out = []
-    for r in rkd_runs:
-        f = fkd_by_seed.get(seed_of[r])
-        fa, ra = _metric(records.get(f), "asr"), _metric(records.get(r), "asr")
-        if fa and ra is not None:
-            out.append(100.0 * (1 - ra / fa))
-    return out
 
 
 def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[str, Any]],
@@ -144,37 +107,37 @@ def table_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[st
         header.append(f"{a} teacher ACC / ASR")
         for m in methods:
             for metric in study.metrics:
-                header.append(f"{get_method(m).label} {a} {metric.upper()}")
+                header.append(f"{get_recipe(m).label} {a} {metric.upper()}")
         if "fkd" in methods and study.metrics != ("acc",):
             for m in methods:
                 if m.startswith("robustkd"):
-                    header.append(f"removal rate {get_method(m).label} {a}")
+                    header.append(f"removal rate {get_recipe(m).label} {a}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     seed_of = {c["run"]: c["seed"] for c in layout["cells"]}
     for (ds, pds, ppair, pair), cols in sorted(_groups(layout["cells"]).items()):
         standin = "" if ds == pds else f" (stand-in for {pds})"
         clean = cols.get("teacher/clean", [])
         row = [f"{ds}{standin}", f"{pair} (paper: {ppair})",
-               _marked(_fmt(_values(records, clean, "acc"),
+               _marked(format_cell(cell_values(records, clean, "acc"),
                             paper_value(name, pds, ppair, "teacher_acc")), clean, stale)]
         for i, a in enumerate(attacks):
             runs = cols.get(f"teacher/{a}", [])
             p_asr = paper_value(name, pds, ppair, "teacher_asr") if i == 0 else None
-            row.append(_marked(f"{_fmt(_values(records, runs, 'acc'))} / "
-                               f"{_fmt(_values(records, runs, 'asr'), p_asr)}", runs, stale))
+            acc, asr = (cell_values(records, runs, m) for m in ("acc", "asr"))
+            row.append(_marked(f"{format_cell(acc)} / {format_cell(asr, p_asr)}", runs, stale))
             for m in methods:
                 for metric in study.metrics:
                     runs = cols.get(f"{m}/{a}", [])
                     paper = paper_value(name, pds, ppair, f"{m}/{a}/{metric}")
-                    row.append(_marked(_fmt(_values(records, runs, metric), paper), runs,
+                    row.append(_marked(format_cell(cell_values(records, runs, metric), paper), runs,
                                        stale))
             if "fkd" in methods and study.metrics != ("acc",):
                 for m in methods:
                     if m.startswith("robustkd"):
                         both = cols.get(f"fkd/{a}", []) + cols.get(f"{m}/{a}", [])
-                        rem = _removal(records, cols.get(f"fkd/{a}", []),
+                        rem = removal_rates(records, cols.get(f"fkd/{a}", []),
                                        cols.get(f"{m}/{a}", []), seed_of)
-                        row.append(_marked(_fmt(rem), both, stale))
+                        row.append(_marked(format_cell(rem), both, stale))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -193,8 +156,8 @@ def sweep_markdown(name: str, layout: dict[str, Any], records: dict[str, dict[st
             row = [f"{ds} / {pair}", a]
             for key in ["fkd"] + values:
                 runs = cols.get(f"{a}/{key}", [])
-                row.append(_marked(f"{_fmt(_values(records, runs, 'acc'))} / "
-                                   f"{_fmt(_values(records, runs, 'asr'))}", runs, stale))
+                acc, asr = (cell_values(records, runs, m) for m in ("acc", "asr"))
+                row.append(_marked(f"{format_cell(acc)} / {format_cell(asr)}", runs, stale))
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -236,11 +199,11 @@ def _plot_sweep(path: Path, name: str, layout, records, stale: Set[str] = frozen
             if not any(cols.get(f"{a}/{v}") for v in values):
                 continue
             for ax, metric in zip(axes, ("acc", "asr"), strict=True):
-                ys = [_values(records, cols.get(f"{a}/{v}", []), metric) for v in values]
+                ys = [cell_values(records, cols.get(f"{a}/{v}", []), metric) for v in values]
                 means = [mean(y) if y else float("nan") for y in ys]
                 line = ax.plot(range(len(values)), means, marker="o",
                                label=f"{a} RobustKD ({ds}, {pair})")[0]
-                fkd = _values(records, cols.get(f"{a}/fkd", []), metric)
+                fkd = cell_values(records, cols.get(f"{a}/fkd", []), metric)
                 if fkd:
                     ax.axhline(mean(fkd), ls="--", color=line.get_color(), label=f"{a} FKD")
     for ax, metric in zip(axes, ("ACC %", "ASR %"), strict=True):
@@ -289,7 +252,7 @@ def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]],
         if rec is None:
             lines.append(f"| {label} | missing | | | | | |")
             continue
-        acc, asr = _metric(rec, "acc"), _metric(rec, "asr")
+        acc, asr = metric_percent(rec, "acc"), metric_percent(rec, "asr")
         lines.append(f"| {label} | {'–' if acc is None else f'{acc:.2f}'} | "
                      f"{'–' if asr is None else f'{asr:.2f}'} | {rec.get('seconds', 0):.0f} | "
                      f"{rec.get('device', '')} | {str(rec.get('git_rev', ''))[:8]} | "
@@ -299,7 +262,6 @@ def runs_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]],
 
 def _benchmark_section(out: Path, layout: dict[str, Any],
                        records: dict[str, dict[str, Any]]) -> list[str]:
-    from robustkd.experiments.bench_report import benchmark_markdown, plot_benchmark
 
     parts = ["## Defence benchmark: backdoors that cross distillation, every defence", "",
              f"Scale `{layout.get('scale')}`, seeds {layout.get('seeds')}.", "",
@@ -311,9 +273,11 @@ def _benchmark_section(out: Path, layout: dict[str, Any],
 
 def report(out: str | Path, studies: list[str] | None = None) -> Path:
     """Write ``OUT/report.md`` (+ one PNG per figure study) for the studies laid out in
-    ``OUT/studies``; returns the markdown path."""
+    ``OUT/studies``, and ``OUT/results.csv`` (one row per run); returns the markdown path."""
     out = Path(out)
-    records = load_records(out)
+    items = load_items(out)
+    records = {item["node"]["id"]: item["record"] for item in items}
+    write_results_csv(out, items)
     names = studies or sorted(p.stem for p in (out / "studies").glob("*.json"))
     parts = ["# Reproduction report", "",
              f"Generated from `{RECORDS_FILE}` ({len(records)} finished runs). Cells: ours "

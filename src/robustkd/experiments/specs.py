@@ -1,8 +1,12 @@
 """The paper's tables and figures as data: which runs each one needs and where they go.
 
-A :class:`Study` names the attacks, student methods and paper pairs of one table or figure;
-:mod:`robustkd.experiments.plan` expands it, at a scale, into run nodes. Methods are named
-:class:`Method` entries so a table column is one word (``fkd``, ``robustkd`` ...).
+A :class:`Study` names the attacks, student recipes and paper pairs of one table or figure;
+:mod:`robustkd.experiments.plan` expands it, at a scale, into run nodes. A :class:`Recipe` is
+how a column's student is made (a distillation method of :mod:`robustkd.distill` plus
+RobustKD options or a teacher defence), named so a column is one word (``fkd``,
+``robustkd`` ...). The ``robustkd`` column is the *paper* preset and is labelled so;
+``robustkd distill`` with no flags runs ``DEFAULT_PRESET`` (the benchmark's
+"RobustKD default" column).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from robustkd.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Method:
+class Recipe:
     """How a student is made from a (possibly backdoored) teacher."""
 
     name: str
@@ -24,30 +28,31 @@ class Method:
     defense: str | None = None
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("fkd", "FKD", "fkd"),
-    Method("kd", "KD", "kd"),
-    Method("ce", "student only (CE)", "ce"),
+RECIPES: dict[str, Recipe] = {m.name: m for m in (
+    Recipe("fkd", "FKD", "fkd"),
+    Recipe("kd", "KD", "kd"),
+    Recipe("ce", "student only (CE)", "ce"),
     # the paper's literal reading: tau 0.2, Eq. 7, all layers, CE + variance (METHOD.md 5)
-    Method("robustkd", "RobustKD (paper)", "robustkd", {"preset": "paper"}),
+    Recipe("robustkd", "RobustKD (paper)", "robustkd", {"preset": "paper"}),
     # paper detox + trigger-consistent distillation (defenses/inversion.py; not in the paper)
-    Method("robustkd-improved", "RobustKD (improved)", "robustkd", {"preset": "improved"}),
-    Method("robustkd-blind", "RobustKD (blind tau)", "robustkd",
+    Recipe("robustkd-improved", "RobustKD (improved)", "robustkd", {"preset": "improved"}),
+    Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
-    Method("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
+    Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "oracle"}),
-    Method("finetune", "fine-tuning + FKD", "fkd", defense="finetune"),
-    Method("nad", "NAD + FKD", "fkd", defense="nad"),
-    Method("anp", "ANP + FKD", "fkd", defense="anp"),
-    Method("ibau", "I-BAU + FKD", "fkd", defense="ibau"),
+    Recipe("finetune", "fine-tuning + FKD", "fkd", defense="finetune"),
+    Recipe("nad", "NAD + FKD", "fkd", defense="nad"),
+    Recipe("anp", "ANP + FKD", "fkd", defense="anp"),
+    Recipe("ibau", "I-BAU + FKD", "fkd", defense="ibau"),
 )}
 
 
-def get_method(name: str) -> Method:
+def get_recipe(name: str) -> Recipe:
     try:
-        return METHODS[name]
+        return RECIPES[name]
     except KeyError:
-        raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
+        raise ConfigError(f"unknown student recipe {name!r}; "
+                          f"choose from {sorted(RECIPES)}") from None
 
 
 _ALL4 = ("wrn28_4-wrn16_2", "wrn28_4-resnet56", "pyramidnet200-wrn28_4",

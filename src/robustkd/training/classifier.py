@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.streaming import StreamedImageFolder, loader_for
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.models.taps import tap
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
+from robustkd.triggers import Trigger
 
 
 @dataclass

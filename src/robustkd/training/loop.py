@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustkd import distributed as ddp
 from robustkd.io import save_tensors, write_json
-from robustkd.training import distributed as ddp
 from robustkd.training.optim import OptimConfig, build_optimizer, lr_factor, set_lr
 
 StepOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]]
