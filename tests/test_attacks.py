@@ -106,3 +106,19 @@ def test_asr_counts_only_non_target_images():
     # class-1 images (which a naive ASR would count) are excluded.
     assert attack_success_rate(_PatchDetector(), ds, trig, target=1, mean=(0.5,) * 3,
                                std=(0.5,) * 3) == 0.0
+
+
+def test_badnets_margin_setting_moves_the_patch_to_the_border():
+    from robustkd.attacks import AttackContext, get_attack
+    from robustkd.data.dataset import DatasetSplits
+
+    spec = get_attack("badnets")
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    ds = ImageDataset(images, torch.zeros(4, dtype=torch.long), ["a"])
+    splits = DatasetSplits(ds, ds, "tiny", (0.5,), (0.5,))
+    for margin in (0, 2):
+        settings = spec.make_settings({"patch_margin": margin, "patch_pattern": "white"})
+        trig = spec.build_trigger(AttackContext(splits, None, settings))
+        mask = trig.mask[0] > 0
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        assert int(rows.max()) == 7 - margin and int(cols.max()) == 7 - margin

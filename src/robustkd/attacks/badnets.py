@@ -25,6 +25,8 @@ class PatchSettings(TriggerSettings):
 class BadNetsSettings(PatchSettings):
     patch_position: str = setting("br", "br, bl, tr, tl, center, or ROW,COL",
                                   metavar="POSITION")
+    patch_margin: int = setting(1, "pixels between a corner patch and the image border (of a "
+                                   "32x32 image; scales like the patch)", minimum=0)
 
 
 def _build(ctx: AttackContext) -> Trigger:
@@ -33,8 +35,8 @@ def _build(ctx: AttackContext) -> Trigger:
     if "," in pos:
         pos = tuple(int(v) for v in pos.split(","))
     return patch_trigger(ctx.splits.train.image_size, ctx.splits.train.channels,
-                         size=s.patch_size, position=pos, pattern=s.patch_pattern,
-                         seed=s.trigger_seed)
+                         size=s.patch_size, position=pos, margin=s.patch_margin,
+                         pattern=s.patch_pattern, seed=s.trigger_seed)
 
 
 register_attack(AttackSpec("badnets", _build, BadNetsSettings,
