@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/robustkd demo --out runs/demo
+	$(VENV)/bin/robustkd demo --out runs/demo --resume
 
 test: venv
 	$(PY) -m pytest -q

@@ -143,6 +143,11 @@ def test_api_finetune_then_fkd_and_resume_reuses_the_defence(tmp_path, bd_dir):
     assert d["name"] == "finetune" and d["settings"]["lr"] == 0.02
     assert d["settings"]["schedule"] == "constant" and d["seconds"] > 0
     assert {"acc", "asr"} <= set(d["cleaned_teacher_metrics"]) and "reused" not in d
+    # interrupted after the defence (no final record, no complete mark): resume reuses it
+    (tmp_path / "ft" / "record.json").unlink()
+    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
+    meta.pop("complete")
+    (tmp_path / "ft" / "meta.json").write_text(json.dumps(meta))
     again = api.distill(**kw, resume=True)
     assert again["defense"]["reused"] is True
     assert again["defense"]["cleaned_teacher_metrics"] == d["cleaned_teacher_metrics"]

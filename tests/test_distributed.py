@@ -175,8 +175,9 @@ def test_torchrun_train_cli(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"metrics"')]
     assert len(lines) == 1  # only rank 0 prints the result
     out = tmp_path / "two"
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.safetensors",
-                                                     "record.json", "state"]
+    assert sorted(p.name for p in out.iterdir()) == ["job.json", "meta.json",
+                                                     "model.safetensors", "record.json",
+                                                     "state"]
     two = json.loads((out / "record.json").read_text())
     assert two["command"] == "train" and len(two["history"]) == 2
     assert json.loads((out / "meta.json").read_text())["complete"] is True

@@ -12,7 +12,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "robustkd"
 
 # lowest first; a module may import only from its own package or from an earlier entry
-LAYERS = ("robustkd", "errors", "settings", "distributed", "utils", "io", "plotting",
+LAYERS = ("robustkd", "errors", "settings", "distributed", "utils", "io", "hub", "outputs",
+          "plotting",
           "triggers", "data", "models", "evaluation", "training", "distill", "attacks",
           "defenses", "runs", "jobs", "api", "experiments", "demo", "cli_flags", "cli",
           "__main__")

@@ -31,16 +31,17 @@ from robustkd.distill import distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model, feature_variance
 from robustkd.evaluation.scan import plot_histograms, summarise
+from robustkd.hub import local_weights
 from robustkd.io import RECORD_FILE, load_state_dict, read_json, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
+from robustkd.outputs import STATE_DIR, prepare_out
 from robustkd.runs import load_run, run_meta, save_run_model, write_record
 from robustkd.training.classifier import train_classifier
 from robustkd.training.loop import EpochResult
 from robustkd.training.optim import OptimConfig
 from robustkd.utils import describe_device, resolve_device, seed_everything
 
-STATE_DIR = "state"
 STREAMED_METHODS = ("fkd", "kd", "ce")  # distillation that only reads (x, y) batches
 DETOX_FILE = "detox.safetensors"
 DETOX_META = "detox.json"
@@ -230,6 +231,7 @@ def train(
     holdout: float | None = None,
     stream: bool = False,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a clean classifier (a teacher or a student baseline) from scratch.
 
@@ -240,6 +242,7 @@ def train(
     size (default 224)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
+    prepare_out(out, resume=resume, overwrite=overwrite, job=config)
     seed_everything(seed)
     dev = resolve_device(device)
     streamed = _streaming(dataset, stream)
@@ -358,6 +361,7 @@ def attack(
     options: dict[str, Any] | None = None,
     holdout: float | None = None,
     trigger_teacher: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Implant a backdoor: poison-fine-tune a clean teacher run, or train poisoned from scratch.
 
@@ -375,6 +379,8 @@ def attack(
     dev = resolve_device(device)
     spec = get_attack(attack)
     settings = spec.make_settings(options)  # checked before any data or model is loaded
+    prepare_out(out, resume=resume, overwrite=overwrite, job=config,
+                inputs={"--teacher": teacher, "--trigger-teacher": trigger_teacher})
     if (teacher is None) == (model is None):
         raise ConfigError(
             "give either --teacher RUN_DIR (poison fine-tuning of a clean model) "
@@ -636,7 +642,7 @@ def load_factory(spec: str, num_classes: int, in_channels: int) -> nn.Module:
 def _load_weights_into(
     model: nn.Module, weights: str | Path, allow_pickle: bool, what: str
 ) -> None:
-    state = load_state_dict(weights, allow_pickle=allow_pickle)
+    state = load_state_dict(local_weights(weights), allow_pickle=allow_pickle)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
@@ -711,6 +717,7 @@ def distill(
     stream: bool = False,
     workers: int | None = None,
     clean_seed: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
@@ -728,6 +735,9 @@ def distill(
     if clean_seed is None:  # records without it keep their former config
         config.pop("clean_seed")
     started = time.perf_counter()
+    prepare_out(out, resume=resume, overwrite=overwrite, job=config,
+                inputs={"--teacher": teacher, "--trigger-from": trigger_from,
+                        "--detox-from": detox_from})
     seed_everything(seed)
     dev = resolve_device(device)
     trigger = target = None
@@ -976,6 +986,7 @@ def import_weights(
     allow_pickle: bool = False,
     device: str = "auto",
     seed: int = 0,
+    overwrite: bool = False,
     out: str | Path = "runs/imported",
 ) -> dict[str, Any]:
     """Turn an external weights file (e.g. from a model hub) into a run directory.
@@ -985,6 +996,7 @@ def import_weights(
     """
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
+    prepare_out(out, overwrite=overwrite)
     dev = resolve_device(device)
     splits = load_dataset(dataset, data_root, image_size=image_size)
     net = build_model(model, num_classes=splits.num_classes, in_channels=splits.train.channels)

@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named RobustKD configuration (default improved; paper = literal)")
     p.add_argument("--detox-epochs", type=int, default=None, help="default 10")
     p.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
+    p.add_argument("--overwrite", action="store_true", help="run every stage again over an "
+                                                            "earlier demo in OUT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -316,7 +318,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     chosen = {f.name: getattr(args, f.name) for f in fields(DemoSettings)
               if getattr(args, f.name, None) is not None}
     summary = run_demo(args.out, DemoSettings(**chosen), device=args.device,
-                       progress=args.progress, resume=args.resume)
+                       progress=args.progress, resume=args.resume, overwrite=args.overwrite)
     print()
     print(format_summary(summary))
     print(f"summary: {args.out}/summary.json" + (f", figure: {summary['figure']}"

@@ -16,6 +16,7 @@ from typing import Any
 
 from robustkd import api
 from robustkd.defenses.robustkd import DEFAULT_PRESET
+from robustkd.errors import ConfigError
 from robustkd.io import RECORD_FILE, read_json, write_json
 from robustkd.plotting import pyplot, save_png
 
@@ -39,12 +40,17 @@ class DemoSettings:
     seed: int = 0
 
 
-def _stage(out: Path, name: str, fn, resume: bool, **kwargs) -> dict[str, Any]:
-    """Run one stage, or reuse its finished record when ``resume`` is set."""
+STAGES = ("teacher", "ckd-teacher", "fkd-student", "robustkd-student")
+
+
+def _stage(out: Path, name: str, fn, resume: bool, overwrite: bool,
+           **kwargs) -> dict[str, Any]:
+    """Run one stage, or reuse its finished record when ``resume`` is set (``overwrite``
+    runs it again over an earlier demo's)."""
     run_dir = out / name
-    if resume and (run_dir / RECORD_FILE).exists():
+    if resume and not overwrite and (run_dir / RECORD_FILE).exists():
         return read_json(run_dir / RECORD_FILE)
-    return fn(out=run_dir, **kwargs)
+    return fn(out=run_dir, resume=resume and not overwrite, overwrite=overwrite, **kwargs)
 
 
 def removal_rate(fkd_asr: float, robustkd_asr: float) -> float | None:
@@ -53,26 +59,31 @@ def removal_rate(fkd_asr: float, robustkd_asr: float) -> float | None:
 
 
 def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None, *,
-             device: str = "auto", progress: bool = True, resume: bool = False
-             ) -> dict[str, Any]:
-    """Run every stage and write ``summary.json`` (+ PNG); returns the summary."""
+             device: str = "auto", progress: bool = True, resume: bool = False,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Run every stage and write ``summary.json`` (+ PNG); returns the summary. An earlier
+    demo in ``out`` is reused with ``resume`` and replaced with ``overwrite``."""
     s = settings or DemoSettings()
     out = Path(out)
+    if not (resume or overwrite) and any((out / n / RECORD_FILE).exists() for n in STAGES):
+        raise ConfigError(f"{out} holds an earlier demo: --resume reuses its finished stages, "
+                          "--overwrite runs them again, or choose another --out")
     started = time.perf_counter()
     common = {"seed": s.seed, "device": device, "progress": progress,
               "batch_size": s.batch_size}
-    teacher = _stage(out, "teacher", api.train, resume, dataset="digits",
+    stage = {"resume": resume, "overwrite": overwrite}
+    teacher = _stage(out, "teacher", api.train, **stage, dataset="digits",
                      model=s.teacher_model, epochs=s.teacher_epochs, lr=0.05,
                      schedule="cosine", eval_every=s.teacher_epochs, **common)
-    ckd = _stage(out, "ckd-teacher", api.attack, resume, attack="ckd",
+    ckd = _stage(out, "ckd-teacher", api.attack, **stage, attack="ckd",
                  teacher=str(out / "teacher"), epochs=s.attack_epochs, lr=0.01,
                  poison_ratio=s.poison_ratio, eval_every=s.attack_epochs,
                  options={"toxic_fraction": 0.1, "trigger_epochs": 5}, **common)
     student = {"teacher": str(out / "ckd-teacher"), "student": s.student_model,
                "epochs": s.student_epochs, "lr": 0.05, "eval_every": s.student_epochs,
                **common}
-    fkd = _stage(out, "fkd-student", api.distill, resume, method="fkd", **student)
-    rkd = _stage(out, "robustkd-student", api.distill, resume, method="robustkd",
+    fkd = _stage(out, "fkd-student", api.distill, **stage, method="fkd", **student)
+    rkd = _stage(out, "robustkd-student", api.distill, **stage, method="robustkd",
                  robustkd={"preset": s.robustkd_config, "detox_epochs": s.detox_epochs},
                  **student)
     rows = [
@@ -99,8 +110,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
         "settings": asdict(s),
         "device": rkd["device"],
         "wall_seconds": time.perf_counter() - started,
-        "records": {r: str(out / r / RECORD_FILE) for r in
-                    ("teacher", "ckd-teacher", "fkd-student", "robustkd-student")},
+        "records": {r: str(out / r / RECORD_FILE) for r in STAGES},
     }
     write_json(out / SUMMARY_FILE, summary)
     try:

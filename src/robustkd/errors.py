@@ -15,3 +15,7 @@ class UnsafeCheckpointError(RobustKDError):
 
 class ConfigError(RobustKDError, ValueError):
     """A requested setting (model, dataset, option) does not exist or does not fit."""
+
+
+class TrainingError(RobustKDError):
+    """Training cannot go on (a non-finite loss); the last finished epoch stays resumable."""

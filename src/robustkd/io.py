@@ -12,6 +12,7 @@ the target path without touching the disk on the other ranks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -55,9 +56,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Serialise first, then write atomically: an unserialisable object leaves no file."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    """Serialise first, then write atomically: an unserialisable object leaves no file.
+    Strict JSON: a non-finite number (NaN, inf) is stored as ``null``."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default,
+                      allow_nan=False) + "\n"
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (what strict JSON allows)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def read_json(path: str | Path) -> Any:

@@ -86,6 +86,7 @@ class RuntimeSpec:
     compile: bool = setting(False, "torch.compile the model")
     progress: bool = setting(True, "progress bars")
     resume: bool = setting(False, "continue an interrupted run in --out")
+    overwrite: bool = setting(False, "replace a finished (or unfinished) run in --out")
 
 
 def _nested(default: Any) -> Any:
@@ -366,6 +367,7 @@ class ImportJob(Job):
     allow_pickle: bool = setting(False, "accept a pickle checkpoint (weights_only=True)")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
     seed: int = setting(0, "seed", minimum=0)
+    overwrite: bool = setting(False, "replace a finished run in --out")
     out: str = setting("runs/imported", "run directory to write", metavar="RUN_DIR")
 
 

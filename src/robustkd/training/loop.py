@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustkd import distributed as ddp
+from robustkd.errors import TrainingError
 from robustkd.io import save_tensors, write_json
 from robustkd.training.optim import OptimConfig, build_optimizer, lr_factor, set_lr
 
@@ -186,6 +188,13 @@ def fit(
             seconds=seconds,
             images=seen,
         )
+        if not math.isfinite(result.loss):
+            # nothing of this epoch is saved: the last finished epoch's checkpoint and state
+            # stay as they were, so the run resumes from there with a changed setting
+            raise TrainingError(
+                f"{desc}: the training loss became {result.loss} in epoch {epoch + 1} (a "
+                f"learning rate of {optim.lr} may be too high); the run is not marked "
+                f"complete and resumes from epoch {epoch} with --resume")
         if on_epoch_end is not None:
             on_epoch_end(result)
         history.append(result)

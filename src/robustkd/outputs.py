@@ -1,0 +1,116 @@
+"""Where a command writes: checked before any data is loaded or anything is computed.
+
+A finished run is never replaced silently (``--overwrite`` says so explicitly), an
+unfinished one is continued only with ``--resume``, a command never writes into the run it
+reads, and an ``--out`` that is a file or cannot be written is an error up front rather
+than after an hour of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from robustkd import distributed as ddp
+from robustkd.errors import ConfigError
+from robustkd.io import META_FILE, RECORD_FILE, read_json, write_json
+
+STATE_DIR = "state"
+JOB_FILE = "job.json"
+# settings that say where or how a run executes, not what it computes: a resumed run may
+# change them
+RUNTIME_KEYS = frozenset({"resume", "overwrite", "progress", "device", "workers", "out",
+                          "data_root", "download", "eval_every", "compile"})
+
+
+def run_state(path: Path) -> str:
+    """``finished``, ``unfinished`` (a checkpoint or resume state, no final record) or
+    ``empty`` (nothing of a run: missing, empty, or only a harness's bookkeeping)."""
+    if (path / RECORD_FILE).exists():
+        return "finished"
+    meta = path / META_FILE
+    if meta.exists():
+        try:
+            if json.loads(meta.read_text()).get("complete"):
+                return "finished"
+        except (OSError, ValueError):
+            pass
+        return "unfinished"
+    return "unfinished" if (path / STATE_DIR).is_dir() else "empty"
+
+
+def prepare_out(out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                inputs: Mapping[str, str | Path | None] | None = None,
+                job: Mapping[str, Any] | None = None) -> Path:
+    """Check (and create) a command's run directory; ``inputs`` maps a flag to a run the
+    command reads. ``job`` (the command's settings) is saved as ``job.json``; a resumed run
+    must ask for the same settings. Raises :class:`ConfigError` with the one line a user
+    needs."""
+    out = Path(out)
+    for flag, path in (inputs or {}).items():
+        if path is not None and Path(path).resolve() == out.resolve():
+            raise ConfigError(f"--out {out} is the {flag} run this command reads; write to "
+                              "another directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a run directory")
+    state = run_state(out) if out.is_dir() else "empty"
+    if state == "finished" and not overwrite:
+        if resume:
+            raise ConfigError(f"--out {out} holds a finished run: nothing to resume (its "
+                              f"results are in {out / RECORD_FILE}); --overwrite runs it again")
+        raise ConfigError(f"--out {out} holds a finished run; choose another --out, or pass "
+                          "--overwrite to replace it")
+    if state == "unfinished" and not (resume or overwrite):
+        raise ConfigError(f"--out {out} holds an unfinished run: --resume continues it, "
+                          "--overwrite starts it again")
+    _check_writable(out)
+    if ddp.is_main():
+        if overwrite and state != "empty" and not resume:
+            _clear_run(out)
+        if job is not None:
+            _check_resumed_job(out / JOB_FILE, dict(job), resume and state == "unfinished")
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` can be created and written (checked without creating it: a command that
+    fails before its first result leaves nothing behind)."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: {probe} is not writable")
+
+
+def _check_resumed_job(path: Path, job: dict[str, Any], resuming: bool) -> None:
+    """A resumed run continues the saved job: a setting that changed is refused, naming
+    it (the record would otherwise claim settings the earlier epochs never used)."""
+    job = json.loads(json.dumps(job, default=str))  # the saved form (tuples as lists)
+    if resuming and path.exists():
+        saved = read_json(path)
+        changed = sorted(k for k in set(saved) | set(job)
+                         if k not in RUNTIME_KEYS and saved.get(k) != job.get(k))
+        if changed:
+            diff = "; ".join(f"{k} {saved.get(k)!r} -> {job.get(k)!r}" for k in changed)
+            raise ConfigError(f"--resume continues {path.parent} as it was started; these "
+                              f"settings differ: {diff} (repeat them, or --overwrite)")
+        return
+    write_json(path, job)
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what a replaced run would otherwise resume from or leave behind."""
+    (out / RECORD_FILE).unlink(missing_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    for leftover in ("defended_teacher.safetensors", "defense.json", "detox.safetensors",
+                     "detox.json", JOB_FILE):
+        (out / leftover).unlink(missing_ok=True)
