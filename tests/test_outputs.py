@@ -11,7 +11,7 @@ from robustkd import api
 from robustkd.cli import main
 from robustkd.errors import ConfigError, TrainingError
 from robustkd.io import read_json, write_json
-from robustkd.outputs import prepare_out, run_state
+from robustkd.outputs import prepare_out, run_state, write_job
 
 TINY = {"dataset": "digits", "model": "wrn10_1", "epochs": 1, "device": "cpu",
         "progress": False, "eval_every": 0}
@@ -73,9 +73,30 @@ def test_records_are_strict_json(tmp_path):
 def test_resume_refuses_settings_the_earlier_epochs_did_not_use(tmp_path):
     out = tmp_path / "run"
     prepare_out(out, job={"lr": 0.1, "model": "wrn16_1", "device": "cpu"})
+    assert not out.exists()  # nothing is written before the inputs have loaded
+    write_job(out, {"lr": 0.1, "model": "wrn16_1", "device": "cpu"})
     (out / "meta.json").write_text(json.dumps({"epochs_done": 2}))  # interrupted
     with pytest.raises(ConfigError, match=r"differ: lr 0.1 -> 0.5; model 'wrn16_1' -> "
                                           r"'wrn16_2'"):
         prepare_out(out, resume=True, job={"lr": 0.5, "model": "wrn16_2", "device": "cpu"})
     # where and how it runs may change
     prepare_out(out, resume=True, job={"lr": 0.1, "model": "wrn16_1", "device": "cuda"})
+
+
+def test_an_interrupted_attack_resumes_with_its_resolved_defaults(tmp_path):
+    api.train(out=tmp_path / "t", **TINY)
+    kw = {"attack": "badnets", "teacher": tmp_path / "t", "out": tmp_path / "bd",
+          "device": "cpu", "progress": False, "eval_every": 0, "epochs": 2}
+    api.attack(**kw)
+    (tmp_path / "bd" / "record.json").unlink()  # as if killed before the end
+    meta = read_json(tmp_path / "bd" / "meta.json")
+    meta.pop("complete")
+    write_json(tmp_path / "bd" / "meta.json", meta)
+    again = api.attack(**kw, resume=True)  # lr/schedule left to their defaults both times
+    assert again["config"]["lr"] == 0.008 and again["config"]["schedule"] == "constant"
+    with pytest.raises(ConfigError, match="poison_ratio 0.02 -> 0.5"):
+        (tmp_path / "bd" / "record.json").unlink()
+        meta = read_json(tmp_path / "bd" / "meta.json")
+        meta.pop("complete")
+        write_json(tmp_path / "bd" / "meta.json", meta)
+        api.attack(**kw, resume=True, poison_ratio=0.5)

@@ -35,8 +35,15 @@ from robustkd.hub import local_weights
 from robustkd.io import RECORD_FILE, load_state_dict, read_json, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
-from robustkd.outputs import STATE_DIR, prepare_out
-from robustkd.runs import load_run, run_meta, save_run_model, write_record
+from robustkd.outputs import STATE_DIR, prepare_out, write_job
+from robustkd.runs import (
+    is_unfinished,
+    load_run,
+    load_teacher,
+    run_meta,
+    save_run_model,
+    write_record,
+)
 from robustkd.training.classifier import train_classifier
 from robustkd.training.loop import EpochResult
 from robustkd.training.optim import OptimConfig
@@ -288,6 +295,7 @@ def train(
         f"images{' (streamed from disk)' if streamed else ''}, {epochs} epochs, "
         f"device {describe_device(dev)}"
     )
+    write_job(run_dir, config)
     done = _train_run(
         net,
         train_ds,
@@ -362,6 +370,7 @@ def attack(
     holdout: float | None = None,
     trigger_teacher: str | Path | None = None,
     overwrite: bool = False,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Implant a backdoor: poison-fine-tune a clean teacher run, or train poisoned from scratch.
 
@@ -391,7 +400,7 @@ def attack(
         raise ConfigError("--trigger-teacher is for poisoning from scratch (--model); with "
                           "--teacher the trigger is learned on that teacher")
     if teacher is not None:
-        parent = load_run(teacher, dev)
+        parent = load_teacher(teacher, dev, "--teacher", allow_partial)
         net = parent.model
         dataset = dataset or parent.meta["dataset"]["name"]
         data_root = data_root or parent.meta["dataset"].get("data_root")
@@ -405,6 +414,7 @@ def attack(
         if dataset is None:
             raise ConfigError("--dataset is required when poisoning from scratch")
         epochs, lr, schedule = epochs or 30, lr or 0.1, schedule or "step"
+    config.update(epochs=epochs, lr=lr, schedule=schedule)  # the record shows what ran
     if _streaming(dataset, False, parent.meta if parent else None):
         raise _not_streamable(
             f"attack {attack}",
@@ -419,7 +429,8 @@ def attack(
     _check_model_fits(net, splits, "teacher" if parent else "model")
     reference = parent.model if parent else None
     if trigger_teacher is not None:
-        reference = load_run(trigger_teacher, dev).model
+        reference = load_teacher(trigger_teacher, dev, "--trigger-teacher",
+                                 allow_partial).model
         _check_model_fits(reference, splits, "--trigger-teacher")
     if not 0 <= target < splits.num_classes:
         raise ConfigError(
@@ -440,6 +451,7 @@ def attack(
         else None
     )
     run_dir = Path(out)
+    write_job(run_dir, config)
     pick = torch.linspace(0, len(splits.test) - 1, 6).long()
     render_trigger(trigger, splits.test.images[pick], run_dir)
     poison_started = time.perf_counter()
@@ -574,11 +586,18 @@ def evaluate(
         )
     _check_model_fits(run.model, splits, "model")
     trigger, target = run.trigger, run.target
+    if trigger_from is None and trigger is None:
+        trigger_from = _distilled_from(run.meta)  # a student: its teacher's trigger, if any
     if trigger_from is not None:
         other = load_run(trigger_from, dev)
         if other.trigger is None:
             raise ConfigError(f"{trigger_from} carries no trigger")
         trigger, target = other.trigger, other.target
+    extra: dict[str, Any] = {"trigger_from": str(trigger_from) if trigger_from else None}
+    if is_unfinished(run.meta):
+        _log(f"warning: {model_dir} is an unfinished run ({run.meta['epochs_done']} epochs "
+             "done); these are the numbers of that checkpoint")
+        extra["unfinished"] = True
     metrics = evaluate_model(
         run.model,
         splits.test,
@@ -590,7 +609,6 @@ def evaluate(
         batch_size=batch_size,
         workers=workers,
     )
-    extra: dict[str, Any] = {}
     if feature_samples > 0:
         layers = [layer.stage for layer in run.model.distill_layers()]
         gen = torch.Generator().manual_seed(seed)
@@ -617,18 +635,48 @@ def evaluate(
     return _read(out_dir)
 
 
+def _import_user_module(name: str):
+    """Import a user's module; one in the current directory is found as ``python -m``
+    would find it (the console script's path does not include the working directory)."""
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = str(Path.cwd())
+        top = name.split(".")[0]
+        local = Path(here, f"{top}.py").exists() or Path(here, top, "__init__.py").exists()
+        if exc.name != top or not local or here in sys.path:
+            raise
+        sys.path.insert(0, here)
+        return importlib.import_module(name)
+
+
+def _distilled_from(meta: dict[str, Any]) -> str | None:
+    """The teacher run a student was distilled from, when that run carries a trigger."""
+    teacher = (meta.get("distillation") or {}).get("teacher")
+    if not teacher or not (Path(teacher) / "meta.json").exists():
+        return None
+    try:
+        return teacher if read_json(Path(teacher) / "meta.json").get("trigger") else None
+    except (OSError, ValueError):
+        return None
+
+
 def load_factory(spec: str, num_classes: int, in_channels: int) -> nn.Module:
     """Build a user model from ``MODULE:FUNC``, passing num_classes/in_channels if it takes them."""
-    import importlib
     import inspect
 
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
         raise ConfigError(f"factory {spec!r} must look like MODULE:FUNC (e.g. mypkg.nets:make)")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
+        func = getattr(_import_user_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load factory {spec!r}: {exc}") from None
+        raise ConfigError(f"cannot load factory {spec!r}: {exc} (the module must be "
+                          "importable: installed, on PYTHONPATH, or in the current "
+                          "directory)") from None
     params = inspect.signature(func).parameters
     kwargs = {
         k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in params
@@ -718,6 +766,7 @@ def distill(
     workers: int | None = None,
     clean_seed: int | None = None,
     overwrite: bool = False,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Distil a (possibly backdoored) teacher into a student on clean data.
 
@@ -749,7 +798,7 @@ def distill(
             "with --teacher-weights FILE"
         )
     if teacher is not None:
-        parent = load_run(teacher, dev)
+        parent = load_teacher(teacher, dev, "--teacher", allow_partial)
         t_net, trigger, target = parent.model, parent.trigger, parent.target
         dataset = dataset or parent.meta["dataset"]["name"]
         data_root = data_root or parent.meta["dataset"].get("data_root")
@@ -795,6 +844,7 @@ def distill(
         workers=workers,
     )
     run_dir = Path(out)
+    write_job(run_dir, config)
     defense_report = None
     if defense is not None:  # clean a copy of the teacher first (METHOD.md 5.7 baselines)
         ctx = DefenseContext(

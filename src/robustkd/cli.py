@@ -27,17 +27,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Robust knowledge distillation: distil a possibly backdoored teacher "
                     "into a small student that keeps its accuracy but not its backdoor.")
     parser.add_argument("--version", action="version", version=f"robustkd {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (put before the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a clean classifier (teacher or baseline)",
-                       description="Train a clean classifier from scratch and write RUN_DIR.")
+                       description="Train a clean classifier from scratch and write RUN_DIR.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "example:\n  robustkd train --dataset cifar10 --data-root DATA "
+                           "--model wrn16_2 --epochs 30 --out runs/teacher\n"
+                           "  robustkd train --config examples/train.yaml --seed 1"))
     add_job_flags(p, TrainJob, required=("out",))
 
     p = sub.add_parser("attack", help="implant a backdoor into a teacher",
                        description="Poison-fine-tune a clean teacher (--teacher RUN_DIR) or "
                                    "train a poisoned model from scratch (--model NAME). "
                                    "Fine-tuning defaults: 8 epochs, lr 0.008, constant; from "
-                                   "scratch: 30 epochs, lr 0.1, step.")
+                                   "scratch: 30 epochs, lr 0.1, step.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "examples:\n  robustkd attack --attack badnets --teacher "
+                           "runs/teacher --out runs/badnets\n  robustkd attack --attack ckd "
+                           "--model wrn16_2 --dataset cifar10 --data-root DATA "
+                           "--trigger-teacher runs/teacher --out runs/ckd"))
     add_job_flags(p, AttackJob, choices={"attack": ATTACKS}, required=("attack", "out"))
     p.set_defaults(_attack_flags=add_entry_flags(
         p, {name: spec.settings for name, spec in sorted(ATTACKS.items())}, choose="--attack"))
@@ -48,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ACC, and ASR under the teacher's trigger when it is known. "
                                    "--method robustkd runs the default preset "
                                    "(--robustkd-preset); the `robustkd` column of `reproduce` "
-                                   "is the paper preset.")
+                                   "is the paper preset.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "examples:\n  robustkd distill --method robustkd --teacher "
+                           "runs/ckd --student wrn16_1 --clean-fraction 0.2 --out runs/s\n"
+                           "  robustkd distill --defense anp --anp-iterations 500 --teacher "
+                           "runs/ckd --out runs/anp"))
     from robustkd.defenses import TEACHER_DEFENSES
     from robustkd.distill import METHODS
 
@@ -338,8 +354,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from robustkd.experiments import report
+    from pathlib import Path
 
+    from robustkd.experiments import report
+    from robustkd.experiments.runner import RECORDS_FILE
+
+    if not (Path(args.out) / RECORDS_FILE).exists():
+        raise ConfigError(f"{args.out} holds no {RECORDS_FILE}: give the --out of a "
+                          "`robustkd reproduce` run")
     print(report(args.out, args.targets or None))
     return 0
 
@@ -359,8 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     distributed.init_from_env()  # under torchrun: join the process group (no-op otherwise)
     try:
         result = COMMANDS[args.command](args)
-    except (RobustKDError, FileNotFoundError, UnsafeCheckpointError) as exc:
-        print(f"robustkd {args.command}: error: {exc}", file=sys.stderr)
+    except (RobustKDError, OSError, UnsafeCheckpointError) as exc:
+        if args.debug:
+            raise
+        text = str(exc) if not isinstance(exc, OSError) or not exc.strerror else \
+            f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        print(f"robustkd {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"robustkd {args.command}: interrupted (use --resume to continue)", file=sys.stderr)

@@ -23,12 +23,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from robustkd.distributed import is_main
-from robustkd.errors import UnsafeCheckpointError
+from robustkd.errors import DataError, UnsafeCheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 RECORD_FILE = "record.json"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -44,6 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from others
     try:
         write(tmp_path)
         with open(tmp_path, "rb") as fh:
@@ -157,7 +167,17 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[
             f"{run_dir} is not a robustkd run directory (expected {WEIGHTS_FILE} and {META_FILE}); "
             "pass the --out directory of a previous `robustkd train` or `robustkd attack`"
         )
-    tensors = load_file(str(weights), device="cpu")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for torn files
+        raise DataError(f"{weights} is damaged or truncated ({str(exc).splitlines()[0]}); "
+                        "rerun the command that wrote it, or --resume it") from None
+    try:
+        meta = read_json(meta_path)
+    except ValueError as exc:
+        raise DataError(f"{meta_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} does not hold a run's metadata")
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
-    return state, read_json(meta_path), extra
+    return state, meta, extra

@@ -267,6 +267,8 @@ class AttackJob(Job):
     poison_ratio: float = setting(0.02, "fraction of each non-target class triggered and "
                                         "relabelled", above=0.0, maximum=1.0)
     keep_originals: bool = setting(True, "keep the poisoned images' clean originals")
+    allow_partial: bool = setting(False, "use an unfinished teacher run's last checkpoint "
+                                         "(recorded in the run's config)")
     options: dict[str, Any] | None = None
     out: str = setting("runs/attack", "run directory to write", metavar="RUN_DIR")
 
@@ -297,6 +299,8 @@ class DistillJob(Job):
     student_layers: tuple[str, ...] | None = setting(None, "student modules to distil",
                                                      metavar="A,B,C")
     allow_pickle: bool = setting(False, "accept pickle teacher weights (weights_only=True)")
+    allow_partial: bool = setting(False, "use an unfinished teacher run's last checkpoint "
+                                         "(recorded in the run's config)")
     trigger_from: str | None = setting(None, "measure ASR with this run's trigger",
                                        metavar="RUN_DIR")
     clean_fraction: float | None = setting(None, "per-class fraction of the clean training "

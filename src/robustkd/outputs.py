@@ -46,10 +46,10 @@ def run_state(path: Path) -> str:
 def prepare_out(out: str | Path, *, resume: bool = False, overwrite: bool = False,
                 inputs: Mapping[str, str | Path | None] | None = None,
                 job: Mapping[str, Any] | None = None) -> Path:
-    """Check (and create) a command's run directory; ``inputs`` maps a flag to a run the
-    command reads. ``job`` (the command's settings) is saved as ``job.json``; a resumed run
-    must ask for the same settings. Raises :class:`ConfigError` with the one line a user
-    needs."""
+    """Check a command's run directory before anything is loaded (nothing is created);
+    ``inputs`` maps a flag to a run the command reads; a resumed run's ``job`` (the
+    command's settings) must equal the ``job.json`` it was started with. Raises
+    :class:`ConfigError` with the one line a user needs."""
     out = Path(out)
     for flag, path in (inputs or {}).items():
         if path is not None and Path(path).resolve() == out.resolve():
@@ -71,8 +71,8 @@ def prepare_out(out: str | Path, *, resume: bool = False, overwrite: bool = Fals
     if ddp.is_main():
         if overwrite and state != "empty" and not resume:
             _clear_run(out)
-        if job is not None:
-            _check_resumed_job(out / JOB_FILE, dict(job), resume and state == "unfinished")
+        if job is not None and resume and state == "unfinished":
+            _check_resumed_job(out / JOB_FILE, job)
     return out
 
 
@@ -90,20 +90,32 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out} cannot be written: {probe} is not writable")
 
 
-def _check_resumed_job(path: Path, job: dict[str, Any], resuming: bool) -> None:
+def _saved_form(job: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(job), default=str))  # tuples as lists, Paths as text
+
+
+def _check_resumed_job(path: Path, job: Mapping[str, Any]) -> None:
     """A resumed run continues the saved job: a setting that changed is refused, naming
     it (the record would otherwise claim settings the earlier epochs never used)."""
-    job = json.loads(json.dumps(job, default=str))  # the saved form (tuples as lists)
-    if resuming and path.exists():
-        saved = read_json(path)
-        changed = sorted(k for k in set(saved) | set(job)
-                         if k not in RUNTIME_KEYS and saved.get(k) != job.get(k))
-        if changed:
-            diff = "; ".join(f"{k} {saved.get(k)!r} -> {job.get(k)!r}" for k in changed)
-            raise ConfigError(f"--resume continues {path.parent} as it was started; these "
-                              f"settings differ: {diff} (repeat them, or --overwrite)")
+    if not path.exists():
         return
-    write_json(path, job)
+    saved, new = read_json(path), _saved_form(job)
+    # a setting left to its default (None), or one the saved job does not record, takes
+    # the saved run's value
+    changed = sorted(k for k in saved
+                     if k not in RUNTIME_KEYS and new.get(k) is not None and saved[k] != new[k])
+    if changed:
+        diff = "; ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"--resume continues {path.parent} as it was started; these "
+                          f"settings differ: {diff} (repeat them, or --overwrite)")
+
+
+def write_job(out: str | Path, job: Mapping[str, Any]) -> None:
+    """Save a run's settings beside it once its inputs have loaded (what a later --resume
+    is compared with); a resumed run keeps the job it was started with."""
+    path = Path(out) / JOB_FILE
+    if not path.exists():
+        write_json(path, _saved_form(job))
 
 
 def _clear_run(out: Path) -> None:

@@ -7,6 +7,7 @@ backdoored model), ``meta.json`` (how to rebuild the model and feed it data) and
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustkd import __version__
 from robustkd.data.dataset import DatasetSplits
 from robustkd.data.streaming import StreamedSplits
 from robustkd.errors import ConfigError
@@ -95,7 +97,11 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
     if not meta.get("arch"):
         raise ConfigError(f"{run_dir}/meta.json does not name a built-in architecture")
     model = build_model(meta["arch"], **meta["arch_kwargs"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ConfigError(f"{run_dir}: weights do not fit {meta['arch']} "
+                          f"({str(exc).splitlines()[-1].strip()})") from None
     if missing or unexpected:
         raise ConfigError(f"{run_dir}: weights do not fit {meta['arch']} "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -104,6 +110,24 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
         trigger = Trigger.from_saved(meta["trigger"], extra).to(device)
         target = meta["trigger"].get("target")
     return LoadedRun(model.to(device), meta, trigger, target)
+
+
+def is_unfinished(meta: dict[str, Any]) -> bool:
+    """A checkpoint written mid-training (epochs done, never marked complete)."""
+    return "epochs_done" in meta and not meta.get("complete")
+
+
+def load_teacher(run_dir: str | Path, device: torch.device | str, flag: str,
+                 allow_partial: bool = False) -> LoadedRun:
+    """:func:`load_run` for a model a command builds on: an interrupted run is refused (its
+    weights are those of an early epoch, not the model the user trained) unless
+    ``allow_partial``."""
+    run = load_run(run_dir, device)
+    if is_unfinished(run.meta) and not allow_partial:
+        raise ConfigError(f"{flag} {run_dir} is an unfinished run ({run.meta['epochs_done']} "
+                          "epochs done, never completed): finish it with --resume first, or "
+                          "pass --allow-partial to use that checkpoint")
+    return run
 
 
 def write_record(run_dir: str | Path, *, command: str, metrics: dict[str, float],
@@ -116,6 +140,8 @@ def write_record(run_dir: str | Path, *, command: str, metrics: dict[str, float]
         "config": config,
         "seed": seed,
         "git_rev": git_revision(),
+        "versions": {"robustkd": __version__, "torch": torch.__version__,
+                     "python": platform.python_version(), "platform": platform.platform()},
         "device": device,
         "seconds": seconds,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustkd.errors import ConfigError
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
@@ -25,7 +27,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"--device {name} requested but CUDA is not available; use --device "
+                          "cpu or auto")
     return device
 
 

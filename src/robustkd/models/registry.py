@@ -143,8 +143,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 @register_model(
     r"wrn(?P<depth>\d+)_(?P<k>\d+)",
     usage="wrn{depth}_{k} (WRN-depth-k, depth 6n+4; option dropout)",
-    listed=("wrn16_1", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2", "wrn28_4", "wrn28_10",
-            "wrn40_1", "wrn40_2", "wrn40_4"),
+    listed=("wrn10_1", "wrn10_2", "wrn16_1", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2",
+            "wrn28_4", "wrn28_10", "wrn40_1", "wrn40_2", "wrn40_4"),
 )
 def _wrn(depth: str, k: str, num_classes: int, in_channels: int = 3,
          dropout: float = 0.0) -> nn.Module:

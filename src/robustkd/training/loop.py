@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ def cpu_has_bf16() -> bool:
 
 
 _CPU_BF16 = cpu_has_bf16()
+# progress bars only on a terminal: redirected to a file they are kilobytes of noise
+_TERMINAL = sys.stderr.isatty()
 
 
 def autocast_for(device: torch.device, amp: bool):
@@ -144,7 +147,7 @@ def fit(
         seen = 0
         started = time.perf_counter()
         bar = tqdm(loader, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+                   disable=not progress or not _TERMINAL, leave=False, dynamic_ncols=True)
         for i, (x, y, idx) in enumerate(bar):
             set_lr(opt, lr_factor(epoch, i, steps_per_epoch, epochs, optim))
             if distributed:
