@@ -134,3 +134,20 @@ def test_import_refuses_pickle_unless_opted_in(tmp_path, capsys):
     assert main(["import", "--model", "wrn10_2", "--weights", str(out / "model.safetensors"),
                  "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
     assert "does not fit the wrn10_2" in capsys.readouterr().err
+
+
+def test_old_flag_spellings_still_work_with_a_notice(tmp_path, capsys):
+    from robustkd.cli_legacy import legacy_options
+
+    args = build_parser().parse_args(["attack", "--attack", "blended", "--model", "wrn10_1",
+                                      "--dataset", "digits", "--alpha", "0.3", "--out", "x"])
+    assert legacy_options(args, "attack", "blended") == {"alpha": "0.3"}
+    assert "--blended-alpha" in capsys.readouterr().err
+    args = build_parser().parse_args(["distill", "--teacher", "t", "--method", "robustkd",
+                                      "--tau", "0.3", "--robustkd-config", "paper",
+                                      "--defense", "anp", "--defense-set", "iterations=3",
+                                      "--out", "x"])
+    assert legacy_options(args, "robustkd", "robustkd") == {"tau": "0.3"}
+    assert legacy_options(args, "defense", "anp") == {"iterations": 3}
+    assert args.robustkd_preset == "paper"
+    assert "--anp-iterations" in capsys.readouterr().err

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from robustkd import __version__
+from robustkd import cli_legacy as legacy
 from robustkd.cli_flags import add_job_flags, job_from_args
+from robustkd.cli_legacy import add_legacy_flags
 from robustkd.errors import ConfigError, RobustKDError, UnsafeCheckpointError
 from robustkd.jobs import AttackJob, DistillJob, EvaluateJob, ImportJob, ScanJob, TrainJob, to_yaml
 from robustkd.settings import add_entry_flags, entry_options
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_flags(p, AttackJob, choices={"attack": ATTACKS}, required=("attack", "out"))
     p.set_defaults(_attack_flags=add_entry_flags(
         p, {name: spec.settings for name, spec in sorted(ATTACKS.items())}, choose="--attack"))
+    add_legacy_flags(p, "attack", legacy.ATTACK)
 
     p = sub.add_parser("distill", help="distil a teacher into a student on clean data",
                        description="Train a student from a (possibly backdoored) teacher on the "
@@ -94,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_defense_flags=add_entry_flags(
         p, {name: d.settings for name, d in sorted(TEACHER_DEFENSES.items())},
         choose="--defense"))
+    add_legacy_flags(p, "method", legacy.METHOD)
+    add_legacy_flags(p, "robustkd", legacy.ROBUSTKD)
+    add_legacy_flags(p, "defense", legacy.DEFENSE)
+    legacy.add_defense_set(p)
+    p.add_argument("--robustkd-config", dest="robustkd_preset", default=None,
+                   help=argparse.SUPPRESS)
 
     p = sub.add_parser("evaluate", help="ACC / ASR / feature variance of a run",
                        description="Evaluate a run directory on its dataset's test split.")
@@ -131,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--attack-epochs", type=int, default=None)
     p.add_argument("--student-epochs", type=int, default=None)
-    p.add_argument("--robustkd-preset", dest="robustkd_config", default=None,
+    p.add_argument("--robustkd-preset", "--robustkd-config", dest="robustkd_config", default=None,
                    help="named RobustKD configuration (default improved; paper = literal)")
     p.add_argument("--detox-epochs", type=int, default=None, help="default 10")
     p.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
@@ -215,7 +224,8 @@ def _cmd_attack(args: argparse.Namespace) -> dict | int:
     from robustkd import api
 
     attack = _chosen(args, "attack")
-    options = entry_options(args, args._attack_flags, attack, choose="--attack")
+    options = {**legacy.legacy_options(args, "attack", attack),
+               **entry_options(args, args._attack_flags, attack, choose="--attack")}
     if options:  # checked here, before any data or model is loaded
         from robustkd.attacks import get_attack
 
@@ -245,14 +255,18 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
     method, defense = _chosen(args, "method"), _chosen(args, "defense")
     robustkd = method == "robustkd"
     distils_with = "fkd" if robustkd else method  # robustkd distils with FKD
-    options = entry_options(args, args._method_flags, distils_with, choose="--method")
-    rk = entry_options(args, args._robustkd_flags, method, choose="--method")
+    options = {**legacy.legacy_options(args, "method", distils_with),
+               **entry_options(args, args._method_flags, distils_with, choose="--method")}
+    rk = {**legacy.legacy_options(args, "robustkd", "robustkd" if robustkd else None),
+          **entry_options(args, args._robustkd_flags, method, choose="--method")}
     for flag in ("robustkd_preset", "detox_from"):
         if getattr(args, flag) is not None and not robustkd:
             raise ConfigError(f"--{flag.replace('_', '-')} applies to --method robustkd")
     if args.robustkd_preset:
         rk["preset"] = args.robustkd_preset
-    defense_options = entry_options(args, args._defense_flags, defense, choose="--defense")
+    defense_options = {**legacy.legacy_options(args, "defense", defense),
+                       **entry_options(args, args._defense_flags, defense,
+                                       choose="--defense")}
     # every setting is checked here, where it entered, before any data or model is loaded
     settings_from(get_method(distils_with).settings, options, f"--method {distils_with}")
     if robustkd:
