@@ -176,14 +176,12 @@ def test_torchrun_train_cli(tmp_path):
     assert len(lines) == 1  # only rank 0 prints the result
     out = tmp_path / "two"
     assert sorted(p.name for p in out.iterdir()) == ["job.json", "meta.json",
-                                                     "model.safetensors", "record.json",
-                                                     "state"]
+                                                     "model.safetensors", "record.json"]
     two = json.loads((out / "record.json").read_text())
     assert two["command"] == "train" and len(two["history"]) == 2
     assert json.loads((out / "meta.json").read_text())["complete"] is True
     assert two["metrics"]["acc"] > 0.7
     assert abs(two["metrics"]["acc"] - one["metrics"]["acc"]) < 0.1
     # logged numbers are global: the same number of training images per epoch
-    state = json.loads((out / "state" / "train_state.json").read_text())
-    assert [h["images"] for h in state["history"]] == [1408, 1408]
+    assert [h["images"] for h in two["history"]] == [1408, 1408]
     assert abs(two["history"][0]["loss"] - one["history"][0]["loss"]) < 0.1

@@ -100,3 +100,9 @@ def test_an_interrupted_attack_resumes_with_its_resolved_defaults(tmp_path):
         meta.pop("complete")
         write_json(tmp_path / "bd" / "meta.json", meta)
         api.attack(**kw, resume=True, poison_ratio=0.5)
+
+
+def test_a_completed_run_keeps_no_resume_state(tmp_path):
+    api.train(out=tmp_path / "t", **TINY)
+    assert not (tmp_path / "t" / "state").exists()
+    assert (tmp_path / "t" / "job.json").exists()

@@ -121,3 +121,11 @@ def test_a_factory_module_in_the_working_directory_is_found(tmp_path, monkeypatc
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
     net = api.load_factory("mynets:make", 10, 3)
     assert isinstance(net, torch.nn.Module)
+
+
+def test_a_dataset_folder_without_its_splits_says_what_is_missing(tmp_path, capsys):
+    (tmp_path / "foo" / "train").mkdir(parents=True)
+    code, err = run_cli(["train", "--dataset", "foo", "--data-root", str(tmp_path),
+                         "--out", str(tmp_path / "o"), "--epochs", "1"], capsys)
+    assert code == 2 and "exists but has no test/ folder" in err
+    assert not (tmp_path / "o").exists()

@@ -35,7 +35,7 @@ from robustkd.hub import local_weights
 from robustkd.io import RECORD_FILE, load_state_dict, read_json, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
-from robustkd.outputs import STATE_DIR, prepare_out, write_job
+from robustkd.outputs import STATE_DIR, finish_run, prepare_out, write_job
 from robustkd.runs import (
     is_unfinished,
     load_run,
@@ -334,6 +334,7 @@ def train(
         history=history,
         throughput=_throughput(history),
     )
+    finish_run(run_dir)
     return _read(run_dir)
 
 
@@ -545,6 +546,7 @@ def attack(
         poison_seconds=poison_seconds,
         trigger=trigger.config(),
     )
+    finish_run(run_dir)
     return _read(run_dir)
 
 
@@ -1010,6 +1012,7 @@ def distill(
         clean_images=len(train_ds),
         **extra,
     )
+    finish_run(run_dir)
     return _read(run_dir)
 
 

@@ -118,6 +118,12 @@ def write_job(out: str | Path, job: Mapping[str, Any]) -> None:
         write_json(path, _saved_form(job))
 
 
+def finish_run(out: str | Path) -> None:
+    """A completed run needs no resume state (twice the model's size): remove it."""
+    if ddp.is_main():
+        shutil.rmtree(Path(out) / STATE_DIR, ignore_errors=True)
+
+
 def _clear_run(out: Path) -> None:
     """Remove what a replaced run would otherwise resume from or leave behind."""
     (out / RECORD_FILE).unlink(missing_ok=True)

@@ -165,6 +165,14 @@ def _not_found(name: str, root: Path | None, tried: list[Path], download: bool) 
             f"at a folder with {name}.tar.gz or {name}/train + {name}/test "
             f"(built-in without files: digits; known names: {known})"
         )
+    folder = root / name
+    if folder.is_dir() and not _has_splits(folder):
+        inside = sorted(p.name for p in folder.iterdir())[:6]
+        missing = [s for s in ("train", "test") if not (folder / s).is_dir()]
+        return DataError(
+            f"{folder} exists but has no {' or '.join(f'{m}/' for m in missing)} folder "
+            f"(it holds: {', '.join(inside) or 'nothing'}); an ImageFolder dataset needs "
+            f"{folder}/train/<class>/<image> and {folder}/test/<class>/<image>")
     lines = "\n  ".join(str(p) for p in tried)
     hint = ""
     if name in _cifar.CIFAR_ARCHIVES and not download:

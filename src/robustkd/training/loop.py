@@ -59,7 +59,8 @@ class EpochResult:
 
     def as_dict(self) -> dict:
         return {"epoch": self.epoch, "loss": self.loss, "lr": self.lr, "seconds": self.seconds,
-                "images_per_second": self.images_per_second, **self.stats, **self.extra}
+                "images": self.images, "images_per_second": self.images_per_second,
+                **self.stats, **self.extra}
 
 
 def cpu_has_bf16() -> bool:
