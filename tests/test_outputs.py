@@ -106,3 +106,17 @@ def test_a_completed_run_keeps_no_resume_state(tmp_path):
     api.train(out=tmp_path / "t", **TINY)
     assert not (tmp_path / "t" / "state").exists()
     assert (tmp_path / "t" / "job.json").exists()
+
+
+def test_a_resumed_run_reports_its_total_time(tmp_path):
+    out = tmp_path / "t"
+    api.train(out=out, **{**TINY, "epochs": 2})
+    first = read_json(out / "record.json")["seconds"]
+    # as if killed after epoch 1 of a run that had spent 1000 s: resume adds up
+    (out / "record.json").unlink()
+    meta = read_json(out / "meta.json")
+    meta.pop("complete")
+    meta.update(epochs_done=2, elapsed_seconds=1000.0)
+    write_json(out / "meta.json", meta)
+    again = api.train(out=out, resume=True, **{**TINY, "epochs": 2})
+    assert again["seconds"] >= 1000.0 and first < 1000.0

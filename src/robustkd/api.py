@@ -35,7 +35,7 @@ from robustkd.hub import local_weights
 from robustkd.io import RECORD_FILE, load_state_dict, read_json, save_tensors, write_json
 from robustkd.models import build_model
 from robustkd.models.taps import tap
-from robustkd.outputs import STATE_DIR, finish_run, prepare_out, write_job
+from robustkd.outputs import STATE_DIR, earlier_seconds, finish_run, prepare_out, write_job
 from robustkd.runs import (
     is_unfinished,
     load_run,
@@ -161,8 +161,10 @@ def _check_model_fits(model: nn.Module, splits: DatasetSplits, what: str) -> Non
         )
 
 
-def _epoch_logger(run_dir: Path, model: nn.Module, meta_fn, trigger, history_out: list):
-    """Print a line per epoch and write a checkpoint per epoch (atomically)."""
+def _epoch_logger(run_dir: Path, model: nn.Module, meta_fn, trigger, history_out: list,
+                  started: float):
+    """Print a line per epoch and write a checkpoint per epoch (atomically); the meta keeps
+    the wall time so far (``started``: perf_counter at the start, earlier runs included)."""
 
     def on_epoch_end(result: EpochResult) -> None:
         history_out.append(result.as_dict())
@@ -173,7 +175,8 @@ def _epoch_logger(run_dir: Path, model: nn.Module, meta_fn, trigger, history_out
         save_run_model(
             run_dir,
             model,
-            meta_fn({"epochs_done": result.epoch, "last_epoch": result.as_dict()}),
+            meta_fn({"epochs_done": result.epoch, "last_epoch": result.as_dict(),
+                     "elapsed_seconds": time.perf_counter() - started}),
             trigger,
         )
 
@@ -191,7 +194,7 @@ def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool |
 
 
 def _train_run(
-    net, train_ds, splits, optim, run_dir, meta, history, trigger, target, **kw
+    net, train_ds, splits, optim, run_dir, meta, history, trigger, target, started, **kw
 ) -> list[EpochResult]:
     """Cross-entropy training of a run's model with a checkpoint and log line per epoch."""
     return train_classifier(
@@ -205,7 +208,7 @@ def _train_run(
         trigger=trigger,
         target=target,
         state_dir=run_dir / STATE_DIR,
-        on_epoch_end=_epoch_logger(run_dir, net, meta, trigger, history),
+        on_epoch_end=_epoch_logger(run_dir, net, meta, trigger, history, started),
         **kw,
     )
 
@@ -250,6 +253,7 @@ def train(
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     started = time.perf_counter()
     prepare_out(out, resume=resume, overwrite=overwrite, job=config)
+    started -= earlier_seconds(out, resume)  # a resumed run reports its total time
     seed_everything(seed)
     dev = resolve_device(device)
     streamed = _streaming(dataset, stream)
@@ -306,6 +310,7 @@ def train(
         history,
         None,
         None,
+        started,
         epochs=epochs,
         batch_size=batch_size,
         device=dev,
@@ -391,6 +396,7 @@ def attack(
     settings = spec.make_settings(options)  # checked before any data or model is loaded
     prepare_out(out, resume=resume, overwrite=overwrite, job=config,
                 inputs={"--teacher": teacher, "--trigger-teacher": trigger_teacher})
+    started -= earlier_seconds(out, resume)
     if (teacher is None) == (model is None):
         raise ConfigError(
             "give either --teacher RUN_DIR (poison fine-tuning of a clean model) "
@@ -511,6 +517,7 @@ def attack(
         history,
         trigger,
         target,
+        started,
         epochs=epochs,
         batch_size=batch_size,
         device=dev,
@@ -789,6 +796,7 @@ def distill(
     prepare_out(out, resume=resume, overwrite=overwrite, job=config,
                 inputs={"--teacher": teacher, "--trigger-from": trigger_from,
                         "--detox-from": detox_from})
+    started -= earlier_seconds(out, resume)
     seed_everything(seed)
     dev = resolve_device(device)
     trigger = target = None
@@ -905,7 +913,7 @@ def distill(
         amp=amp,
         state_dir=run_dir / STATE_DIR,
         resume=resume,
-        on_epoch_end=_epoch_logger(run_dir, s_net, meta, None, history),
+        on_epoch_end=_epoch_logger(run_dir, s_net, meta, None, history, started),
     )
     extra: dict[str, Any] = {}
     if method == "robustkd":

@@ -118,6 +118,18 @@ def write_job(out: str | Path, job: Mapping[str, Any]) -> None:
         write_json(path, _saved_form(job))
 
 
+def earlier_seconds(out: str | Path, resume: bool) -> float:
+    """Wall seconds the interrupted run in ``out`` had already spent (0 for a new run), so
+    a resumed run's record reports the total."""
+    meta = Path(out) / META_FILE
+    if not resume or not meta.exists():
+        return 0.0
+    try:
+        return float(json.loads(meta.read_text()).get("elapsed_seconds") or 0.0)
+    except (OSError, ValueError, TypeError):
+        return 0.0
+
+
 def finish_run(out: str | Path) -> None:
     """A completed run needs no resume state (twice the model's size): remove it."""
     if ddp.is_main():
