@@ -1,11 +1,14 @@
-"""Keep the benchmark's teachers across sessions: copy finished teacher runs out of a run
-store into ``benchmarks/results/bench-teachers`` (weights, meta, record, trigger; no
-resume state), or back into a run store so the harness sees them finished.
+"""Keep the benchmark's teachers outside a run store: copy finished teacher runs into a
+teacher store (weights, meta, record, trigger; no resume state), or back into a run store
+so the harness sees them finished.
 
 Teachers are the benchmark's fixed inputs and cost 0.5-3 CPU-hours each (by machine);
-students and defences are recomputed from them. ``--partial`` also keeps a teacher that
-is still training, with its resume state, under ``bench-teachers/partial/``: restored, the
-runner resumes it from its last finished epoch instead of starting again.
+students and defences are recomputed from them. Checkpoints stay out of git, so the store
+is a folder outside the repository (``--store``, default ``$ROBUSTKD_CACHE_DIR`` or
+``~/.cache/robustkd``, then ``bench-teachers``); ``save`` also copies each teacher's small
+files (record, meta, trigger PNGs) to ``benchmarks/results/bench-teachers`` as results.
+``--partial`` also keeps a teacher that is still training, with its resume state, under
+``<store>/partial/``: restored, the runner resumes it from its last finished epoch.
 
     python benchmarks/bench_store.py save --out runs/bench [--partial]
     python benchmarks/bench_store.py restore --out runs/bench
@@ -14,6 +17,7 @@ runner resumes it from its last finished epoch instead of starting again.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +25,9 @@ from robustkd.experiments import plan
 from robustkd.experiments.runner import is_finished, run_dir
 from robustkd.io import read_json
 
-STORE = Path(__file__).resolve().parent / "results" / "bench-teachers"
+STORE = Path(os.environ.get("ROBUSTKD_CACHE_DIR", "~/.cache/robustkd")).expanduser() \
+    / "bench-teachers"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench-teachers"
 TEACHER_KINDS = ("train", "attack")
 SKIP = ("state", "run.lock")
 
@@ -63,6 +69,7 @@ def main() -> None:
         if args.action == "save":
             if is_finished(out, node) and not (kept / "record.json").exists():
                 copy_run(src, kept)
+                copy_run(src, RESULTS / node.id, skip=(*SKIP, "*.safetensors"))
                 shutil.rmtree(partial, ignore_errors=True)
                 print(f"saved {node.id}")
             elif args.partial and not is_finished(out, node) and (src / "state").is_dir():
