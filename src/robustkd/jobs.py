@@ -19,8 +19,10 @@ names the nearest valid key.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -187,30 +189,8 @@ class Job:
             merged = {**dataclasses.asdict(default), **parts[name]}
             kwargs[name] = make_settings(type(default), merged, cls.command,
                                          none_is_default=False)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        plain = {k: v for k, v in own.items() if not fields[k].metadata}
-        checked = {k: v for k, v in own.items() if fields[k].metadata}
-        checked_job = make_settings(_OwnFields.of(cls), checked, cls.command,
-                                    none_is_default=False)
-        kwargs.update({k: getattr(checked_job, k) for k in checked}, **plain)
-        return cls(**kwargs)
-
-
-class _OwnFields:
-    """A dataclass of a job's own (non-part) fields, so they are checked like settings."""
-
-    _cache: ClassVar[dict[type, type]] = {}
-
-    @classmethod
-    def of(cls, job: type) -> type:
-        if job not in cls._cache:
-            own = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-                   for f in dataclasses.fields(job)
-                   if f.name not in job.PARTS and f.metadata]
-            made = dataclasses.make_dataclass(f"{job.__name__}Own", own, frozen=True)
-            made.__module__ = job.__module__
-            cls._cache[job] = made
-        return cls._cache[job]
+        # the job's own fields are checked like any settings (the parts already are)
+        return make_settings(cls, {**own, **kwargs}, cls.command, none_is_default=False)
 
 
 def _part_type(cls: type, f: dataclasses.Field) -> type:
@@ -377,6 +357,25 @@ class ImportJob(Job):
 
 JOBS: dict[str, type[Job]] = {j.command: j for j in (TrainJob, AttackJob, DistillJob,
                                                       EvaluateJob, ScanJob, ImportJob)}
+
+
+def from_job(job: type[Job]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an API function whose keywords are ``job``'s: callers' values are checked
+    and completed by the job (its defaults are the only ones), and the function's signature
+    shows them."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(**kwargs: Any) -> Any:
+            return fn(**job.from_flat(kwargs).flat())
+
+        kind = inspect.Parameter.KEYWORD_ONLY
+        run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(k, kind, default=inspect.Parameter.empty if k in job.REQUIRED
+                               else v) for k, v in job().flat().items()])
+        return run
+
+    return deco
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -137,10 +137,8 @@ def finish_run(out: str | Path) -> None:
 
 
 def _clear_run(out: Path) -> None:
-    """Remove what a replaced run would otherwise resume from or leave behind."""
-    (out / RECORD_FILE).unlink(missing_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)
+    """Remove what would make the replaced run look finished or resumable (every other
+    file is written again by the new run)."""
+    for name in (RECORD_FILE, META_FILE, JOB_FILE):
+        (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-    for leftover in ("defended_teacher.safetensors", "defense.json", "detox.safetensors",
-                     "detox.json", JOB_FILE):
-        (out / leftover).unlink(missing_ok=True)
