@@ -10,7 +10,14 @@ files (record, meta, trigger PNGs) to ``benchmarks/results/bench-teachers`` as r
 ``--partial`` also keeps a teacher that is still training, with its resume state, under
 ``<store>/partial/``: restored, the runner resumes it from its last finished epoch.
 
-    python benchmarks/bench_store.py save --out runs/bench [--partial]
+The store folder does not outlive a machine, and a teacher costs hours on a slow CPU, so
+``save --compact`` also commits-size copies of the weights to the results folder:
+``model.fp16.safetensors`` (floating weights in float16, about 1.4 MB for a WRN-16-2; the
+trigger and integer buffers exact) and rounds the run's own weights to the same values, so
+the students trained now and those restored later see the same teacher. ``restore`` falls
+back to these copies when the store lacks a teacher.
+
+    python benchmarks/bench_store.py save --out runs/bench [--partial] [--compact]
     python benchmarks/bench_store.py restore --out runs/bench
 """
 
@@ -19,17 +26,54 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from robustkd.experiments import plan
 from robustkd.experiments.runner import is_finished, run_dir
-from robustkd.io import read_json
+from robustkd.io import WEIGHTS_FILE, read_json, save_tensors
 
 STORE = Path(os.environ.get("ROBUSTKD_CACHE_DIR", "~/.cache/robustkd")).expanduser() \
     / "bench-teachers"
 RESULTS = Path(__file__).resolve().parent / "results" / "bench-teachers"
 TEACHER_KINDS = ("train", "attack")
 SKIP = ("state", "run.lock")
+COMPACT_FILE = "model.fp16.safetensors"
+EXACT_PREFIX = "extra."  # trigger tensors: tiny, and they define the backdoor: kept exact
+
+
+def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating weights in float16 (refused where a value would overflow it)."""
+    out = {}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not key.startswith(EXACT_PREFIX):
+            half = value.to(torch.float16)
+            if not torch.isfinite(half).all():
+                raise SystemExit(f"{key}: values outside the float16 range; keep it in the store")
+            value = half
+        out[key] = value
+    return out
+
+
+def expand(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(torch.float32) if v.dtype == torch.float16 else v
+            for k, v in tensors.items()}
+
+
+def save_compact(src: Path, results: Path) -> None:
+    """Write the float16 copy to ``results`` and round ``src``'s weights to it in place."""
+    half = compact(load_file(str(src / WEIGHTS_FILE)))
+    save_tensors(results / COMPACT_FILE, half)
+    save_tensors(src / WEIGHTS_FILE, expand(half))
+
+
+def restore_compact(results: Path, dst: Path) -> None:
+    weights = expand(load_file(str(results / COMPACT_FILE)))
+    copy_run(results, dst, skip=(*SKIP, COMPACT_FILE),
+             complete=lambda tmp: save_tensors(tmp / WEIGHTS_FILE, weights))
 
 
 def teacher_nodes(scale: str) -> list:
@@ -42,12 +86,16 @@ def teacher_nodes(scale: str) -> list:
     return nodes
 
 
-def copy_run(src: Path, dst: Path, skip: tuple[str, ...] = SKIP) -> None:
-    """Copy into a temporary sibling, then rename: a half-copied run is never seen."""
+def copy_run(src: Path, dst: Path, skip: tuple[str, ...] = SKIP,
+             complete: Callable[[Path], None] | None = None) -> None:
+    """Copy into a temporary sibling (``complete`` adds to it), then rename: a half-copied
+    run is never seen."""
     tmp = dst.with_name(dst.name + ".copying")
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
+    if complete is not None:
+        complete(tmp)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
@@ -61,15 +109,24 @@ def main() -> None:
     p.add_argument("--store", default=str(STORE))
     p.add_argument("--partial", action="store_true",
                    help="save: also keep unfinished teachers with their resume state")
+    p.add_argument("--compact", action="store_true",
+                   help="save: also write float16 weights to benchmarks/results (and round "
+                        "the run's weights to them)")
     args = p.parse_args()
     out, store = Path(args.out), Path(args.store)
     for node in teacher_nodes(args.scale):
         kept, partial = store / node.id, store / "partial" / node.id
         src = run_dir(out, node)
         if args.action == "save":
+            small = RESULTS / node.id
+            if (is_finished(out, node) and args.compact
+                    and not (small / COMPACT_FILE).exists()):
+                save_compact(src, small)
+                shutil.rmtree(kept, ignore_errors=True)  # the store copies the rounded weights
+                print(f"saved {node.id} as float16 in {small}")
             if is_finished(out, node) and not (kept / "record.json").exists():
                 copy_run(src, kept)
-                copy_run(src, RESULTS / node.id, skip=(*SKIP, "*.safetensors"))
+                copy_run(src, small, skip=(*SKIP, "*.safetensors"))
                 shutil.rmtree(partial, ignore_errors=True)
                 print(f"saved {node.id}")
             elif args.partial and not is_finished(out, node) and (src / "state").is_dir():
@@ -80,6 +137,9 @@ def main() -> None:
             if (kept / "record.json").exists():
                 copy_run(kept, src)
                 print(f"restored {node.id}")
+            elif (RESULTS / node.id / COMPACT_FILE).exists():
+                restore_compact(RESULTS / node.id, src)
+                print(f"restored {node.id} from its float16 copy")
             elif partial.is_dir():
                 copy_run(partial, src)
                 print(f"restored unfinished {node.id}: the runner resumes it")
