@@ -56,11 +56,19 @@ def main() -> None:
     fkd0 = {c.column.split("/", 1)[1]: c.node for c in cells
             if c.column.startswith("fkd/") and c.seed == 0}
     nodes, seen, gate = [], set(), {}
+    in_cells = {c.node.id for c in cells}
     for c in chosen:
+        fkd = fkd0.get(c.column.split("/", 1)[1])
+        # a parent that is no cell of its own (the teacher-free CE student) runs here first
+        for parent in c.node.parents.values():
+            if parent.id not in in_cells and parent.id not in seen:
+                seen.add(parent.id)
+                nodes.append(parent)
+                gate[parent.id] = (c.column, fkd)
         if c.node.id not in seen:
             seen.add(c.node.id)
             nodes.append(c.node)
-            gate[c.node.id] = (c.column, fkd0.get(c.column.split("/", 1)[1]))
+            gate[c.node.id] = (c.column, fkd)
     # the gate reads the FKD students, so they (and teachers, floors) run first
     nodes.sort(key=lambda n: gate[n.id][0].split("/")[0] not in GATE_FREE)
     counts = {"run": 0, "skipped": 0}

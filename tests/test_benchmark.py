@@ -14,13 +14,15 @@ from robustkd.data.dataset import ImageDataset
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.experiments import plan, reproduce
 from robustkd.experiments.bench_report import criteria_line
-from robustkd.experiments.benchmark import BENCH_SEEDED, BENCH_TEACHERS
+from robustkd.experiments.benchmark import BENCH_SEEDED, BENCH_TEACHERS, TEACHER_FREE
 from robustkd.experiments.report import load_records
 
 
 def test_benchmark_fixes_teachers_and_clean_data_and_seeds_only_students():
     cells = plan(["benchmark"], "mini", seeds=3)["benchmark"]
-    nodes = {c.node.id: c.node for c in cells}.values()
+    found = {c.node.id: c.node for c in cells}
+    found.update({p.id: p for c in cells for p in c.node.parents.values()})
+    nodes = found.values()
     teachers = [n for n in nodes if n.kind == "attack"]
     assert len(teachers) == len(BENCH_TEACHERS) >= 4
     assert {n.params["seed"] for n in teachers} == {0}
@@ -41,9 +43,18 @@ def test_benchmark_fixes_teachers_and_clean_data_and_seeds_only_students():
             seeds.setdefault(name, set()).add(s.params["seed"])
         assert {m for m, v in seeds.items() if v == {0, 1, 2}} == set(BENCH_SEEDED)
         assert all(v == {0} for m, v in seeds.items() if m not in BENCH_SEEDED)
-    floors = [n for n in nodes if n.kind == "evaluate"]
-    assert len(floors) == len(teachers) and all(set(f.parents) == {"model_dir", "trigger_from"}
-                                    for f in floors)
+        assert not set(seeds) & set(TEACHER_FREE)
+    # a student that never reads its teacher is trained once per seed and measured under
+    # every backdoored teacher's trigger
+    (clean,) = [n for n in nodes if n.kind == "train"]
+    free = [s for s in students if s.parents["teacher"] is clean]
+    assert sorted(s.params["method"] for s in free) == sorted(TEACHER_FREE)
+    evaluations = [n for n in nodes if n.kind == "evaluate"]
+    assert all(set(f.parents) == {"model_dir", "trigger_from"} for f in evaluations)
+    floors = [f for f in evaluations if f.parents["model_dir"] is clean]
+    assert {f.parents["trigger_from"].id for f in floors} == {t.id for t in teachers}
+    under = [f for f in evaluations if f.parents["model_dir"] in free]
+    assert len(under) == len(teachers) * len(free)
 
 
 def test_an_unknown_benchmark_teacher_or_method_fails_before_running(tmp_path):
@@ -60,7 +71,8 @@ def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
     args = dict(scale="smoke", out=out, attacks=["ckd-scratch", "badnets-scratch"],
                 methods=["ce", "fkd"], seeds=2, device="cpu", progress=False, log=lambda m: None)
     first = reproduce(["benchmark"], **args)
-    assert first["run"] == first["total"] == 1 + 2 * (1 + 1 + 1 + 2)
+    # clean teacher, one CE student; per teacher: itself, floor, CE under its trigger, 2 FKD
+    assert first["run"] == first["total"] == 1 + 1 + 2 * (1 + 1 + 1 + 2)
     again = reproduce(["benchmark"], **args)
     assert again["run"] == 0 and again["skipped"] == first["total"]
     records = load_records(out)

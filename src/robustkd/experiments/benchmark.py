@@ -45,6 +45,9 @@ class BenchTeacher:
 BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
                  "robustkd-default")
 BENCH_SEEDED = ("fkd", "finetune", "anp", "ibau", "robustkd-default")
+# Methods that never read the teacher: one student per seed (distilled "from" the clean
+# teacher, which it ignores), measured under every backdoored teacher's trigger.
+TEACHER_FREE = ("ce",)
 
 BENCH_TEACHERS = (
     BenchTeacher("badnets-scratch", "badnets"),
@@ -108,6 +111,11 @@ class BenchPlanner(Planner):
         return self._node("evaluate", bad.label + "-floor", {},
                           {"model_dir": clean, "trigger_from": bad})
 
+    def under_trigger(self, student: RunNode, bad: RunNode, tag: str) -> RunNode:
+        """A teacher-free student evaluated with ``bad``'s trigger."""
+        return self._node("evaluate", f"{student.label}-under-{tag}", {},
+                          {"model_dir": student, "trigger_from": bad})
+
     def bench_student(self, bad: RunNode, method: Recipe, seed: int) -> RunNode:
         b = self.sizes
         params: dict[str, Any] = {
@@ -148,6 +156,10 @@ def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = 
                           node=planner.floor(clean, bad)))
         for name in use_methods:
             for seed in (seeds if name in BENCH_SEEDED else seeds[:1]):
-                node = planner.bench_student(bad, bench_recipe(name), seed)
+                if name in TEACHER_FREE:
+                    student = planner.bench_student(clean, bench_recipe(name), seed)
+                    node = planner.under_trigger(student, bad, t.name)
+                else:
+                    node = planner.bench_student(bad, bench_recipe(name), seed)
                 cells.append(Cell(**where, column=f"{name}/{t.name}", seed=seed, node=node))
     return cells
