@@ -1,0 +1,117 @@
+"""How close the distillation loop runs to its bare compute (images/s), per method.
+
+(a) bare: teacher forward without grad + student forward/backward + optimiser step on one
+static, already-normalised batch; (b) loop: ``distill_student`` for one epoch of random
+CIFAR-sized images (batching, augmentation, taps, the method's loss, connectors, logging).
+Both in one process, the same models, batch size and precision; each figure is the median
+of ``--repeats`` timings after a warm-up. One JSON line per method:
+``method, bare_img_s, loop_img_s, ratio``.
+
+    python benchmarks/step_overhead.py --device cpu --methods fkd,kd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from robustkd.data.dataset import ImageDataset
+from robustkd.distill import distill_student
+from robustkd.models import build_model
+from robustkd.training.loop import autocast_for
+from robustkd.training.optim import OptimConfig, build_optimizer
+from robustkd.utils import describe_device, resolve_device
+
+MEAN, STD = (0.5,) * 3, (0.25,) * 3
+AUGMENT = {"kind": "crop", "pad": 4, "flip": True}
+
+
+def random_images(n: int, classes: int, seed: int = 0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                        torch.randint(0, classes, (n,), generator=g),
+                        [str(i) for i in range(classes)])
+
+
+def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
+              classes: int) -> float:
+    """Images/s of the compute alone: no data movement, no taps, a logit loss."""
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, classes, (batch_size,), device=device)
+    opt = build_optimizer(student.parameters(), OptimConfig())
+    teacher.eval()
+    student.train()
+
+    def step() -> None:
+        with autocast_for(device, amp):
+            with torch.no_grad():
+                t = teacher(x)
+            s = student(x)
+            loss = F.cross_entropy(s, y) + F.mse_loss(s.float(), t.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def loop_rate(method: str, teacher, student, data: ImageDataset, device, batch_size: int,
+              amp: bool) -> float:
+    started = time.perf_counter()
+    distill_student(teacher, student, data, None, method=method, mean=MEAN, std=STD,
+                    augment=AUGMENT, epochs=1, batch_size=batch_size, device=device,
+                    amp=amp, progress=False, eval_every=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(data) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--teacher", default="wrn16_2")
+    p.add_argument("--student", default="wrn16_1")
+    p.add_argument("--methods", default="fkd,kd")
+    p.add_argument("--images", type=int, default=2560, help="images per timed loop epoch")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    classes = 10
+    torch.manual_seed(0)
+    teacher = build_model(args.teacher, num_classes=classes).to(device)
+    student = build_model(args.student, num_classes=classes).to(device)
+    data = random_images(args.images, classes)
+    steps = max(1, args.images // args.batch_size)
+    for method in args.methods.split(","):
+        loop_rate(method, teacher, student, random_images(2 * args.batch_size, classes),
+                  device, args.batch_size, args.amp)  # warm-up
+        bare, loop = [], []
+        for _ in range(args.repeats):  # interleaved, so a slow spell hits both alike
+            bare.append(bare_rate(teacher, student, device, args.batch_size, steps, args.amp,
+                                  classes))
+            loop.append(loop_rate(method, teacher, student, data, device, args.batch_size,
+                                  args.amp))
+        b, lo = statistics.median(bare), statistics.median(loop)
+        print(json.dumps({"method": method, "bare_img_s": round(b, 1),
+                          "loop_img_s": round(lo, 1), "ratio": round(lo / b, 3),
+                          "device": describe_device(device), "amp": args.amp,
+                          "threads": torch.get_num_threads(), "repeats": args.repeats,
+                          "images": args.images, "batch_size": args.batch_size}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
