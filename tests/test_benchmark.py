@@ -137,7 +137,7 @@ def test_clean_seed_fixes_the_defenders_images_across_student_seeds(monkeypatch,
         seen.append(seed)
         return real(ds, fraction=fraction, seed=seed)
 
-    monkeypatch.setattr(api, "per_class_subset", spy)
+    monkeypatch.setattr(api.data, "per_class_subset", spy)  # where the api subsets data
     api.train(dataset="digits", model="wrn10_1", epochs=1, out=tmp_path / "t", device="cpu",
               progress=False)
     seen.clear()

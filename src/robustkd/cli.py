@@ -68,11 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "runs/ckd --student wrn16_1 --clean-fraction 0.2 --out runs/s\n"
                            "  robustkd distill --defense anp --anp-iterations 500 --teacher "
                            "runs/ckd --out runs/anp"))
-    from robustkd.defenses import TEACHER_DEFENSES
+    from robustkd.defenses import TEACHER_DEFENSES, transform_names
     from robustkd.distill import METHODS
 
     add_job_flags(p, DistillJob, skip=("detox_from",), required=("out",),
-                  choices={"method": [*METHODS, "robustkd"], "defense": TEACHER_DEFENSES})
+                  choices={"method": [*METHODS, *transform_names("method")],
+                           "defense": TEACHER_DEFENSES})
     p.add_argument("--pair", default=None, metavar="TEACHER-STUDENT",
                    help="a teacher->student pair of the paper's Table 2 (sets --student and "
                         "checks the --teacher run's architecture): wrn28_4-wrn16_4, "
@@ -247,17 +248,19 @@ def _pair_student(name: str, teacher: str | None) -> str:
 
 def _cmd_distill(args: argparse.Namespace) -> dict:
     from robustkd import api
+    from robustkd.defenses import find_transform
     from robustkd.defenses.registry import get_teacher_defense, make_settings
-    from robustkd.defenses.robustkd import robustkd_config
     from robustkd.distill import get_method
     from robustkd.settings import make_settings as settings_from
 
     method, defense = _chosen(args, "method"), _chosen(args, "defense")
-    robustkd = method == "robustkd"
-    distils_with = "fkd" if robustkd else method  # robustkd distils with FKD
+    # a method that is a teacher transform (robustkd) distils with its own method (FKD)
+    transform = find_transform("method", method)
+    robustkd = transform is not None
+    distils_with = transform.distils_with if robustkd else method
     options = {**legacy.legacy_options(args, "method", distils_with),
                **entry_options(args, args._method_flags, distils_with, choose="--method")}
-    rk = {**legacy.legacy_options(args, "robustkd", "robustkd" if robustkd else None),
+    rk = {**legacy.legacy_options(args, "robustkd", method if robustkd else None),
           **entry_options(args, args._robustkd_flags, method, choose="--method")}
     for flag in ("robustkd_preset", "detox_from"):
         if getattr(args, flag) is not None and not robustkd:
@@ -270,7 +273,7 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
     # every setting is checked here, where it entered, before any data or model is loaded
     settings_from(get_method(distils_with).settings, options, f"--method {distils_with}")
     if robustkd:
-        robustkd_config(rk)
+        transform.check(rk)
     if defense:
         make_settings(get_teacher_defense(defense), defense_options)
     extra: dict = {"options": options or None, "robustkd": rk if robustkd else None,

@@ -9,8 +9,8 @@ Two serial forms:
 * ``job.to_dict()`` - nested, with ``schema`` and ``command``: what ``--print-config``
   writes and ``--config FILE`` reads (YAML or JSON).
 * ``job.flat()`` / ``Job.from_flat(values)`` - the keyword arguments of ``robustkd.api``
-  (one namespace per command). The experiment harness names runs by the flat values it
-  sets, so run ids stay what they were.
+  (one namespace per command; :func:`from_job` builds the job from them). The experiment
+  harness names runs by the flat values it sets, so run ids stay what they were.
 
 Only ``from_flat``/``from_dict`` build jobs from user input: unknown keys are an error that
 names the nearest valid key.
@@ -359,15 +359,15 @@ JOBS: dict[str, type[Job]] = {j.command: j for j in (TrainJob, AttackJob, Distil
                                                       EvaluateJob, ScanJob, ImportJob)}
 
 
-def from_job(job: type[Job]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate an API function whose keywords are ``job``'s: callers' values are checked
-    and completed by the job (its defaults are the only ones), and the function's signature
-    shows them."""
+def from_job(job: type[Job]) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:
+    """Turn ``fn(job)`` into the API function taking ``job``'s fields as keywords: callers'
+    values are checked and completed by the job (its defaults are the only ones), ``fn``
+    gets the job, and the API function's signature shows the keywords."""
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def deco(fn: Callable[[Any], Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(**kwargs: Any) -> Any:
-            return fn(**job.from_flat(kwargs).flat())
+            return fn(job.from_flat(kwargs))
 
         kind = inspect.Parameter.KEYWORD_ONLY
         run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

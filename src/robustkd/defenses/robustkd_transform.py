@@ -1,0 +1,94 @@
+"""RobustKD as a teacher transform (``--method robustkd``): detoxify the teacher's features,
+distil from the detoxified teacher (:func:`run_robustkd`), and keep what another student may
+reuse: the masks and synthetic triggers as ``detox.safetensors`` + ``detox.json``
+(``--detox-from RUN_DIR``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from safetensors.torch import load_file
+
+from robustkd.defenses.detox import DetoxMasks
+from robustkd.defenses.inversion import SyntheticTriggers
+from robustkd.defenses.robustkd import RobustKDConfig, robustkd_config, run_robustkd
+from robustkd.defenses.transforms import (
+    TransformContext,
+    Transformed,
+    register_transform,
+)
+from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import evaluate_model
+from robustkd.io import read_json, save_tensors, write_json
+from robustkd.models.taps import tap
+
+DETOX_FILE = "detox.safetensors"
+DETOX_META = "detox.json"
+
+
+def load_detox(run_dir: str | Path) -> tuple[DetoxMasks, SyntheticTriggers | None]:
+    """The detox masks (and synthetic triggers, if any) a RobustKD run saved, for reuse."""
+    run_dir = Path(run_dir)
+    if not (run_dir / DETOX_FILE).exists() or not (run_dir / DETOX_META).exists():
+        raise ConfigError(
+            f"{run_dir} has no {DETOX_FILE}/{DETOX_META}; give the run directory of an earlier "
+            "`robustkd distill --method robustkd`"
+        )
+    tensors = load_file(str(run_dir / DETOX_FILE))
+    masks = DetoxMasks.from_saved(read_json(run_dir / DETOX_META), tensors)
+    return masks, SyntheticTriggers.from_tensors(tensors)
+
+
+@dataclass(frozen=True)
+class Detoxification:
+    """Detox masks (trained, or reused from ``detox_from``), then FKD from the teacher seen
+    through them; the record gains ``robustkd`` (the report, the configuration and the
+    detoxified teacher's metrics), ``selection``, ``chosen_tau`` and the seconds of each
+    step."""
+
+    name: str = "robustkd"
+    chosen_by: ClassVar[str] = "method"
+    options_key: ClassVar[str] = "robustkd"
+    distils_with: ClassVar[str | None] = "fkd"
+
+    def check(self, options: Mapping[str, Any] | None) -> RobustKDConfig:
+        return robustkd_config(options)
+
+    def unchosen(self, settings: Mapping[str, Any]) -> str:
+        return (f"detoxification options only apply to --method {self.name}, not "
+                f"{settings.get('method')}")
+
+    def __call__(self, ctx: TransformContext) -> Transformed:
+        s = ctx.settings
+        cfg = self.check(s.get(self.options_key))
+        reuse_masks = reuse_triggers = None
+        if s.get("detox_from") is not None:
+            reuse_masks, reuse_triggers = load_detox(s["detox_from"])
+        report = run_robustkd(
+            ctx.teacher, ctx.student, ctx.clean, ctx.test, cfg, fkd_options=s.get("options"),
+            student_factory=ctx.new_student, teacher_layers=s.get("teacher_layers"),
+            student_layers=s.get("student_layers"), reuse_masks=reuse_masks,
+            reuse_triggers=reuse_triggers, eval_every=s.get("eval_every", 1), **ctx.train)
+        masks = report.pop("masks")
+        synthetic = report.pop("synthetic_triggers")
+        save_tensors(ctx.run_dir / DETOX_FILE,
+                     {**masks.tensors(), **(synthetic.tensors() if synthetic is not None else {})})
+        write_json(ctx.run_dir / DETOX_META,
+                   {**masks.config(), "config": cfg.as_dict(), "teacher": str(s.get("teacher"))})
+        t = ctx.train
+        with tap(ctx.teacher, replace=masks.replacements()):
+            detoxed = evaluate_model(ctx.teacher, ctx.test, t["mean"], t["std"],
+                                     trigger=t["trigger"], target=t["target"], device=t["device"])
+        extras = {
+            "robustkd": {**report, "config": cfg.as_dict(),
+                         "detoxified_teacher_metrics": detoxed},
+            **{k: report[k] for k in ("selection", "chosen_tau", "detox_seconds",
+                                      "distill_seconds")},
+        }
+        return Transformed(ctx.teacher, extras)
+
+
+register_transform(Detoxification())
