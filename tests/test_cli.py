@@ -38,7 +38,7 @@ def test_train_attack_evaluate_write_records(tmp_path, capsys):
     assert meta["trigger"]["kind"] == "patch" and meta["trigger"]["target"] == 0
     assert meta["trigger"]["params"]["size"] == 2
 
-    assert main(["evaluate", "--model-dir", str(bd), "--feature-samples", "8",
+    assert main(["evaluate", "--run", str(bd), "--feature-samples", "8",
                  "--device", "cpu"]) == 0
     ev = json.loads((bd / "evaluation" / "record.json").read_text())
     assert ev["metrics"]["asr"] == pytest.approx(rec["metrics"]["asr"])
@@ -46,7 +46,7 @@ def test_train_attack_evaluate_write_records(tmp_path, capsys):
     assert len(ev["feature_variance"]) == 3
 
     # the clean teacher measured with the backdoored model's trigger
-    assert main(["evaluate", "--model-dir", str(teacher), "--trigger-from", str(bd),
+    assert main(["evaluate", "--run", str(teacher), "--trigger-from", str(bd),
                  "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
     assert "asr" in json.loads((tmp_path / "ev" / "record.json").read_text())["metrics"]
 
@@ -63,7 +63,7 @@ def test_resume_of_finished_run_keeps_result(tmp_path, capsys):
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
-    assert main(["evaluate", "--model-dir", str(tmp_path), "--device", "cpu"]) == 2
+    assert main(["evaluate", "--run", str(tmp_path), "--device", "cpu"]) == 2
     assert "not a robustkd run directory" in capsys.readouterr().err
     assert main(["train", "--model", "wrn26_4", "--epochs", "1", "--out", str(tmp_path / "x"),
                  "--device", "cpu"]) == 2

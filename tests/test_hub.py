@@ -45,7 +45,7 @@ def test_import_a_teacher_from_the_hub_cache_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rec = api.import_weights(model="wrn10_1", weights="hf://org/tiny/model.safetensors",
                              dataset="digits", device="cpu", out=tmp_path / "imported")
-    teacher = api.evaluate(model_dir=tmp_path / "t", device="cpu")
+    teacher = api.evaluate(run=tmp_path / "t", device="cpu")
     assert rec["metrics"]["acc"] == pytest.approx(teacher["metrics"]["acc"])
     with pytest.raises(ConfigError, match="not in the hub cache .HF_HUB_OFFLINE is set"):
         api.import_weights(model="wrn10_1", weights="hf://org/other/model.safetensors",

@@ -54,7 +54,7 @@ def test_values_are_checked_where_they_enter():
         TrainJob.from_flat({"lr": float("nan")})
     with pytest.raises(ConfigError, match="clean_fraction must be <= 1.0, got 1.5"):
         DistillJob.from_flat({"teacher": "t", "clean_fraction": 1.5})
-    with pytest.raises(ConfigError, match="evaluate needs model_dir"):
+    with pytest.raises(ConfigError, match="evaluate needs run"):
         EvaluateJob.from_flat({})
     with pytest.raises(ConfigError, match="distill has no setting 'compile'"):
         DistillJob.from_flat({"compile": True})
@@ -101,3 +101,22 @@ def test_every_stored_record_loads_as_a_job_and_keeps_its_run_id():
     assert len(checked) > 40
     for node_id in checked:
         assert rebuild(node_id).id == node_id
+
+
+def test_a_renamed_setting_keeps_its_former_name_everywhere(tmp_path, capsys):
+    from robustkd.cli import main
+    from robustkd.jobs import ScanJob
+
+    # API keyword, config key and harness plans of before the rename
+    assert ScanJob.from_flat({"model_dir": "r", "samples": 7}).run == "r"
+    assert ScanJob.from_flat({"model_dir": "r", "samples": 7}).feature_samples == 7
+    cfg = tmp_path / "scan.yaml"
+    cfg.write_text("schema: 1\ncommand: scan\nmodel_dir: r\nsamples: 9\n")
+    assert ScanJob.from_dict(read_config(cfg)).feature_samples == 9
+    with pytest.raises(ConfigError, match="give 'run' or its former name 'model_dir'"):
+        EvaluateJob.from_flat({"run": "a", "model_dir": "b"})
+    # the former flag: same job, and a note naming the new flag
+    assert main(["scan", "--model-dir", "r", "--samples", "5", "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "run: r" in out and "feature_samples: 5" in out
+    assert "--model-dir is now --run" in err and "--samples is now --feature-samples" in err

@@ -26,7 +26,7 @@ def test_scan_cli_with_reference(tmp_path, digits_teacher, digits):
     run = tmp_path / "m"
     save_run_model(run, digits_teacher, run_meta(digits_teacher, digits, None, 0))
     out = tmp_path / "scan"
-    assert main(["scan", "--model-dir", str(run), "--reference", str(run), "--samples", "40",
+    assert main(["scan", "--run", str(run), "--reference", str(run), "--feature-samples", "40",
                  "--out", str(out), "--device", "cpu"]) == 0
     rec = json.loads((out / "record.json").read_text())
     assert set(rec["layers"]) == {"block1", "block2", "block3"}

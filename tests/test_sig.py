@@ -51,6 +51,6 @@ def test_sig_from_scratch_records_asr_that_a_reload_reproduces(tmp_path):
     rec = api.attack(attack="sig", model="wrn10_1", dataset="digits", epochs=2,
                      poison_ratio=1.0, lr=0.05, out=tmp_path / "sig", device="cpu",
                      progress=False)
-    again = api.evaluate(model_dir=tmp_path / "sig", device="cpu")
+    again = api.evaluate(run=tmp_path / "sig", device="cpu")
     assert again["metrics"]["asr"] == pytest.approx(rec["metrics"]["asr"])
     assert rec["trigger"]["kind"] == "sig" and rec["trigger"]["placement"] == "additive"

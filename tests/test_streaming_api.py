@@ -81,7 +81,7 @@ def test_streamed_train_distill_evaluate(data_root: Path, tmp_path: Path) -> Non
     assert s_meta["dataset"]["streamed"]["crop_size"] == 32
 
     # evaluate reads the streamed run's meta and measures the same ACC on the same crops
-    ev = api.evaluate(model_dir=student_dir, device="cpu", workers=0)
+    ev = api.evaluate(run=student_dir, device="cpu", workers=0)
     assert ev["metrics"]["acc"] == pytest.approx(rec["metrics"]["acc"])
 
     # what needs the data in memory says so, with the way out

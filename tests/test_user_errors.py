@@ -43,23 +43,23 @@ def test_damaged_runs_are_one_line_errors(runs, tmp_path, capsys):
     torn = copy_run(runs / "teacher", tmp_path / "torn")
     data = (torn / "model.safetensors").read_bytes()
     (torn / "model.safetensors").write_bytes(data[: len(data) // 2])
-    code, err = run_cli(["evaluate", "--model-dir", str(torn), "--device", "cpu"], capsys)
+    code, err = run_cli(["evaluate", "--run", str(torn), "--device", "cpu"], capsys)
     assert code == 2 and "damaged or truncated" in err and "Traceback" not in err
     badmeta = copy_run(runs / "teacher", tmp_path / "badmeta")
     (badmeta / "meta.json").write_text("{not json")
-    code, err = run_cli(["evaluate", "--model-dir", str(badmeta), "--device", "cpu"], capsys)
+    code, err = run_cli(["evaluate", "--run", str(badmeta), "--device", "cpu"], capsys)
     assert code == 2 and "meta.json is not valid JSON" in err
     wrong = copy_run(runs / "teacher", tmp_path / "wrong")
     meta = json.loads((wrong / "meta.json").read_text())
     meta["arch"] = "wrn10_2"
     (wrong / "meta.json").write_text(json.dumps(meta))
-    code, err = run_cli(["evaluate", "--model-dir", str(wrong), "--device", "cpu"], capsys)
+    code, err = run_cli(["evaluate", "--run", str(wrong), "--device", "cpu"], capsys)
     assert code == 2 and "weights do not fit wrn10_2" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_missing_cuda_is_a_one_line_error(runs, capsys):
-    code, err = run_cli(["evaluate", "--model-dir", str(runs / "teacher"), "--device",
+    code, err = run_cli(["evaluate", "--run", str(runs / "teacher"), "--device",
                          "cuda"], capsys)
     assert code == 2 and "CUDA is not available" in err
 
@@ -77,7 +77,7 @@ def test_partial_teacher_is_refused_unless_asked_and_then_recorded(runs, tmp_pat
     assert not (tmp_path / "bd").exists()
     assert main([*argv, "--allow-partial"]) == 0
     assert json.loads((tmp_path / "bd" / "record.json").read_text())["config"]["allow_partial"]
-    assert main(["evaluate", "--model-dir", str(partial), "--out", str(tmp_path / "ev"),
+    assert main(["evaluate", "--run", str(partial), "--out", str(tmp_path / "ev"),
                  "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "ev" / "record.json").read_text())["unfinished"] is True
 

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="ACC / ASR / feature variance of a run",
                        description="Evaluate a run directory on its dataset's test split.")
-    add_job_flags(p, EvaluateJob, required=("model_dir",))
+    add_job_flags(p, EvaluateJob, required=("run",))
 
     p = sub.add_parser("import", help="turn an external weights file into a run directory",
                        description="Load a teacher's weights (e.g. downloaded from a model hub) "
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per-layer per-example feature variance on clean test "
                                    "images; with --reference, the ratio to another model with "
                                    "a bootstrap interval, and a histogram PNG.")
-    add_job_flags(p, ScanJob, required=("model_dir",))
+    add_job_flags(p, ScanJob, required=("run",))
 
     p = sub.add_parser("models", help="list architectures with parameter counts")
     p.add_argument("--num-classes", type=int, default=100)

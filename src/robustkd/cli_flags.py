@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from robustkd.errors import ConfigError
@@ -41,6 +42,9 @@ def add_job_flags(p: argparse.ArgumentParser, job: type[Job], *,
             required_here = f.name in set(required)
             _add(p, f, hints[f.name], None if required_here else getattr(base, f.name),
                  choices, required_here)
+    for old, new in job.RENAMED.items():  # a former spelling still works, with a notice
+        p.add_argument("--" + old.replace("_", "-"), dest=new, action=_Renamed,
+                       default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("job file")
     g.add_argument("--config", metavar="FILE", default=None,
                    help="read the whole job from a YAML/JSON file (as --print-config writes "
@@ -48,6 +52,16 @@ def add_job_flags(p: argparse.ArgumentParser, job: type[Job], *,
     g.add_argument("--print-config", action="store_true",
                    help="print the effective job as YAML and exit without running it")
     p.set_defaults(_job=job.command, _job_required=tuple(required))
+
+
+class _Renamed(argparse.Action):
+    """A flag's former spelling: stores the value under the new name and says so."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        print(f"robustkd: note: {option_string} is now --{self.dest.replace('_', '-')}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _add(group: Any, f: dataclasses.Field, hint: Any, default: Any,

@@ -104,6 +104,8 @@ class Job:
     # keys of the shared parts this command does not take, and fields a user must give
     OMIT: ClassVar[tuple[str, ...]] = ()
     REQUIRED: ClassVar[tuple[str, ...]] = ()
+    # former key -> field: older API calls, config files and harness plans keep working
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     def flat(self) -> dict[str, Any]:
         """The API keyword arguments this job stands for."""
@@ -145,7 +147,7 @@ class Job:
         keys = cls.keys()
         parts: dict[str, dict[str, Any]] = {p: {} for p in cls.PARTS}
         own: dict[str, Any] = {}
-        for key, value in values.items():
+        for key, value in cls.renamed(values).items():
             if key not in keys:
                 raise ConfigError(f"{cls.command} has no setting {key!r}"
                                   f"{nearest(key, list(keys))}")
@@ -154,6 +156,18 @@ class Job:
         if missing:
             raise ConfigError(f"{cls.command} needs {', '.join(missing)}")
         return cls._build(parts, own)
+
+    @classmethod
+    def renamed(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` with former keys under their current names."""
+        out = dict(values)
+        for old, new in cls.RENAMED.items():
+            if old in out:
+                if new in out:
+                    raise ConfigError(f"{cls.command}: give {new!r} or its former name "
+                                      f"{old!r}, not both")
+                out[new] = out.pop(old)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Job:
@@ -168,7 +182,7 @@ class Job:
             raise ConfigError(f"the config is for `{command}`, not `{cls.command}`")
         flat: dict[str, Any] = {}
         own = {f.name for f in dataclasses.fields(cls)}
-        for key, value in data.items():
+        for key, value in cls.renamed(data).items():
             if key in cls.PARTS:
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"config key {key!r} must be a mapping")
@@ -221,7 +235,7 @@ class TrainJob(Job):
     runtime: RuntimeSpec = _nested(RuntimeSpec())
     model: str = setting("wrn16_2", "architecture (see `robustkd models`)", metavar="NAME")
     model_kwargs: dict[str, Any] | None = None
-    out: str = setting("runs/train", "run directory to write", metavar="RUN_DIR")
+    out: str = setting("runs/train", "run directory to write", metavar="DIR")
 
 
 @dataclass(frozen=True)
@@ -250,7 +264,7 @@ class AttackJob(Job):
     allow_partial: bool = setting(False, "use an unfinished teacher run's last checkpoint "
                                          "(recorded in the run's config)")
     options: dict[str, Any] | None = None
-    out: str = setting("runs/attack", "run directory to write", metavar="RUN_DIR")
+    out: str = setting("runs/attack", "run directory to write", metavar="DIR")
 
 
 @dataclass(frozen=True)
@@ -294,7 +308,7 @@ class DistillJob(Job):
     defense_options: dict[str, Any] | None = None
     detox_from: str | None = setting(None, "reuse an earlier robustkd run's detox masks",
                                      metavar="RUN_DIR")
-    out: str = setting("runs/student", "run directory to write", metavar="RUN_DIR")
+    out: str = setting("runs/student", "run directory to write", metavar="DIR")
 
 
 @dataclass(frozen=True)
@@ -302,9 +316,10 @@ class EvaluateJob(Job):
     """``robustkd evaluate``: ACC, ASR and optionally feature variance of a run."""
 
     command: ClassVar[str] = "evaluate"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("model_dir",)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run",)
+    RENAMED: ClassVar[dict[str, str]] = {"model_dir": "run"}
 
-    model_dir: str = setting("", "run directory to evaluate", metavar="RUN_DIR")
+    run: str = setting("", "run directory of the model to evaluate", metavar="RUN_DIR")
     dataset: str | None = setting(None, "override the run's dataset", metavar="NAME")
     data_root: str | None = setting(None, "data folder", metavar="DIR")
     trigger_from: str | None = setting(None, "measure ASR with another run's trigger",
@@ -314,8 +329,8 @@ class EvaluateJob(Job):
     batch_size: int = setting(256, "batch size", minimum=1)
     seed: int = setting(0, "seed", minimum=0)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
-    out: str | None = setting(None, "where record.json goes (default RUN_DIR/evaluation)",
-                              metavar="DIR")
+    out: str | None = setting(None, "folder to write record.json to (default: "
+                                    "<run>/evaluation)", metavar="DIR")
     workers: int | None = setting(None, "decoding processes for streamed data", minimum=0)
 
 
@@ -324,16 +339,20 @@ class ScanJob(Job):
     """``robustkd scan``: per-layer feature-variance statistics (paper Fig. 2)."""
 
     command: ClassVar[str] = "scan"
-    REQUIRED: ClassVar[tuple[str, ...]] = ("model_dir",)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run",)
+    RENAMED: ClassVar[dict[str, str]] = {"model_dir": "run", "samples": "feature_samples"}
 
-    model_dir: str = setting("", "run directory to scan", metavar="RUN_DIR")
-    reference: str | None = setting(None, "model to compare against", metavar="RUN_DIR")
-    samples: int = setting(100, "clean test images (paper: 100)", minimum=2)
+    run: str = setting("", "run directory of the model to scan", metavar="RUN_DIR")
+    reference: str | None = setting(None, "run directory of a model to compare against",
+                                    metavar="RUN_DIR")
+    feature_samples: int = setting(100, "clean test images to measure feature variance on "
+                                        "(paper: 100)", minimum=2)
     dataset: str | None = setting(None, "override the run's dataset", metavar="NAME")
     data_root: str | None = setting(None, "data folder", metavar="DIR")
     seed: int = setting(0, "seed", minimum=0)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
-    out: str | None = setting(None, "default RUN_DIR/scan", metavar="DIR")
+    out: str | None = setting(None, "folder to write the scan to (default: <run>/scan)",
+                              metavar="DIR")
 
 
 @dataclass(frozen=True)
@@ -352,7 +371,7 @@ class ImportJob(Job):
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", metavar="DEVICE")
     seed: int = setting(0, "seed", minimum=0)
     overwrite: bool = setting(False, "replace a finished run in --out")
-    out: str = setting("runs/imported", "run directory to write", metavar="RUN_DIR")
+    out: str = setting("runs/imported", "run directory to write", metavar="DIR")
 
 
 JOBS: dict[str, type[Job]] = {j.command: j for j in (TrainJob, AttackJob, DistillJob,

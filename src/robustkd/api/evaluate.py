@@ -30,11 +30,11 @@ def evaluate(job: EvaluateJob) -> dict[str, Any]:
 
 def run_evaluate(job: EvaluateJob) -> dict[str, Any]:
     """:func:`evaluate` for a job already built."""
-    out = Path(job.out) if job.out else Path(job.model_dir) / "evaluation"
+    out = Path(job.out) if job.out else Path(job.run) / "evaluation"
     run = RunContext("evaluate", job_config(job), out, job.seed)
     seed_everything(job.seed)
     run.device = resolve_device(job.device)
-    model = load_run(job.model_dir, run.device)
+    model = load_run(job.run, run.device)
     ds_meta = model.meta["dataset"]
     name = job.dataset or ds_meta["name"]
     data_root = job.data_root or ds_meta.get("data_root")
@@ -50,7 +50,7 @@ def run_evaluate(job: EvaluateJob) -> dict[str, Any]:
     trigger, target, trigger_from = _trigger(job, model, run.device)
     extra: dict[str, Any] = {"trigger_from": str(trigger_from) if trigger_from else None}
     if is_unfinished(model.meta):
-        log(f"warning: {job.model_dir} is an unfinished run ({model.meta['epochs_done']} "
+        log(f"warning: {job.run} is an unfinished run ({model.meta['epochs_done']} "
             "epochs done); these are the numbers of that checkpoint")
         extra["unfinished"] = True
     metrics = evaluate_model(model.model, splits.test, model.mean, model.std, trigger=trigger,
@@ -66,7 +66,7 @@ def run_evaluate(job: EvaluateJob) -> dict[str, Any]:
             k: {"mean": float(v.mean()), "values": v.tolist()} for k, v in var.items()
         }
         metrics.update({f"var_{k}": float(v.mean()) for k, v in var.items()})
-    return run.record(metrics, model_dir=str(job.model_dir), **extra)
+    return run.record(metrics, model_dir=str(job.run), **extra)
 
 
 def _trigger(job: EvaluateJob, model: LoadedRun,

@@ -26,15 +26,15 @@ def scan(job: ScanJob) -> dict[str, Any]:
 
 def run_scan(job: ScanJob) -> dict[str, Any]:
     """:func:`scan` for a job already built."""
-    out = Path(job.out) if job.out else Path(job.model_dir) / "scan"
+    out = Path(job.out) if job.out else Path(job.run) / "scan"
     run = RunContext("scan", job_config(job), out, job.seed)
     run.device = dev = resolve_device(job.device)
-    model = load_run(job.model_dir, dev)
+    model = load_run(job.run, dev)
     ds_meta = model.meta["dataset"]
     splits = load_dataset(job.dataset or ds_meta["name"], job.data_root or ds_meta.get("data_root"),
                           image_size=ds_meta.get("resize"))
     pick = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(job.seed))
-    images = splits.test.subset(pick[:job.samples])
+    images = splits.test.subset(pick[:job.feature_samples])
     layers = [layer.stage for layer in model.model.distill_layers()]
     values = feature_variance(model.model, layers, images, model.mean, model.std, device=dev)
     ref_values = ref_layers = None
@@ -45,7 +45,7 @@ def run_scan(job: ScanJob) -> dict[str, Any]:
                                       device=dev)
     stats, lines = summarise(layers, values, ref_values, ref_layers)
     png = plot_histograms(out / "variance.png", layers, values, ref_values,
-                          (str(job.model_dir), str(job.reference)), ref_layers)
+                          (str(job.run), str(job.reference)), ref_layers)
     for line in lines:
         log(line)
     metrics = {f"var_{k}": v["model"]["mean"] for k, v in stats.items()}
