@@ -153,7 +153,7 @@ def test_a_bad_defence_setting_is_refused_before_loading_anything(tmp_path, caps
     rc = cli_main(["distill", "--teacher", str(tmp_path / "none"), "--defense", "finetune",
                    "--finetune-epochs", "-3", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc != 0 and "defence finetune: epochs must be >= 0, got -3" in err
+    assert rc != 0 and "defence finetune: epochs (--finetune-epochs) must be >= 0, got -3" in err
 
 
 def test_a_learned_trigger_from_scratch_needs_a_trigger_teacher(tmp_path):

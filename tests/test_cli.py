@@ -113,7 +113,8 @@ def test_attack_flag_of_another_attack_is_refused(capsys):
 def test_attack_setting_out_of_range_names_it(capsys):
     code = main(["attack", "--attack", "blended", "--model", "wrn10_1", "--dataset", "digits",
                  "--blended-alpha", "1.5", "--out", "x"])
-    assert code == 2 and "alpha must be <= 1.0, got 1.5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "alpha (--blended-alpha) must be <= 1.0, got 1.5" in err
 
 
 def test_import_refuses_pickle_unless_opted_in(tmp_path, capsys):

@@ -228,5 +228,5 @@ def test_max_images_unlearns_on_a_per_class_part_of_the_clean_data():
     assert used["images"] == 16 and used["batches_per_round"] == 2
     _, full = defend_teacher("ibau", _net(), _ctx(ds), {"rounds": 1, "batch_size": 8})
     assert full["settings_used"]["images"] == 64
-    with pytest.raises(ConfigError, match="max_images must be >= 1"):
+    with pytest.raises(ConfigError, match=r"max_images \(--ibau-max-images\) must be >= 1"):
         defend_teacher("ibau", _net(), _ctx(ds), {"max_images": 0})

@@ -46,13 +46,14 @@ def test_serial_forms_round_trip(command, tmp_path):
 def test_values_are_checked_where_they_enter():
     with pytest.raises(ConfigError, match="no setting 'epoch' .did you mean 'epochs'"):
         TrainJob.from_flat({"epoch": 3})
-    with pytest.raises(ConfigError, match="lr must be > 0.0, got -0.1"):
+    with pytest.raises(ConfigError, match=r"lr \(--lr\) must be > 0.0, got -0.1"):
         TrainJob.from_flat({"lr": -0.1})
-    with pytest.raises(ConfigError, match="epochs must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"epochs \(--epochs\) must be >= 1, got 0"):
         TrainJob.from_flat({"epochs": 0})
-    with pytest.raises(ConfigError, match="lr must be a finite number"):
+    with pytest.raises(ConfigError, match=r"lr \(--lr\) must be a finite number"):
         TrainJob.from_flat({"lr": float("nan")})
-    with pytest.raises(ConfigError, match="clean_fraction must be <= 1.0, got 1.5"):
+    with pytest.raises(ConfigError,
+                       match=r"clean_fraction \(--clean-fraction\) must be <= 1.0, got 1.5"):
         DistillJob.from_flat({"teacher": "t", "clean_fraction": 1.5})
     with pytest.raises(ConfigError, match="evaluate needs run"):
         EvaluateJob.from_flat({})

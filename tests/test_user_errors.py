@@ -129,3 +129,18 @@ def test_a_dataset_folder_without_its_splits_says_what_is_missing(tmp_path, caps
                          "--out", str(tmp_path / "o"), "--epochs", "1"], capsys)
     assert code == 2 and "exists but has no test/ folder" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["train", "--lr", "nan"], "lr (--lr) must be a finite number"),
+    (["train", "--epochs", "0"], "epochs (--epochs) must be >= 1"),
+    (["attack", "--attack", "blended", "--blended-alpha", "3"],
+     "alpha (--blended-alpha) must be <= 1.0"),
+    (["distill", "--teacher", "T", "--fkd-beta", "-1"], "beta (--fkd-beta) must be >= 0.0"),
+    (["distill", "--teacher", "T", "--defense", "anp", "--anp-threshold", "-1"],
+     "threshold (--anp-threshold) must be >= 0.0"),
+])
+def test_a_bad_value_names_the_flag_that_set_it(argv, shown, tmp_path, capsys):
+    code, err = run_cli([*argv, "--device", "cpu", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and shown in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

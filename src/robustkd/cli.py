@@ -271,7 +271,8 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
                        **entry_options(args, args._defense_flags, defense,
                                        choose="--defense")}
     # every setting is checked here, where it entered, before any data or model is loaded
-    settings_from(get_method(distils_with).settings, options, f"--method {distils_with}")
+    settings_from(get_method(distils_with).settings, options, f"--method {distils_with}",
+                  flags=distils_with)
     if robustkd:
         transform.check(rk)
     if defense:

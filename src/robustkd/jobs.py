@@ -202,9 +202,10 @@ class Job:
             default = getattr(base, name)
             merged = {**dataclasses.asdict(default), **parts[name]}
             kwargs[name] = make_settings(type(default), merged, cls.command,
-                                         none_is_default=False)
+                                         none_is_default=False, flags="")
         # the job's own fields are checked like any settings (the parts already are)
-        return make_settings(cls, {**own, **kwargs}, cls.command, none_is_default=False)
+        return make_settings(cls, {**own, **kwargs}, cls.command, none_is_default=False,
+                             flags="")
 
 
 def _part_type(cls: type, f: dataclasses.Field) -> type:

@@ -120,10 +120,12 @@ def nearest(key: str, valid: Sequence[str]) -> str:
 
 
 def make_settings(cls: type, options: Mapping[str, Any] | None, what: str, *,
-                  none_is_default: bool = True) -> Any:
+                  none_is_default: bool = True, flags: str | None = None) -> Any:
     """``cls`` from its defaults plus ``options``: unknown keys name the nearest valid one;
     values are converted to the field's type and range-checked. With ``none_is_default`` a
-    ``None`` value means "not given" (a CLI flag left out, an old record's placeholder)."""
+    ``None`` value means "not given" (a CLI flag left out, an old record's placeholder).
+    ``flags`` names the settings' command-line flags in errors: ``""`` for a job's own
+    (``lr (--lr)``), a registry entry's name for its settings (``beta (--fkd-beta)``)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = field_types(cls)
     values: dict[str, Any] = {}
@@ -134,15 +136,20 @@ def make_settings(cls: type, options: Mapping[str, Any] | None, what: str, *,
                               f"it takes {sorted(fields)}")
         if value is None and none_is_default and fields[key].default is not None:
             continue  # None means "not given": the default applies
+        shown = key if flags is None else f"{key} ({_flag(flags, key)})"
         parse = setting_meta(fields[key]).get("parse")
         if parse is not None and isinstance(value, str):
             try:
                 value = parse(value)
             except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise ConfigError(f"{what}: {key}: {exc}") from None
-        values[key] = _coerce(key, value, hints[key], what)
-        check_value(key, values[key], setting_meta(fields[key]), what)
+                raise ConfigError(f"{what}: {shown}: {exc}") from None
+        values[key] = _coerce(shown, value, hints[key], what)
+        check_value(shown, values[key], setting_meta(fields[key]), what)
     return cls(**values)
+
+
+def _flag(entry: str, key: str) -> str:
+    return "--" + key.replace("_", "-") if not entry else flag_name(entry, key)
 
 
 def settings_dict(obj: Any) -> dict[str, Any]:

@@ -72,7 +72,8 @@ class AttackSpec:
 
     def make_settings(self, options: dict[str, Any] | None) -> Any:
         """The attack's settings from its defaults and the options a user gave."""
-        return make_settings(self.settings, options, f"attack {self.name}")
+        return make_settings(self.settings, options, f"attack {self.name}",
+                             flags=self.name)
 
 
 ATTACKS: dict[str, AttackSpec] = {}

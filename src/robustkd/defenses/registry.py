@@ -105,7 +105,7 @@ def get_teacher_defense(name: str) -> TeacherDefense:
 
 def make_settings(spec: TeacherDefense, options: Mapping[str, Any] | None) -> Any:
     """The defence's settings from its defaults plus ``options`` (checked, see settings.py)."""
-    return settings_from(spec.settings, options, f"defence {spec.name}")
+    return settings_from(spec.settings, options, f"defence {spec.name}", flags=spec.name)
 
 
 def trainable_copy(model: nn.Module) -> nn.Module:

@@ -111,7 +111,8 @@ def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
     name = options.pop("preset", None) or DEFAULT_PRESET
     if name not in PRESETS:
         raise ConfigError(f"unknown robustkd configuration {name!r}; available: {sorted(PRESETS)}")
-    cfg = make_settings(RobustKDConfig, {**PRESETS[name], **options}, "robustkd")
+    cfg = make_settings(RobustKDConfig, {**PRESETS[name], **options}, "robustkd",
+                        flags="robustkd")
     cfg.extra = {**cfg.extra, "preset": name}
     return cfg
 

@@ -49,7 +49,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.setup = setup
         self.options = settings_dict(make_settings(self.settings, setup.options,
-                                                   f"method {self.name}"))
+                                                   f"method {self.name}", flags=self.name))
         # Not registered as submodules: the distiller's own parameters are only its extras.
         object.__setattr__(self, "teacher", setup.teacher)
         object.__setattr__(self, "student", setup.student)
