@@ -130,3 +130,16 @@ def test_imports_of_reads_lazy_and_package_imports(tmp_path, text, expected, mon
     f = SRC / "distill" / "_probe_for_test.py"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: text)
     assert imports_of(f) == expected
+
+
+def test_the_tests_mirror_the_source_tree():
+    """Each folder of tests is named after the package it tests; loose test files test
+    top-level modules."""
+    tests = Path(__file__).resolve().parent
+    for folder in (p for p in tests.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        assert (SRC / folder.name / "__init__.py").exists(), f"tests/{folder.name}: no package"
+        assert (folder / "__init__.py").exists(), f"tests/{folder.name} needs __init__.py"
+        assert list(folder.glob("test_*.py")), f"tests/{folder.name} holds no tests"
+    packages = {p.parent.name for p in SRC.glob("*/__init__.py")}
+    tested = {p.name for p in tests.iterdir() if p.is_dir()}
+    assert packages - tested <= {"__pycache__"}, f"packages without tests: {packages - tested}"

@@ -32,7 +32,7 @@ from robustkd.models.taps import disable_inplace, tap
 from robustkd.training.loop import fit
 from robustkd.training.optim import OptimConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 TINY = SHARED / "tinyimagenet200.tar.gz"
 
 # Parameter counts on 1000 classes of the reference ImageNet implementations.

@@ -33,7 +33,7 @@ from robustkd.data import (
 from robustkd.data import cache as cache_mod
 from robustkd.errors import ConfigError, DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)

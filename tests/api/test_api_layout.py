@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-API = Path(__file__).resolve().parents[1] / "src" / "robustkd" / "api"
+API = Path(__file__).resolve().parents[2] / "src" / "robustkd" / "api"
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS = 150, 100, 12
 MODULES = sorted(API.glob("*.py"))
 
