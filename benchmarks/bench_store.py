@@ -119,14 +119,15 @@ def main() -> None:
         src = run_dir(out, node)
         if args.action == "save":
             small = RESULTS / node.id
+            if is_finished(out, node) and not (kept / "record.json").exists():
+                copy_run(src, small, skip=(*SKIP, "*.safetensors"))
             if (is_finished(out, node) and args.compact
                     and not (small / COMPACT_FILE).exists()):
-                save_compact(src, small)
+                save_compact(src, small)  # after the copy above, which replaces the folder
                 shutil.rmtree(kept, ignore_errors=True)  # the store copies the rounded weights
                 print(f"saved {node.id} as float16 in {small}")
             if is_finished(out, node) and not (kept / "record.json").exists():
                 copy_run(src, kept)
-                copy_run(src, small, skip=(*SKIP, "*.safetensors"))
                 shutil.rmtree(partial, ignore_errors=True)
                 print(f"saved {node.id}")
             elif args.partial and not is_finished(out, node) and (src / "state").is_dir():
