@@ -37,6 +37,10 @@ def test_student_learns_and_teacher_is_untouched(method, digits, teacher):
     if method == "fkd":
         assert len(distiller.connectors) == 3
         assert history[-1].stats["feat_loss"] > 0
+    # the run's hooks were registered once and are gone with it
+    assert not distiller._taps
+    for model in (teacher, student):
+        assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_fkd_margins_come_from_teacher_bn(digits, teacher):

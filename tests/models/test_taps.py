@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustkd.models.taps import tap
+from robustkd.models.taps import PersistentTap, tap
 
 
 class Custom(nn.Module):
@@ -63,3 +63,26 @@ def test_unknown_module_and_shape_change_are_clear_errors():
         model, replace={"stem": lambda f: f[:, :2]}
     ):
         model(torch.randn(1, 3, 8, 8))
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_persistent_tap_hooks_once_and_acts_only_while_recording():
+    torch.manual_seed(0)
+    model, x = Custom(), torch.randn(2, 3, 8, 8)
+    plain = model(x)
+    taps = PersistentTap(model, ["stem"], replace={"body.1": lambda f: 0 * f})
+    assert _hooks(model) == 2
+    assert torch.equal(model(x), plain), "outside recording() the hooks do nothing"
+    for _ in range(3):  # every step reuses the same hooks
+        with taps.recording() as t:
+            out = model(x)
+        assert _hooks(model) == 2
+        assert torch.allclose(t["stem"], model.stem(x))
+        assert torch.allclose(out, model.head.bias.expand(2, 2))  # body zeroed
+    with taps.recording() as t:
+        assert "stem" not in t, "each recording starts empty"
+    taps.close()
+    assert _hooks(model) == 0 and torch.equal(model(x), plain)

@@ -11,7 +11,7 @@ from torch import nn
 
 from robustkd.errors import ConfigError
 from robustkd.models.base import DistillLayer
-from robustkd.models.taps import Replacement, tap
+from robustkd.models.taps import FeatureTap, PersistentTap, Replacement
 from robustkd.settings import make_settings, settings_dict
 
 
@@ -53,6 +53,22 @@ class Distiller(nn.Module):
         # Not registered as submodules: the distiller's own parameters are only its extras.
         object.__setattr__(self, "teacher", setup.teacher)
         object.__setattr__(self, "student", setup.student)
+        object.__setattr__(self, "_taps", {})
+
+    def taps(self, model: nn.Module, capture: Sequence[str] = (),
+             replace: Mapping[str, Replacement] | None = None) -> PersistentTap:
+        """The run's hooks on ``model`` for these layers: registered at the first step, kept
+        until :meth:`close` (a step then adds and removes no hooks)."""
+        key = (id(model), tuple(capture), id(replace))
+        if key not in self._taps:
+            self._taps[key] = PersistentTap(model, capture, replace=replace)
+        return self._taps[key]
+
+    def close(self) -> None:
+        """Remove every hook the run registered."""
+        for taps in self._taps.values():
+            taps.close()
+        self._taps.clear()
 
     def prepare(self, probe: torch.Tensor) -> None:
         """Called once with a batch before training (shapes, margins)."""
@@ -64,9 +80,11 @@ class Distiller(nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor):
         raise NotImplementedError
 
-    def teacher_forward(self, x: torch.Tensor, capture: Sequence[str] = ()):
+    def teacher_forward(self, x: torch.Tensor, capture: Sequence[str] = ()
+                        ) -> tuple[torch.Tensor, FeatureTap]:
         """Teacher logits (and captured features) with the replacements active, no gradient."""
-        with torch.no_grad(), tap(self.teacher, capture, replace=self.setup.teacher_replace) as t:
+        taps = self.taps(self.teacher, capture, self.setup.teacher_replace)
+        with torch.no_grad(), taps.recording() as t:
             logits = self.teacher(x)
         return logits, t
 

@@ -124,7 +124,7 @@ class FeatureDistillation(Distiller):
         _, t_feats = self.teacher_forward(x, self.t_names)
         x_student = x if self.setup.student_input is None else self.setup.student_input(x)
         x_student = salt_and_pepper(x_student, self.options["input_noise"])
-        with tap(self.student, self.s_names) as s_taps:
+        with self.taps(self.student, self.s_names).recording() as s_taps:
             logits = self.student(x_student)
         s_feats, t_list = [], []
         for conn, t_name, s_name in zip(self.connectors, self.t_names, self.s_names, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,8 @@ def distill_student(
     loader = loader_for(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
                         augment=augment, drop_last=len(train) > batch_size, seed=seed,
                         channels_last=channels_last, workers=workers)
-    with frozen_teacher(teacher, distiller.teacher_mode()):
+    # the distiller's hooks live for the run and are removed with it
+    with frozen_teacher(teacher, distiller.teacher_mode()), closing(distiller):
         # one batch to size connectors/margins: decoded in this process (workers=0) rather
         # than by a pool that would prefetch several batches only to be thrown away
         probe = next(iter(loader_for(train, min(batch_size, len(train)), device=device,

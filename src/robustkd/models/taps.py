@@ -4,6 +4,10 @@ Forward hooks instead of model surgery, so the same code serves the built-in CIF
 torchvision/timm models or a user's own ``nn.Module``. Hooks live only inside the ``with``
 block and are removed even when the block raises.
 
+:func:`tap` registers its hooks for one ``with`` block; :class:`PersistentTap` registers them
+once for a whole run and switches them on per forward pass, so a training step adds and
+removes no hooks (what ``torch.compile`` needs to keep one graph across steps).
+
 A hook sees a module's output when it is produced; a model that later changes that tensor in
 place (``out += identity``, ``nn.ReLU(inplace=True)``, as torchvision and timm ResNets do) would
 leave a different value behind. Reading such a feature raises ConfigError instead of returning
@@ -13,7 +17,7 @@ the wrong numbers; :func:`disable_inplace` fixes in-place activations, and stage
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -95,6 +99,79 @@ def disable_inplace(model: nn.Module) -> int:
     return changed
 
 
+def _hook(name: str, result: FeatureTap, fn: Replacement | None, keep: bool, detach: bool,
+          active: Callable[[], bool] = lambda: True):
+    """The forward hook behind both taps: replace, then capture, the output of ``name``."""
+
+    def hook(_module: nn.Module, _inputs, output):
+        if not active():
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"module {name!r} returns {type(output).__name__}, not a tensor")
+        if fn is not None:
+            new = fn(output)
+            if new.shape != output.shape:
+                raise ValueError(f"replacement for {name!r} changed the shape from "
+                                 f"{tuple(output.shape)} to {tuple(new.shape)}")
+            output = new
+        if keep:
+            result.keep(name, output.detach() if detach else output)
+        return output if fn is not None else None
+
+    return hook
+
+
+class PersistentTap:
+    """Hooks registered once; they act only inside :meth:`recording`. Close it (or use it as
+    a context manager) to remove them.
+
+    ::
+
+        taps = PersistentTap(student, ["block1"])
+        for x in batches:
+            with taps.recording() as t:
+                logits = student(x)
+            t["block1"]
+        taps.close()
+    """
+
+    def __init__(self, model: nn.Module, capture: Iterable[str] = (),
+                 replace: Mapping[str, Replacement] | None = None,
+                 detach: bool = False) -> None:
+        replace = dict(replace or {})
+        capture = list(capture)
+        modules = resolve_modules(model, list(dict.fromkeys([*capture, *replace])))
+        self.result = FeatureTap()
+        self.active = False
+        self._handles = [
+            module.register_forward_hook(_hook(name, self.result, replace.get(name),
+                                               name in capture, detach, self._is_active))
+            for name, module in modules.items()]
+
+    def _is_active(self) -> bool:
+        return self.active
+
+    @contextmanager
+    def recording(self) -> Iterator[FeatureTap]:
+        self.result.clear()
+        self.active = True
+        try:
+            yield self.result
+        finally:
+            self.active = False
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> PersistentTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @contextmanager
 def tap(model: nn.Module, capture: Iterable[str] = (),
         replace: Mapping[str, Replacement] | None = None, detach: bool = False):
@@ -112,29 +189,10 @@ def tap(model: nn.Module, capture: Iterable[str] = (),
     modules = resolve_modules(model, list(dict.fromkeys([*capture, *replace])))
     result = FeatureTap()
     handles = []
-
-    def make_hook(name: str):
-        fn = replace.get(name)
-        keep = name in capture
-
-        def hook(_module: nn.Module, _inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"module {name!r} returns {type(output).__name__}, not a tensor")
-            if fn is not None:
-                new = fn(output)
-                if new.shape != output.shape:
-                    raise ValueError(f"replacement for {name!r} changed the shape from "
-                                     f"{tuple(output.shape)} to {tuple(new.shape)}")
-                output = new
-            if keep:
-                result.keep(name, output.detach() if detach else output)
-            return output if fn is not None else None
-
-        return hook
-
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+            handles.append(module.register_forward_hook(
+                _hook(name, result, replace.get(name), name in capture, detach)))
         yield result
     finally:
         for handle in handles:
