@@ -16,7 +16,7 @@ from typing import Any
 
 from robustkd.errors import ConfigError
 from robustkd.jobs import JOBS, Job, read_config
-from robustkd.settings import base_type, field_types, flag_kwargs, setting_meta
+from robustkd.settings import base_type, field_types, flag_kwargs, flag_name, setting_meta
 
 GROUPS = {"data": "data", "optim": "training", "runtime": "run"}
 
@@ -43,7 +43,7 @@ def add_job_flags(p: argparse.ArgumentParser, job: type[Job], *,
             _add(p, f, hints[f.name], None if required_here else getattr(base, f.name),
                  choices, required_here)
     for old, new in job.RENAMED.items():  # a former spelling still works, with a notice
-        p.add_argument("--" + old.replace("_", "-"), dest=new, action=_Renamed,
+        p.add_argument(flag_name("", old), dest=new, action=_Renamed,
                        default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("job file")
     g.add_argument("--config", metavar="FILE", default=None,
@@ -59,14 +59,14 @@ class _Renamed(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
-        print(f"robustkd: note: {option_string} is now --{self.dest.replace('_', '-')}",
+        print(f"robustkd: note: {option_string} is now {flag_name('', self.dest)}",
               file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
 def _add(group: Any, f: dataclasses.Field, hint: Any, default: Any,
          choices: Mapping[str, Iterable[str]], required: bool = False) -> None:
-    flag = "--" + f.name.replace("_", "-")
+    flag = flag_name("", f.name)
     scalar, is_tuple = base_type(hint)
     if scalar is bool and not is_tuple:
         text = setting_meta(f).get("help", "").replace("%", "%%")
@@ -102,6 +102,6 @@ def job_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = No
             merged[key] = value
     missing = [k for k in args._job_required if merged.get(k) in (None, "")]
     if missing:
-        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        flags = ", ".join(flag_name("", k) for k in missing)
         raise ConfigError(f"{flags} is required (give it as a flag or in --config)")
     return job.from_flat(merged)

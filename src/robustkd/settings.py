@@ -136,7 +136,7 @@ def make_settings(cls: type, options: Mapping[str, Any] | None, what: str, *,
                               f"it takes {sorted(fields)}")
         if value is None and none_is_default and fields[key].default is not None:
             continue  # None means "not given": the default applies
-        shown = key if flags is None else f"{key} ({_flag(flags, key)})"
+        shown = key if flags is None else f"{key} ({flag_name(flags, key)})"
         parse = setting_meta(fields[key]).get("parse")
         if parse is not None and isinstance(value, str):
             try:
@@ -148,9 +148,6 @@ def make_settings(cls: type, options: Mapping[str, Any] | None, what: str, *,
     return cls(**values)
 
 
-def _flag(entry: str, key: str) -> str:
-    return "--" + key.replace("_", "-") if not entry else flag_name(entry, key)
-
 
 def settings_dict(obj: Any) -> dict[str, Any]:
     """Every setting with its value (tuples as lists: what JSON records hold)."""
@@ -158,9 +155,10 @@ def settings_dict(obj: Any) -> dict[str, Any]:
 
 
 def flag_name(entry: str, name: str) -> str:
-    """``--<entry>-<setting>`` (a setting already named after its entry is not doubled)."""
+    """``--<entry>-<setting>`` (a setting already named after its entry is not doubled);
+    ``--<setting>`` for a command's own setting (``entry`` empty)."""
     stem = entry.replace("-", "_")
-    key = name if name.startswith(stem + "_") else f"{stem}_{name}"
+    key = name if not stem or name.startswith(stem + "_") else f"{stem}_{name}"
     return "--" + key.replace("_", "-")
 
 
