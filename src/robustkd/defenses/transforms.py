@@ -115,7 +115,7 @@ class CleanedCopy:
         return make_settings(get_teacher_defense(self.name), options)
 
     def unchosen(self, settings: Mapping[str, Any]) -> str:
-        return "defence settings need a defence (--defense finetune|nad)"
+        return f"defence settings need a defence (--defense {'|'.join(sorted(TEACHER_DEFENSES))})"
 
     def __call__(self, ctx: TransformContext) -> Transformed:
         cleaned, report = defend_teacher(
