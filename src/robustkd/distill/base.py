@@ -44,6 +44,7 @@ class Distiller(nn.Module):
 
     name = "base"
     settings: type = NoSettings  # the method's settings dataclass: its defaults live there
+    reads_teacher = True  # False: the student never sees the teacher (one student serves all)
 
     def __init__(self, setup: DistillSetup) -> None:
         super().__init__()

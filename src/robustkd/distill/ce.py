@@ -11,6 +11,7 @@ from robustkd.distill.base import Distiller, register_method
 @register_method
 class StudentOnly(Distiller):
     name = "ce"
+    reads_teacher = False
 
     def loss(self, x: torch.Tensor, y: torch.Tensor):
         logits = self.student(x)

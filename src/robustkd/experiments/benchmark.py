@@ -15,6 +15,7 @@ from typing import Any
 
 from robustkd.attacks.registry import get_attack
 from robustkd.defenses.robustkd import DEFAULT_PRESET
+from robustkd.distill import get_method
 from robustkd.errors import ConfigError
 from robustkd.experiments.plan import Cell, Planner, RunNode, method_params
 from robustkd.experiments.scales import BenchSizes, Scale
@@ -45,9 +46,7 @@ class BenchTeacher:
 BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
                  "robustkd-default")
 BENCH_SEEDED = ("fkd", "finetune", "anp", "ibau", "robustkd-default")
-# Methods that never read the teacher: one student per seed (distilled "from" the clean
-# teacher, which it ignores), measured under every backdoored teacher's trigger.
-TEACHER_FREE = ("ce",)
+
 
 BENCH_TEACHERS = (
     BenchTeacher("badnets-scratch", "badnets"),
@@ -70,6 +69,17 @@ def default_recipe() -> Recipe:
 
 def bench_recipe(name: str) -> Recipe:
     return default_recipe() if name == "robustkd-default" else get_recipe(name)
+
+
+def _teacher_free(name: str) -> bool:
+    recipe = bench_recipe(name)
+    return (recipe.defense is None and recipe.robustkd is None
+            and not get_method(recipe.method).reads_teacher)
+
+
+# Methods that never read the teacher: one student per seed (distilled "from" the clean
+# teacher, which it ignores), measured under every backdoored teacher's trigger.
+TEACHER_FREE = tuple(m for m in BENCH_METHODS if _teacher_free(m))
 
 
 class BenchPlanner(Planner):
