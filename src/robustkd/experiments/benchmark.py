@@ -25,7 +25,9 @@ from robustkd.experiments.specs import STAND_INS, Recipe, get_recipe
 @dataclass(frozen=True)
 class BenchTeacher:
     """One backdoored teacher: an attack, poisoned from scratch or by fine-tuning the clean
-    teacher (``poison_epochs``/``poison_lr`` then size the fine-tuning)."""
+    teacher (``poison_epochs``/``poison_lr`` then size the fine-tuning). From scratch,
+    ``schedule_factor`` trains the teacher that many times the scale's ``teacher_epochs``:
+    a longer poisoning schedule, for a backdoor fine-tuning should not undo."""
 
     name: str
     attack: str
@@ -34,11 +36,15 @@ class BenchTeacher:
     poison_ratio: float | None = None
     poison_epochs: int | None = None
     poison_lr: float | None = None
+    schedule_factor: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in ("scratch", "finetune"):
             raise ConfigError(f"benchmark teacher {self.name}: mode must be scratch or "
                               f"finetune, got {self.mode!r}")
+        if self.schedule_factor < 1:
+            raise ConfigError(f"benchmark teacher {self.name}: schedule_factor must be >= 1, "
+                              f"got {self.schedule_factor}")
 
 
 # Methods compared (all blind: no trigger, target or test data), and those that get every
@@ -58,6 +64,9 @@ BENCH_TEACHERS = (
     BenchTeacher("lba-scratch", "lba", options={"mask_max": 0.1}),
     # clean-label: 80% of the target class's images carry the signal
     BenchTeacher("sig-scratch", "sig", poison_ratio=0.8),
+    # a deep candidate: CKD poisoned three times as long, so that the defender's fine-tuning
+    # (10 epochs at lr 0.01 on 20% of the data) is a smaller part of the teacher's training
+    BenchTeacher("ckd-scratch-long", "ckd", schedule_factor=3),
 )
 
 
@@ -108,9 +117,9 @@ class BenchPlanner(Planner):
         }
         label = f"bench-{b.dataset}-{b.teacher_model}-{t.name}"
         if t.mode == "scratch":
-            params.update(model=b.teacher_model, dataset=b.dataset, epochs=b.teacher_epochs,
-                          lr=b.teacher_lr, schedule=b.teacher_schedule,
-                          eval_every=b.teacher_epochs)
+            epochs = b.teacher_epochs * t.schedule_factor
+            params.update(model=b.teacher_model, dataset=b.dataset, epochs=epochs,
+                          lr=b.teacher_lr, schedule=b.teacher_schedule, eval_every=epochs)
             # a learned trigger is optimised on the clean teacher; a fixed one needs no model
             learned = get_attack(t.attack).needs_model
             return self._node("attack", label, params,
