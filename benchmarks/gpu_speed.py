@@ -20,11 +20,12 @@ import time
 import torch
 
 from robustkd.data.dataset import ImageDataset
-from robustkd.defenses.detox import train_detox_masks
+from robustkd.defenses.detox import DetoxSettings, train_detox_masks
 from robustkd.defenses.robustkd import detox_layer_names
-from robustkd.distill.run import FKD_SCHEDULE, distill_student
+from robustkd.distill.run import FKD_SCHEDULE, DistillRun, distill_student
 from robustkd.io import write_json
 from robustkd.models import build_model
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.utils import describe_device, resolve_device
 
 EPOCH_IMAGES = 50_000
@@ -80,26 +81,23 @@ def main() -> None:
                 continue
             t, s = models(args.teacher, args.student, args.classes, device, channels_last)
             started = time.perf_counter()
-            hist, _ = distill_student(t, s, data, None, method="fkd", mean=MEAN, std=STD,
-                                      augment=AUGMENT, epochs=args.epochs, optim=FKD_SCHEDULE,
-                                      device=device, amp=amp, channels_last=channels_last,
-                                      progress=False)
+            loop = LoopSettings(mean=MEAN, std=STD, augment=AUGMENT, device=device, amp=amp,
+                                channels_last=channels_last, progress=False)
+            run = DistillRun(epochs=args.epochs, optim=FKD_SCHEDULE)
+            hist, _ = distill_student(t, s, data, None, loop=loop, run=run)
             record({"stage": "fkd distill", "bf16": amp, "channels_last": channels_last,
                     "seconds_per_50k_epoch": seconds_per_epoch(hist),
                     "wall_seconds": time.perf_counter() - started})
             if amp and channels_last:
                 names = detox_layer_names(t, "all")
-                masks, dhist = train_detox_masks(t, data, names, tau=0.2, epochs=args.epochs,
-                                                 mean=MEAN, std=STD, augment=AUGMENT,
-                                                 device=device, progress=False)
+                masks, dhist = train_detox_masks(t, data, names,
+                                                 DetoxSettings(tau=0.2, epochs=args.epochs),
+                                                 loop)
                 record({"stage": "robustkd detox (masks)", "bf16": False,
                         "channels_last": channels_last,
                         "seconds_per_50k_epoch": seconds_per_epoch(dhist)})
                 s2 = models(args.teacher, args.student, args.classes, device, channels_last)[1]
-                hist, _ = distill_student(t, s2, data, None, method="fkd", mean=MEAN, std=STD,
-                                          augment=AUGMENT, epochs=args.epochs,
-                                          optim=FKD_SCHEDULE, device=device, amp=amp,
-                                          channels_last=channels_last, progress=False,
+                hist, _ = distill_student(t, s2, data, None, loop=loop, run=run,
                                           teacher_replace=masks.replacements())
                 record({"stage": "robustkd distill (masks active)", "bf16": amp,
                         "channels_last": channels_last,

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from robustkd.data.dataset import ImageDataset
-from robustkd.distill import distill_student
+from robustkd.distill import DistillRun, distill_student
 from robustkd.models import build_model
 from robustkd.training.loop import autocast_for
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig, build_optimizer
 from robustkd.utils import describe_device, resolve_device
 
@@ -70,9 +71,10 @@ def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
 def loop_rate(method: str, teacher, student, data: ImageDataset, device, batch_size: int,
               amp: bool) -> float:
     started = time.perf_counter()
-    distill_student(teacher, student, data, None, method=method, mean=MEAN, std=STD,
-                    augment=AUGMENT, epochs=1, batch_size=batch_size, device=device,
-                    amp=amp, progress=False, eval_every=0)
+    loop = LoopSettings(mean=MEAN, std=STD, augment=AUGMENT, batch_size=batch_size,
+                        device=device, amp=amp, progress=False)
+    distill_student(teacher, student, data, None, loop=loop, run=DistillRun(epochs=1,
+                    eval_every=0), method=method)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(data) / (time.perf_counter() - started)

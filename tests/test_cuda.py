@@ -7,10 +7,11 @@ import torch
 from robustkd.attacks import patch_trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
-from robustkd.defenses.detox import train_detox_masks
-from robustkd.distill import distill_student
+from robustkd.defenses.detox import DetoxSettings, train_detox_masks
+from robustkd.distill import DistillRun, distill_student
 from robustkd.models import build_model
 from robustkd.training.classifier import train_classifier
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig
 
 pytestmark = [pytest.mark.cuda,
@@ -52,10 +53,11 @@ def test_trigger_fkd_and_detox_on_cuda():
     assert trig.apply(x).device.type == "cuda"
     teacher = build_model("wrn10_2", num_classes=4).cuda()
     student = build_model("wrn10_1", num_classes=4).cuda()
-    hist, _ = distill_student(teacher, student, ds, ds, mean=(0.5,) * 3, std=(0.25,) * 3,
-                              epochs=1, batch_size=64, device="cuda", progress=False,
-                              trigger=trig, target=0)
+    loop = LoopSettings(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=64, device="cuda",
+                        progress=False)
+    hist, _ = distill_student(teacher, student, ds, ds, loop=loop,
+                              run=DistillRun(epochs=1, trigger=trig, target=0))
     assert "test_asr" in hist[-1].extra
-    masks, _ = train_detox_masks(teacher, ds, ["block1", "block3"], epochs=1, mean=(0.5,) * 3,
-                                 std=(0.25,) * 3, device="cuda", progress=False)
+    masks, _ = train_detox_masks(teacher, ds, ["block1", "block3"], DetoxSettings(epochs=1),
+                                 loop)
     assert masks.masks[0].device.type == "cuda"

@@ -5,12 +5,14 @@ import torch
 
 from robustkd.defenses.detox import (
     DetoxMasks,
+    DetoxSettings,
     detox_loss,
     train_detox_masks,
 )
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy, per_example_variance
 from robustkd.models.taps import tap
+from robustkd.training.loop_settings import LoopSettings
 
 
 def test_eq7_and_eq15_mix_by_hand():
@@ -57,8 +59,8 @@ def test_training_masks_lowers_variance_and_keeps_teacher(digits, digits_teacher
     before = {k: v.clone() for k, v in digits_teacher.state_dict().items()}
     clean = digits.train.subset(torch.arange(0, len(digits.train), 3))
     masks, history = train_detox_masks(
-        digits_teacher, clean, names, tau=0.5, loss_mode="var", epochs=3, lr=0.02,
-        mean=digits.mean, std=digits.std, progress=False)
+        digits_teacher, clean, names, DetoxSettings(tau=0.5, loss_mode="var", epochs=3, lr=0.02),
+        LoopSettings(mean=digits.mean, std=digits.std, progress=False))
     assert history[-1].stats["variance"] < 0.8 * history[0].stats["variance"]
     assert all(float(m.detach().max()) <= 0.5 + 1e-6 and float(m.detach().min()) >= 0
                for m in masks.masks)

@@ -13,10 +13,12 @@ from robustkd.defenses.detox import DetoxMasks, detox_loss
 from robustkd.defenses.inversion import invert_triggers, trigger_consistency
 from robustkd.defenses.robustkd import PRESETS, robustkd_config
 from robustkd.demo import DemoSettings, format_summary, removal_rate, run_demo
+from robustkd.distill import DistillRun
 from robustkd.distill.fkd import salt_and_pepper
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import attack_success_rate
 from robustkd.training.classifier import train_classifier
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig
 
 
@@ -157,10 +159,11 @@ def test_run_robustkd_with_user_modules_and_named_layers(digits):
     cfg = robustkd_config({"tau": 0.5, "detox_epochs": 1, "consistency": 0.5,
                            "inversion_epochs": 1})
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    report = run_robustkd(teacher, student, small, None, cfg, mean=digits.mean, std=digits.std,
-                          augment=None, epochs=1, optim=OptimConfig(lr=0.05), batch_size=32,
-                          device="cpu", progress=False, teacher_layers=["bn1", "bn2"],
-                          student_layers=["bn1", "bn2"])
+    report = run_robustkd(teacher, student, small, None, cfg,
+                          loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=32,
+                                            progress=False),
+                          run=DistillRun(epochs=1, optim=OptimConfig(lr=0.05)),
+                          teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
     assert report["layers"] == ["bn1", "bn2"] and report["masks"].names == ["bn1", "bn2"]
     assert report["inversion"]["classes"] == list(range(10))
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -222,10 +225,10 @@ def test_suspects_config_keeps_only_those_triggers(digits, backdoored_digits_tea
                            "inversion_mask_max": 0.3})
     assert cfg.inversion_classes == "suspects"
     student = build_model("wrn10_1", num_classes=10, in_channels=1)
-    report = run_robustkd(net, student, digits.train, None, cfg, mean=digits.mean,
-                          std=digits.std, augment=None, epochs=1,
-                          optim=OptimConfig(lr=0.05), batch_size=64, device="cpu",
-                          progress=False)
+    report = run_robustkd(net, student, digits.train, None, cfg,
+                          loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=64,
+                                            progress=False),
+                          run=DistillRun(epochs=1, optim=OptimConfig(lr=0.05)))
     inv = report["inversion"]
     used = inv["used_classes"]
     assert 1 <= len(used) < 10 and len(inv["robust_z"]) == 10

@@ -103,7 +103,7 @@ def test_a_registered_cleaning_transform_runs_and_its_fields_land_in_the_record(
                       defense_options={"k": 1})
     (ctx,) = probe.calls
     assert ctx.settings["defense"] == "probe" and ctx.settings["defense_options"] == {"k": 1}
-    assert ctx.run_dir == tmp_path / "s" and ctx.train["epochs"] == 1
+    assert ctx.run_dir == tmp_path / "s" and ctx.run.epochs == 1
     assert record["probe"] == {"name": "probe", "clean": record["clean_images"]}
     assert len(record["history"]) == 1 and "distill_seconds" in record  # then plain ce
     printed = capsys.readouterr()

@@ -7,11 +7,12 @@ import torch
 from safetensors.torch import save_file
 
 from robustkd.cli import main
-from robustkd.distill import build_distiller, distill_student
+from robustkd.distill import DistillRun, build_distiller, distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy
 from robustkd.models import build_model
 from robustkd.models.layers import frozen_teacher
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig
 from tests.toy_models import TinyNet
 
@@ -27,9 +28,10 @@ def test_student_learns_and_teacher_is_untouched(method, digits, teacher):
     torch.manual_seed(1)
     student = build_model("wrn10_1", num_classes=10, in_channels=1)
     history, distiller = distill_student(
-        teacher, student, digits.train, digits.test, method=method, mean=digits.mean,
-        std=digits.std, augment=digits.augment, epochs=4, batch_size=64, progress=False,
-        optim=OptimConfig(lr=0.05, schedule="cosine"))
+        teacher, student, digits.train, digits.test, method=method,
+        loop=LoopSettings(mean=digits.mean, std=digits.std, augment=digits.augment,
+                          batch_size=64, progress=False),
+        run=DistillRun(epochs=4, optim=OptimConfig(lr=0.05, schedule="cosine")))
     assert history[-1].loss < history[0].loss
     assert history[-1].extra["test_acc"] > 0.7  # chance is 0.1
     for key, value in teacher.state_dict().items():

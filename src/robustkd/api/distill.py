@@ -23,11 +23,12 @@ from robustkd.api.distill_inputs import (
 )
 from robustkd.api.models import check_output_classes, prepare_model
 from robustkd.defenses.transforms import TransformContext, chosen_transform, with_teacher
-from robustkd.distill import distill_student
+from robustkd.distill import DistillRun, distill_student
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.jobs import DistillJob, from_job
 from robustkd.outputs import STATE_DIR
 from robustkd.runs import run_meta, save_run_model
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig
 from robustkd.utils import resolve_device, seed_everything
 
@@ -89,15 +90,17 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
         return net.to(memory_format=torch.channels_last) if use_cl else net
 
     o = job.optim
-    train = dict(mean=splits.mean, std=splits.std, augment=splits.augment, epochs=o.epochs,
-                 optim=OptimConfig(name=o.optimizer, lr=o.lr, momentum=o.momentum,
-                                   weight_decay=o.weight_decay, schedule=o.schedule),
-                 batch_size=o.batch_size, device=dev, seed=r.seed, trigger=teacher.trigger,
-                 target=teacher.target, progress=r.progress, channels_last=use_cl, amp=r.amp,
-                 state_dir=run.out / STATE_DIR, resume=r.resume,
-                 on_epoch_end=run.epoch_logger(student, meta, None, history))
-    ctx = TransformContext(teacher.net, student, clean, splits.test, train, job.flat(),
-                           run.out, new_student)
+    loop = LoopSettings(mean=splits.mean, std=splits.std, augment=splits.augment,
+                        batch_size=o.batch_size, device=dev, seed=r.seed, amp=r.amp,
+                        channels_last=use_cl, progress=r.progress, workers=data.workers)
+    dist_run = DistillRun(
+        epochs=o.epochs, eval_every=o.eval_every, trigger=teacher.trigger, target=teacher.target,
+        optim=OptimConfig(name=o.optimizer, lr=o.lr, momentum=o.momentum,
+                          weight_decay=o.weight_decay, schedule=o.schedule),
+        state_dir=run.out / STATE_DIR, resume=r.resume,
+        on_epoch_end=run.epoch_logger(student, meta, None, history))
+    ctx = TransformContext(teacher.net, student, clean, splits.test, loop, dist_run,
+                           job.flat(), run.out, new_student)
     extras: dict[str, Any] = {}
     ctx, _ = _transform(ctx, "defense", extras)  # a cleaned copy, when a defence is chosen
     log(f"distill ({job.method}) {job.teacher or job.teacher_factory} -> "
@@ -129,10 +132,8 @@ def _transform(ctx: TransformContext, chooser: str,
 def _distil(ctx: TransformContext, job: DistillJob, history: list[dict]) -> dict[str, Any]:
     """Plain distillation with the job's method; returns its record fields."""
     started = time.perf_counter()
-    done, _ = distill_student(ctx.teacher, ctx.student, ctx.clean, ctx.test, method=job.method,
-                              teacher_layers=job.teacher_layers,
-                              student_layers=job.student_layers, options=job.options,
-                              eval_every=job.optim.eval_every, workers=job.data.workers,
-                              **ctx.train)
+    done, _ = distill_student(ctx.teacher, ctx.student, ctx.clean, ctx.test, loop=ctx.loop,
+                              run=ctx.run, method=job.method, teacher_layers=job.teacher_layers,
+                              student_layers=job.student_layers, options=job.options)
     history[:] = [h.as_dict() for h in done]  # includes epochs restored by --resume
     return {"distill_seconds": time.perf_counter() - started}

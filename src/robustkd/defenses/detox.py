@@ -15,6 +15,7 @@ clean data (teacher weights frozen), clamping ``m`` into [0, tau] after every st
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -29,6 +30,7 @@ from robustkd.evaluation.metrics import mean_features, per_example_variance
 from robustkd.models.layers import frozen_teacher
 from robustkd.models.taps import tap
 from robustkd.training.loop import EpochResult, fit
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig
 
 VARIANTS = ("eq7", "eq15")
@@ -129,40 +131,59 @@ def detox_loss(logits: torch.Tensor, labels: torch.Tensor, last_feature: torch.T
     return loss
 
 
-def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[str], *,
-                      tau: float = 0.2, variant: str = "eq7", loss_mode: str = "ce+var",
-                      lam: float = 1.0, epochs: int = 40, lr: float = 1e-3,
-                      batch_size: int = 128, mean: Sequence[float], std: Sequence[float],
-                      augment: dict | None = None, device="cpu", seed: int = 0,
-                      mask_init: float | None = None, teacher_bn: str = "eval",
-                      mask_shape: str = "element", open_weight: float = 0.0,
-                      progress: bool = True) -> tuple[DetoxMasks, list[EpochResult]]:
+@dataclass(frozen=True)
+class DetoxSettings:
+    """One detoxification: the mask threshold and equation, the loss and its variance
+    weight, the Adam schedule of the masks, their initial value and shape, the teacher's BN
+    mode and the (non-paper) mask-opening reward. Defaults: the paper's reading."""
+
+    tau: float = 0.2
+    variant: str = "eq7"
+    loss_mode: str = "ce+var"
+    lam: float = 1.0
+    epochs: int = 40
+    lr: float = 1e-3
+    mask_init: float | None = None
+    teacher_bn: str = "eval"
+    mask_shape: str = "element"
+    open_weight: float = 0.0
+
+    def with_(self, **changes: Any) -> DetoxSettings:
+        return replace(self, **changes)
+
+
+def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[str],
+                      detox: DetoxSettings, loop: LoopSettings
+                      ) -> tuple[DetoxMasks, list[EpochResult]]:
     """Optimise masks and replacement features on clean data; the teacher stays frozen.
 
-    ``names`` are stage-output modules; the last one carries ``L_var``.
+    ``names`` are stage-output modules; the last one carries ``L_var``. The masks train
+    in fp32 (``loop.amp`` does not apply here yet).
     """
+    d, device = detox, loop.device
     if not names:
         raise ConfigError("no layers to detoxify")
     # the replacement starts as the clean mean feature (paper section 4.2.1)
-    means = mean_features(teacher, clean, names, mean, std, device=device)
+    means = mean_features(teacher, clean, names, loop.mean, loop.std, device=device)
     deltas = [means[n] for n in names]
-    masks = DetoxMasks(names, deltas, tau, variant, mask_init, mask_shape).to(device)
+    masks = DetoxMasks(names, deltas, d.tau, d.variant, d.mask_init, d.mask_shape).to(device)
     last = names[-1]
-    loader = DeviceLoader(clean, batch_size, device=device, mean=mean, std=std, shuffle=True,
-                          augment=augment, drop_last=len(clean) > batch_size, seed=seed)
+    loader = DeviceLoader(clean, loop.batch_size, device=device, mean=loop.mean, std=loop.std,
+                          shuffle=True, augment=loop.augment,
+                          drop_last=len(clean) > loop.batch_size, seed=loop.seed)
 
     def step(x: torch.Tensor, y: torch.Tensor, _idx: torch.Tensor):
         with tap(teacher, [last], replace=masks.replacements()) as t:
             logits = teacher(x)
         opening = masks.mean_opening()
-        loss = detox_loss(logits, y, t[last], loss_mode, lam, opening, open_weight)
+        loss = detox_loss(logits, y, t[last], d.loss_mode, d.lam, opening, d.open_weight)
         return loss, {"train_acc": (logits.argmax(1) == y).sum(),
                       "variance": per_example_variance(t[last]).detach().sum(),
                       "opening": opening.detach() * x.shape[0]}
 
-    with frozen_teacher(teacher, teacher_bn):
-        history = fit(masks.parameters(), step, loader, epochs,
-                      OptimConfig(name="adam", lr=lr, weight_decay=0.0, schedule="constant"),
-                      device=device, amp=False, after_step=masks.project_, progress=progress,
-                      desc=f"detox tau={tau}")
+    with frozen_teacher(teacher, d.teacher_bn):
+        history = fit(masks.parameters(), step, loader, d.epochs,
+                      OptimConfig(name="adam", lr=d.lr, weight_decay=0.0, schedule="constant"),
+                      device=device, amp=False, after_step=masks.project_,
+                      progress=loop.progress, desc=f"detox tau={d.tau}")
     return masks, history

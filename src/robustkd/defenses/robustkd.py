@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.subsets import per_class_subset
-from robustkd.defenses.detox import DetoxMasks, train_detox_masks
+from robustkd.defenses.detox import DetoxMasks, DetoxSettings, train_detox_masks
 from robustkd.defenses.inversion import (
     SyntheticTriggers,
     invert_triggers,
@@ -30,12 +30,11 @@ from robustkd.defenses.threshold import (  # noqa: F401  (select_*: their old ho
     select_blind,
     select_oracle,
 )
-from robustkd.distill.run import distill_student
+from robustkd.distill.run import DistillRun, distill_student
 from robustkd.errors import ConfigError
 from robustkd.models.layers import layers_of
 from robustkd.settings import make_settings, setting
-from robustkd.training.optim import OptimConfig
-from robustkd.triggers import Trigger
+from robustkd.training.loop_settings import LoopSettings
 
 LAYER_CHOICES = ("all", "last", "last2")
 INVERSION_CLASSES = ("all", "suspects")
@@ -73,7 +72,7 @@ class RobustKDConfig:
     inversion_classes: str = setting("all", "synthetic triggers the student sees: every "
                                             "class's, or only the suspects whose success "
                                             "stands out (robust z >= outlier_z)",
-                                     choices=("all", "suspects"))
+                                     choices=INVERSION_CLASSES)
     outlier_z: float = setting(2.0, "robust z-score that makes a class a suspect")
     selection: str = setting("blind", "how tau is chosen from taus: clean data only, or "
                                       "with the trigger (research)",
@@ -85,6 +84,13 @@ class RobustKDConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def detox(self, tau: float) -> DetoxSettings:
+        """The detoxification these settings train at threshold ``tau``."""
+        return DetoxSettings(tau=tau, variant=self.variant, loss_mode=self.loss, lam=self.lam,
+                             epochs=self.detox_epochs, lr=self.detox_lr,
+                             mask_init=self.mask_init, teacher_bn=self.detox_teacher_bn,
+                             mask_shape=self.mask_shape, open_weight=self.open_weight)
 
 
 # Named configurations: ``paper`` is the literal reading of the paper (METHOD.md 5.1-5.2).
@@ -126,102 +132,95 @@ def detox_layer_names(teacher: nn.Module, choice: str,
     return {"all": stages, "last": stages[-1:], "last2": stages[-2:]}[choice]
 
 
+class SavedDetox(NamedTuple):
+    """A detoxified teacher saved by an earlier run: its masks and synthetic triggers."""
+
+    masks: DetoxMasks
+    triggers: SyntheticTriggers | None = None
+
+
 def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
-                 test: ImageDataset | None, cfg: RobustKDConfig, *, mean, std,
-                 augment: dict | None, epochs: int, optim: OptimConfig, batch_size: int,
-                 device, seed: int = 0, fkd_options: dict | None = None,
-                 trigger: Trigger | None = None, target: int | None = None,
-                 student_factory=None, progress: bool = True,
-                 on_epoch_end=None, state_dir=None, resume: bool = False,
-                 channels_last: bool = False, amp: bool = True,
-                 eval_every: int = 1, teacher_layers: Sequence[str] | None = None,
-                 student_layers: Sequence[str] | None = None,
-                 reuse_masks: DetoxMasks | None = None,
-                 reuse_triggers: SyntheticTriggers | None = None) -> dict[str, Any]:
+                 test: ImageDataset | None, cfg: RobustKDConfig, *, loop: LoopSettings,
+                 run: DistillRun, fkd_options: dict | None = None,
+                 teacher_layers: Sequence[str] | None = None,
+                 student_layers: Sequence[str] | None = None, student_factory=None,
+                 reuse: SavedDetox | None = None) -> dict[str, Any]:
     """Detoxify (choosing tau as configured), then distil; returns masks, student, report.
 
     ``student_factory`` builds a fresh student per threshold in oracle mode. Models without
     declared distillation layers take module names (``teacher_layers``/``student_layers``),
-    as in :func:`robustkd.distill.run.distill_student`. ``reuse_masks`` (and
-    ``reuse_triggers``) skip detoxification (and trigger synthesis): a detoxified teacher
-    saved by an earlier run serves another student.
+    as in :func:`robustkd.distill.run.distill_student`. ``reuse`` skips detoxification (and,
+    with its triggers, the synthesis): a detoxified teacher saved by an earlier run serves
+    another student.
     """
     names = detox_layer_names(teacher, cfg.layers, teacher_layers)
-    if cfg.inversion_classes not in INVERSION_CLASSES:
-        raise ConfigError(f"inversion_classes must be one of {INVERSION_CLASSES}, "
-                          f"got {cfg.inversion_classes!r}")
     taus = list(cfg.taus) or [cfg.tau]
-    detox_kw = dict(variant=cfg.variant, loss_mode=cfg.loss, lam=cfg.lam,
-                    epochs=cfg.detox_epochs, lr=cfg.detox_lr, batch_size=batch_size,
-                    mean=mean, std=std, augment=augment, device=device, seed=seed,
-                    mask_init=cfg.mask_init, teacher_bn=cfg.detox_teacher_bn,
-                    mask_shape=cfg.mask_shape, open_weight=cfg.open_weight,
-                    progress=progress)
     report: dict[str, Any] = {"selection": cfg.selection, "layers": names, "candidates": []}
-    student_input, synthetic = None, None
-    if cfg.consistency > 0 and reuse_triggers is not None:
-        synthetic = reuse_triggers.to(device)
-        student_input = trigger_consistency(synthetic, cfg.consistency, mean, std, seed)
-        report["inversion"] = {"reused": True, "classes": synthetic.classes.tolist()}
-    elif cfg.consistency > 0:
-        started = time.perf_counter()
-        images = per_class_subset(clean, fraction=min(1.0, cfg.inversion_images / len(clean)),
-                                  seed=seed)
-        synthetic = invert_triggers(teacher, images, mean=mean, std=std,
-                                    mask_max=cfg.inversion_mask_max,
-                                    epochs=cfg.inversion_epochs, lr=cfg.inversion_lr,
-                                    batch_size=batch_size, device=device, seed=seed,
-                                    progress=progress)
-        report["inversion"] = {"images": len(images),
-                               "classes": synthetic.classes.tolist(),
-                               "success": [round(float(v), 4) for v in synthetic.success],
-                               "robust_z": [round(float(v), 3)
-                                            for v in robust_z(synthetic.success.cpu())],
-                               "mask_mean": [round(float(m.mean()), 4)
-                                             for m in synthetic.masks]}
-        if cfg.inversion_classes == "suspects":
-            synthetic = synthetic.subset(suspect_classes(synthetic.success.cpu(),
-                                                         cfg.outlier_z))
-        report["inversion"].update(seconds=time.perf_counter() - started,
-                                   used_classes=synthetic.classes.tolist())
-        student_input = trigger_consistency(synthetic, cfg.consistency, mean, std, seed)
+    if cfg.selection not in ("blind", "oracle"):
+        raise ConfigError(f"selection must be blind or oracle, got {cfg.selection!r}")
+    synthetic, inversion = synthesise(teacher, clean, cfg, loop, reuse)
+    if inversion is not None:
+        report["inversion"] = inversion
     report["synthetic_triggers"] = synthetic
-    distill_kw = dict(method="fkd", mean=mean, std=std, augment=augment, epochs=epochs,
-                      optim=optim, batch_size=batch_size, device=device, seed=seed,
-                      options=fkd_options, trigger=trigger, target=target,
-                      progress=progress, channels_last=channels_last, amp=amp,
-                      student_input=student_input, teacher_layers=teacher_layers,
-                      student_layers=student_layers)
+    student_input = (trigger_consistency(synthetic, cfg.consistency, loop.mean, loop.std,
+                                         loop.seed) if synthetic is not None else None)
+    distill_kw = dict(method="fkd", loop=loop, options=fkd_options, student_input=student_input,
+                      teacher_layers=teacher_layers, student_layers=student_layers)
     detox_seconds = distill_seconds = 0.0
-    if reuse_masks is not None:
-        masks = reuse_masks.to(device)
+    if reuse is not None:
+        masks = reuse.masks.to(loop.device)
         report["selection"] = "reused"
         chosen_tau = masks.tau
     elif len(taus) == 1:
         started = time.perf_counter()
-        masks, hist = train_detox_masks(teacher, clean, names, tau=taus[0], **detox_kw)
+        masks, _ = train_detox_masks(teacher, clean, names, cfg.detox(taus[0]), loop)
         detox_seconds = time.perf_counter() - started
         report["selection"] = "fixed"
         chosen_tau = taus[0]
     elif cfg.selection == "blind":
         chosen_tau, masks, detox_seconds = choose_blind(
             teacher, clean, names, taus, val_fraction=cfg.val_fraction, epsilon=cfg.epsilon,
-            detox_kw=detox_kw, report=report)
-    elif cfg.selection == "oracle":
+            detox=cfg.detox, loop=loop, report=report)
+    else:
         chosen_tau, masks, detox_seconds, distill_seconds = choose_oracle(
             teacher, student, clean, test, names, taus, epsilon=cfg.epsilon,
-            detox_kw=detox_kw, distill_kw=distill_kw, student_factory=student_factory,
-            report=report)
+            detox=cfg.detox, run=run.with_(on_epoch_end=None, state_dir=None, resume=False),
+            distill_kw=distill_kw, student_factory=student_factory, report=report)
         report.update(chosen_tau=chosen_tau, detox_seconds=detox_seconds,
                       distill_seconds=distill_seconds, masks=masks)
         return report
-    else:
-        raise ConfigError(f"selection must be blind or oracle, got {cfg.selection!r}")
     report["chosen_tau"] = chosen_tau
     started = time.perf_counter()
-    distill_student(teacher, student, clean, test, teacher_replace=masks.replacements(),
-                    on_epoch_end=on_epoch_end, state_dir=state_dir, resume=resume,
-                    eval_every=eval_every, **distill_kw)
+    distill_student(teacher, student, clean, test, run=run,
+                    teacher_replace=masks.replacements(), **distill_kw)
     report.update(detox_seconds=detox_seconds, distill_seconds=time.perf_counter() - started,
                   masks=masks)
     return report
+
+
+def synthesise(teacher: nn.Module, clean: ImageDataset, cfg: RobustKDConfig,
+               loop: LoopSettings, reuse: SavedDetox | None
+               ) -> tuple[SyntheticTriggers | None, dict[str, Any] | None]:
+    """The synthetic triggers the student sees (none when ``consistency`` is off): reused
+    from a saved run, or synthesised blind on the clean data; and their report."""
+    if cfg.consistency <= 0:
+        return None, None
+    if reuse is not None and reuse.triggers is not None:
+        synthetic = reuse.triggers.to(loop.device)
+        return synthetic, {"reused": True, "classes": synthetic.classes.tolist()}
+    started = time.perf_counter()
+    images = per_class_subset(clean, fraction=min(1.0, cfg.inversion_images / len(clean)),
+                              seed=loop.seed)
+    synthetic = invert_triggers(teacher, images, mean=loop.mean, std=loop.std,
+                                mask_max=cfg.inversion_mask_max, epochs=cfg.inversion_epochs,
+                                lr=cfg.inversion_lr, batch_size=loop.batch_size,
+                                device=loop.device, seed=loop.seed, progress=loop.progress)
+    report = {"images": len(images), "classes": synthetic.classes.tolist(),
+              "success": [round(float(v), 4) for v in synthetic.success],
+              "robust_z": [round(float(v), 3) for v in robust_z(synthetic.success.cpu())],
+              "mask_mean": [round(float(m.mean()), 4) for m in synthetic.masks]}
+    if cfg.inversion_classes == "suspects":
+        synthetic = synthetic.subset(suspect_classes(synthetic.success.cpu(), cfg.outlier_z))
+    report.update(seconds=time.perf_counter() - started,
+                  used_classes=synthetic.classes.tolist())
+    return synthetic, report

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from robustkd.defenses.detox import DetoxMasks
 from robustkd.defenses.inversion import SyntheticTriggers
-from robustkd.defenses.robustkd import RobustKDConfig, robustkd_config, run_robustkd
+from robustkd.defenses.robustkd import RobustKDConfig, SavedDetox, robustkd_config, run_robustkd
 from robustkd.defenses.transforms import (
     TransformContext,
     Transformed,
@@ -64,24 +64,24 @@ class Detoxification:
     def __call__(self, ctx: TransformContext) -> Transformed:
         s = ctx.settings
         cfg = self.check(s.get(self.options_key))
-        reuse_masks = reuse_triggers = None
+        reuse = None
         if s.get("detox_from") is not None:
-            reuse_masks, reuse_triggers = load_detox(s["detox_from"])
+            reuse = SavedDetox(*load_detox(s["detox_from"]))
         report = run_robustkd(
-            ctx.teacher, ctx.student, ctx.clean, ctx.test, cfg, fkd_options=s.get("options"),
-            student_factory=ctx.new_student, teacher_layers=s.get("teacher_layers"),
-            student_layers=s.get("student_layers"), reuse_masks=reuse_masks,
-            reuse_triggers=reuse_triggers, eval_every=s.get("eval_every", 1), **ctx.train)
+            ctx.teacher, ctx.student, ctx.clean, ctx.test, cfg, loop=ctx.loop, run=ctx.run,
+            fkd_options=s.get("options"), teacher_layers=s.get("teacher_layers"),
+            student_layers=s.get("student_layers"), student_factory=ctx.new_student,
+            reuse=reuse)
         masks = report.pop("masks")
         synthetic = report.pop("synthetic_triggers")
         save_tensors(ctx.run_dir / DETOX_FILE,
                      {**masks.tensors(), **(synthetic.tensors() if synthetic is not None else {})})
         write_json(ctx.run_dir / DETOX_META,
                    {**masks.config(), "config": cfg.as_dict(), "teacher": str(s.get("teacher"))})
-        t = ctx.train
+        loop, run = ctx.loop, ctx.run
         with tap(ctx.teacher, replace=masks.replacements()):
-            detoxed = evaluate_model(ctx.teacher, ctx.test, t["mean"], t["std"],
-                                     trigger=t["trigger"], target=t["target"], device=t["device"])
+            detoxed = evaluate_model(ctx.teacher, ctx.test, loop.mean, loop.std,
+                                     trigger=run.trigger, target=run.target, device=loop.device)
         extras = {
             "robustkd": {**report, "config": cfg.as_dict(),
                          "detoxified_teacher_metrics": detoxed},

@@ -19,11 +19,12 @@ from torch import nn
 
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.subsets import split_validation
-from robustkd.defenses.detox import DetoxMasks, train_detox_masks
-from robustkd.distill.run import distill_student
+from robustkd.defenses.detox import DetoxMasks, DetoxSettings, train_detox_masks
+from robustkd.distill.run import DistillRun, distill_student
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy, evaluate_model, feature_variance
 from robustkd.models.taps import tap
+from robustkd.training.loop_settings import LoopSettings
 
 
 def detoxified_stats(teacher: nn.Module, masks: DetoxMasks | None, ds: ImageDataset,
@@ -59,12 +60,12 @@ def select_oracle(candidates: list[dict[str, Any]], acc0: float,
 
 def choose_blind(teacher: nn.Module, clean: ImageDataset, names: Sequence[str],
                  taus: Sequence[float], *, val_fraction: float, epsilon: float,
-                 detox_kw: dict[str, Any], report: dict[str, Any]
-                 ) -> tuple[float, DetoxMasks, float]:
+                 detox: Callable[[float], DetoxSettings], loop: LoopSettings,
+                 report: dict[str, Any]) -> tuple[float, DetoxMasks, float]:
     """Masks per threshold on the clean data minus a validation split, judged on that split
     by :func:`select_blind`; returns the chosen tau, its masks and the detox seconds (the
     candidates and the undetoxified baseline go into ``report``)."""
-    mean, std, device, seed = (detox_kw[k] for k in ("mean", "std", "device", "seed"))
+    mean, std, device, seed = loop.mean, loop.std, loop.device, loop.seed
     train_part, val_part = split_validation(clean, val_fraction, seed)
     base = detoxified_stats(teacher, None, val_part, mean, std, device)
     last = names[-1]
@@ -75,7 +76,7 @@ def choose_blind(teacher: nn.Module, clean: ImageDataset, names: Sequence[str],
     started = time.perf_counter()
     trained = {}
     for tau in taus:
-        masks, _ = train_detox_masks(teacher, train_part, names, tau=tau, **detox_kw)
+        masks, _ = train_detox_masks(teacher, train_part, names, detox(tau), loop)
         stats = detoxified_stats(teacher, masks, val_part, mean, std, device)
         trained[tau] = masks
         report["candidates"].append({"tau": tau, "val_acc": stats["acc"],
@@ -86,23 +87,24 @@ def choose_blind(teacher: nn.Module, clean: ImageDataset, names: Sequence[str],
 
 def choose_oracle(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                   test: ImageDataset | None, names: Sequence[str], taus: Sequence[float], *,
-                  epsilon: float, detox_kw: dict[str, Any], distill_kw: dict[str, Any],
-                  student_factory: Callable[[], nn.Module] | None, report: dict[str, Any]
-                  ) -> tuple[float, DetoxMasks, float, float]:
-    """A student distilled per threshold, the best by :func:`select_oracle` loaded into
-    ``student``; returns the chosen tau, its masks, detox and distillation seconds."""
-    trigger, target = distill_kw["trigger"], distill_kw["target"]
+                  epsilon: float, detox: Callable[[float], DetoxSettings], run: DistillRun,
+                  distill_kw: dict[str, Any], student_factory: Callable[[], nn.Module] | None,
+                  report: dict[str, Any]) -> tuple[float, DetoxMasks, float, float]:
+    """A student distilled per threshold (``distill_kw``: :func:`distill_student`'s
+    keywords besides ``run``), the best by :func:`select_oracle` loaded into ``student``;
+    returns the chosen tau, its masks, detox and distillation seconds."""
+    trigger, target, loop = run.trigger, run.target, distill_kw["loop"]
     if trigger is None or target is None:
         raise ConfigError("oracle selection measures ASR and needs the teacher's trigger; "
                           "use --robustkd-selection blind (the defender's setting)")
     if student_factory is None:
         raise ConfigError("oracle selection needs a student factory (one student per tau)")
-    mean, std, device, seed = (distill_kw[k] for k in ("mean", "std", "device", "seed"))
+    mean, std, device, seed = loop.mean, loop.std, loop.device, loop.seed
     best = acc0 = None
     detox_seconds = distill_seconds = 0.0
     for tau in taus:
         started = time.perf_counter()
-        masks, _ = train_detox_masks(teacher, clean, names, tau=tau, **detox_kw)
+        masks, _ = train_detox_masks(teacher, clean, names, detox(tau), loop)
         detox_seconds += time.perf_counter() - started
         # every candidate is built and trained from the same random state, so tau is all
         # that differs (forked: the caller's global random state is left as it was)
@@ -110,7 +112,7 @@ def choose_oracle(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             cand_student = student_factory()
-            distill_student(teacher, cand_student, clean, None,
+            distill_student(teacher, cand_student, clean, None, run=run,
                             teacher_replace=masks.replacements(), **distill_kw)
         distill_seconds += time.perf_counter() - started
         m = evaluate_model(cand_student, test, mean, std, trigger=trigger, target=target,

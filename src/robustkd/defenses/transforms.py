@@ -31,7 +31,9 @@ from robustkd.defenses.registry import (
     get_teacher_defense,
     make_settings,
 )
+from robustkd.distill.run import DistillRun
 from robustkd.errors import ConfigError
+from robustkd.training.loop_settings import LoopSettings
 
 # the distill settings that choose a transform, in the order the transforms run, with the
 # noun an unknown name is reported with (None: a name that is no transform is a
@@ -42,26 +44,27 @@ CHOOSERS: dict[str, str | None] = {"defense": "teacher defence", "method": None}
 @dataclass
 class TransformContext:
     """What a transform may use: the models, the defender's clean data, the distillation's
-    shared training keywords (``distill_student``'s: mean, std, epochs, optim, device, seed,
-    trigger, target, on_epoch_end, …), the distill job's flat settings and the run
-    directory. ``test``/``trigger`` are for reporting only, never for choosing settings."""
+    loop settings and run (schedule, trigger and target, checkpoints), the distill job's
+    flat settings and the run directory. ``test``/``run.trigger`` are for reporting only,
+    never for choosing settings."""
 
     teacher: nn.Module
     student: nn.Module
     clean: ImageDataset
     test: ImageDataset
-    train: dict[str, Any]
+    loop: LoopSettings
+    run: DistillRun
     settings: Mapping[str, Any]
     run_dir: Path
     new_student: Callable[[], nn.Module] | None = None  # a fresh student, for candidates
 
     def defense_context(self) -> DefenseContext:
-        t = self.train
+        loop = self.loop
         return DefenseContext(
-            clean=self.clean, mean=t["mean"], std=t["std"], augment=t["augment"],
-            device=t["device"], seed=t["seed"], layers=self.settings.get("teacher_layers"),
-            test=self.test, trigger=t["trigger"], target=t["target"], amp=t["amp"],
-            channels_last=t["channels_last"], progress=t["progress"])
+            clean=self.clean, mean=loop.mean, std=loop.std, augment=loop.augment,
+            device=loop.device, seed=loop.seed, layers=self.settings.get("teacher_layers"),
+            test=self.test, trigger=self.run.trigger, target=self.run.target, amp=loop.amp,
+            channels_last=loop.channels_last, progress=loop.progress)
 
 
 @dataclass
@@ -120,7 +123,7 @@ class CleanedCopy:
     def __call__(self, ctx: TransformContext) -> Transformed:
         cleaned, report = defend_teacher(
             self.name, ctx.teacher, ctx.defense_context(), ctx.settings.get(self.options_key),
-            run_dir=ctx.run_dir, resume=ctx.train["resume"])
+            run_dir=ctx.run_dir, resume=ctx.run.resume)
         return Transformed(cleaned, {"defense": report, "defense_seconds": report["seconds"]},
                            f"defence {self.name}: cleaned teacher "
                            f"{report['cleaned_teacher_metrics']}")

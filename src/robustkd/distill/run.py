@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from robustkd.evaluation.metrics import evaluate_model
 from robustkd.models.layers import frozen_teacher, layers_of
 from robustkd.models.taps import Replacement
 from robustkd.training.loop import EpochResult, fit
+from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig
 from robustkd.triggers import Trigger
 
@@ -43,51 +45,56 @@ def build_distiller(method: str, teacher: nn.Module, student: nn.Module, *,
     return cls(setup)
 
 
+@dataclass(frozen=True)
+class DistillRun:
+    """One distillation's schedule, what its evaluated epochs measure (ACC, and ASR when
+    ``trigger``/``target`` are known) and its checkpoints; beside :class:`LoopSettings`."""
+
+    epochs: int = 200
+    optim: OptimConfig = field(default_factory=lambda: FKD_SCHEDULE)
+    eval_every: int = 1
+    trigger: Trigger | None = None
+    target: int | None = None
+    state_dir: str | Path | None = None
+    resume: bool = False
+    on_epoch_end: Callable[[EpochResult], None] | None = None
+
+    def with_(self, **changes: Any) -> DistillRun:
+        return replace(self, **changes)
+
+
 def distill_student(
     teacher: nn.Module,
     student: nn.Module,
     train: ImageDataset | StreamedImageFolder,
     test: ImageDataset | StreamedImageFolder | None = None,
     *,
+    loop: LoopSettings,
+    run: DistillRun = DistillRun(),
     method: str = "fkd",
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: dict | None = None,
-    epochs: int = 200,
-    optim: OptimConfig = FKD_SCHEDULE,
-    batch_size: int = 128,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
     teacher_layers: Sequence[str] | None = None,
     student_layers: Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
     teacher_replace: Mapping[str, Replacement] | None = None,
     student_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    trigger: Trigger | None = None,
-    target: int | None = None,
-    eval_every: int = 1,
-    state_dir: str | Path | None = None,
-    resume: bool = False,
-    amp: bool = True,
-    channels_last: bool = False,
-    progress: bool = True,
-    on_epoch_end: Callable[[EpochResult], None] | None = None,
-    workers: int | None = None,
 ) -> tuple[list[EpochResult], Distiller]:
     """Distil ``teacher`` into ``student`` on ``train`` (the defender's clean data).
 
     The teacher is frozen (and left unchanged); ``teacher_replace`` stays active in its
     forward passes. Each evaluated epoch records the student's test ACC and, when a trigger
-    is known, its ASR. ``train``/``test`` may be streamed from disk (decoded by ``workers``
-    processes; their own transform replaces ``augment``).
+    is known, its ASR. ``train``/``test`` may be streamed from disk (decoded by the loop's
+    ``workers`` processes; their own transform replaces ``augment``).
     """
-    device = torch.device(device)
+    mean, std, batch_size, seed, workers = (loop.mean, loop.std, loop.batch_size, loop.seed,
+                                            loop.workers)
+    epochs, eval_every = run.epochs, run.eval_every
+    device = torch.device(loop.device)
     distiller = build_distiller(method, teacher, student, teacher_layers=teacher_layers,
                                 student_layers=student_layers, options=options,
                                 teacher_replace=teacher_replace, student_input=student_input)
     loader = loader_for(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
-                        augment=augment, drop_last=len(train) > batch_size, seed=seed,
-                        channels_last=channels_last, workers=workers)
+                        augment=loop.augment, drop_last=len(train) > batch_size, seed=seed,
+                        channels_last=loop.channels_last, workers=workers)
     # the distiller's hooks live for the run and are removed with it
     with frozen_teacher(teacher, distiller.teacher_mode()), closing(distiller):
         # one batch to size connectors/margins: decoded in this process (workers=0) rather
@@ -101,18 +108,19 @@ def distill_student(
         def epoch_end(result: EpochResult) -> None:
             if test is not None and eval_every and (result.epoch % eval_every == 0
                                                     or result.epoch == epochs):
-                metrics = evaluate_model(student, test, mean, std, trigger=trigger,
-                                         target=target, device=device,
+                metrics = evaluate_model(student, test, mean, std, trigger=run.trigger,
+                                         target=run.target, device=device,
                                          batch_size=max(batch_size, 256), workers=workers)
                 result.extra.update({f"test_{k}": v for k, v in metrics.items()})
-            if on_epoch_end is not None:
-                on_epoch_end(result)
+            if run.on_epoch_end is not None:
+                run.on_epoch_end(result)
 
         params = list(student.parameters()) + list(distiller.parameters())
-        history = fit(params, lambda x, y, _idx: distiller.loss(x, y), loader, epochs, optim,
+        history = fit(params, lambda x, y, _idx: distiller.loss(x, y), loader, epochs, run.optim,
                       train_modules=[student, distiller],
                       state_modules={"student": student, "distiller": distiller},
-                      device=device, amp=amp, on_epoch_end=epoch_end, state_dir=state_dir,
-                      resume=resume, progress=progress, desc=f"distill {method}")
+                      device=device, amp=loop.amp, on_epoch_end=epoch_end,
+                      state_dir=run.state_dir, resume=run.resume, progress=loop.progress,
+                      desc=f"distill {method}")
     return history, distiller
 
