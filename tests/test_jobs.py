@@ -57,8 +57,8 @@ def test_values_are_checked_where_they_enter():
         DistillJob.from_flat({"teacher": "t", "clean_fraction": 1.5})
     with pytest.raises(ConfigError, match="evaluate needs run"):
         EvaluateJob.from_flat({})
-    with pytest.raises(ConfigError, match="distill has no setting 'compile'"):
-        DistillJob.from_flat({"compile": True})
+    with pytest.raises(ConfigError, match="distill has no setting 'download'"):
+        DistillJob.from_flat({"download": True})
 
 
 def test_a_config_for_another_command_or_schema_is_refused(tmp_path):

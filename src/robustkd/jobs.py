@@ -85,7 +85,7 @@ class RuntimeSpec:
     seed: int = setting(0, "seed of initialisation, data order and augmentation", minimum=0)
     amp: bool = setting(True, "bf16 autocast on CUDA and on CPUs with native bf16")
     channels_last: bool | None = setting(None, "channels_last memory format (default on)")
-    compile: bool = setting(False, "torch.compile the model")
+    compile: bool = setting(False, "torch.compile the training step (distill: its loss)")
     progress: bool = setting(True, "progress bars")
     resume: bool = setting(False, "continue an interrupted run in --out")
     overwrite: bool = setting(False, "replace a finished (or unfinished) run in --out")
@@ -274,8 +274,8 @@ class DistillJob(Job):
 
     command: ClassVar[str] = "distill"
     PARTS: ClassVar[tuple[str, ...]] = ("data", "optim", "runtime")
-    # the defender's data is clean_fraction; distillation steps are not compiled yet
-    OMIT: ClassVar[tuple[str, ...]] = ("train_fraction", "download", "compile")
+    # the defender's data is clean_fraction
+    OMIT: ClassVar[tuple[str, ...]] = ("train_fraction", "download")
 
     data: DataSpec = _nested(DataSpec())
     optim: OptimSpec = _nested(OptimSpec(epochs=200, lr=0.1, schedule="step"))

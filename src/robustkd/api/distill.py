@@ -92,7 +92,8 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     o = job.optim
     loop = LoopSettings(mean=splits.mean, std=splits.std, augment=splits.augment,
                         batch_size=o.batch_size, device=dev, seed=r.seed, amp=r.amp,
-                        channels_last=use_cl, progress=r.progress, workers=data.workers)
+                        channels_last=use_cl, progress=r.progress, workers=data.workers,
+                        compile=r.compile)
     dist_run = DistillRun(
         epochs=o.epochs, eval_every=o.eval_every, trigger=teacher.trigger, target=teacher.target,
         optim=OptimConfig(name=o.optimizer, lr=o.lr, momentum=o.momentum,

@@ -116,7 +116,9 @@ def distill_student(
                 run.on_epoch_end(result)
 
         params = list(student.parameters()) + list(distiller.parameters())
-        history = fit(params, lambda x, y, _idx: distiller.loss(x, y), loader, epochs, run.optim,
+        # the taps are registered once (PersistentTap), so one compiled graph serves every step
+        loss = torch.compile(distiller.loss) if loop.compile else distiller.loss
+        history = fit(params, lambda x, y, _idx: loss(x, y), loader, epochs, run.optim,
                       train_modules=[student, distiller],
                       state_modules={"student": student, "distiller": distiller},
                       device=device, amp=loop.amp, on_epoch_end=epoch_end,

@@ -17,7 +17,8 @@ import torch
 @dataclass(frozen=True)
 class LoopSettings:
     """Normalisation and augmentation of the clean data, batch size, device, seed,
-    numerics (bf16 autocast, channels-last), progress bars and decoding workers."""
+    numerics (bf16 autocast, channels-last, ``torch.compile`` of the step's loss), progress
+    bars and decoding workers."""
 
     mean: Sequence[float]
     std: Sequence[float]
@@ -29,6 +30,7 @@ class LoopSettings:
     channels_last: bool = False
     progress: bool = True
     workers: int | None = None
+    compile: bool = False
 
     def with_(self, **changes: Any) -> LoopSettings:
         return replace(self, **changes)
