@@ -17,13 +17,20 @@ trigger and integer buffers exact) and rounds the run's own weights to the same 
 the students trained now and those restored later see the same teacher. ``restore`` falls
 back to these copies when the store lacks a teacher.
 
+``restore --records FILE`` also puts back the students and evaluations a results folder
+recorded (``records.jsonl``): each as a record-only run (``node.json`` + ``record.json``,
+no weights), which the harness counts as finished and the report reads, so a later
+session adds runs to the same report instead of recomputing them. A run other runs read
+(the CE student) is not put back: they need its weights.
+
     python benchmarks/bench_store.py save --out runs/bench [--partial] [--compact]
-    python benchmarks/bench_store.py restore --out runs/bench
+    python benchmarks/bench_store.py restore --out runs/bench [--records FILE ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -33,8 +40,8 @@ import torch
 from safetensors.torch import load_file
 
 from robustkd.experiments import plan
-from robustkd.experiments.runner import is_finished, run_dir
-from robustkd.io import WEIGHTS_FILE, read_json, save_tensors
+from robustkd.experiments.runner import NODE_FILE, is_finished, run_dir
+from robustkd.io import RECORD_FILE, WEIGHTS_FILE, read_json, save_tensors, write_json
 
 STORE = Path(os.environ.get("ROBUSTKD_CACHE_DIR", "~/.cache/robustkd")).expanduser() \
     / "bench-teachers"
@@ -101,6 +108,24 @@ def copy_run(src: Path, dst: Path, skip: tuple[str, ...] = SKIP,
     tmp.rename(dst)
 
 
+def restore_records(records: Path, out: Path, scale: str) -> None:
+    """Record-only runs for the nodes of the current plan that ``records`` holds and
+    ``out`` lacks. Left out: a node no longer planned, and one another node reads (the CE
+    student, which each teacher's trigger is evaluated on: it needs its weights)."""
+    nodes = [c.node for c in plan(["benchmark"], scale, seeds=3)["benchmark"]]
+    read = {p.id for n in nodes for p in n.parents.values()}
+    planned = {n.id for n in nodes} - read
+    for line in records.read_text().splitlines():
+        item = json.loads(line)
+        node = item["node"]
+        d = out / "runs" / node["id"]
+        if node["id"] not in planned or (d / RECORD_FILE).exists():
+            continue
+        write_json(d / NODE_FILE, node)
+        write_json(d / RECORD_FILE, item["record"])
+        print(f"restored the record of {node['id']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=("save", "restore"))
@@ -112,6 +137,9 @@ def main() -> None:
     p.add_argument("--compact", action="store_true",
                    help="save: also write float16 weights to benchmarks/results (and round "
                         "the run's weights to them)")
+    p.add_argument("--records", nargs="*", default=[], metavar="FILE",
+                   help="restore: also the finished runs these records.jsonl files hold "
+                        "(record only, no weights)")
     args = p.parse_args()
     out, store = Path(args.out), Path(args.store)
     for node in teacher_nodes(args.scale):
@@ -144,6 +172,9 @@ def main() -> None:
             elif partial.is_dir():
                 copy_run(partial, src)
                 print(f"restored unfinished {node.id}: the runner resumes it")
+    if args.action == "restore":
+        for records in args.records:
+            restore_records(Path(records), out, args.scale)
 
 
 if __name__ == "__main__":
