@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; a plain `pip install torch` may pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# the unit tests without those that train (marked `slow`): a quick check while editing
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks

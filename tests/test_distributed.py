@@ -123,6 +123,7 @@ def test_not_distributed_is_a_no_op():
     ddp.barrier()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """Gradients of the global mean loss: same parameters as one process, on both ranks."""
     ref, ref_history = _train_toy(None)

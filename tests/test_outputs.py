@@ -83,6 +83,7 @@ def test_resume_refuses_settings_the_earlier_epochs_did_not_use(tmp_path):
     prepare_out(out, resume=True, job={"lr": 0.1, "model": "wrn16_1", "device": "cuda"})
 
 
+@pytest.mark.slow
 def test_an_interrupted_attack_resumes_with_its_resolved_defaults(tmp_path):
     api.train(out=tmp_path / "t", **TINY)
     kw = {"attack": "badnets", "teacher": tmp_path / "t", "out": tmp_path / "bd",

@@ -1,5 +1,6 @@
 """BadNets on a tiny model and real data: the backdoor takes, clean accuracy stays."""
 
+import pytest
 
 from robustkd.attacks import patch_trigger, poison_dataset
 from robustkd.evaluation.metrics import accuracy, attack_success_rate
@@ -7,6 +8,7 @@ from robustkd.training.classifier import train_classifier
 from robustkd.training.optim import OptimConfig
 
 
+@pytest.mark.slow
 def test_badnets_finetune_reaches_high_asr_and_keeps_accuracy(digits, digits_teacher):
     model = digits_teacher
     kw = {"mean": digits.mean, "std": digits.std, "augment": digits.augment,

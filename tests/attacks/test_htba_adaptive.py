@@ -79,6 +79,7 @@ def test_craft_poisons_respects_eps_without_augmentation(digits, digits_teacher)
     assert report["final_loss"] < report["initial_loss"] and not report["eot"]
 
 
+@pytest.mark.slow
 def test_htba_backdoor_beats_the_clean_model(tmp_path, digits, digits_teacher):
     teacher_dir = tmp_path / "teacher"
     save_run_model(teacher_dir, digits_teacher, run_meta(digits_teacher, digits, None, 0))
@@ -97,6 +98,7 @@ def test_htba_backdoor_beats_the_clean_model(tmp_path, digits, digits_teacher):
     assert rec["metrics"]["acc"] >= rec["teacher_metrics"]["acc"] - 0.03
 
 
+@pytest.mark.slow
 def test_adaptive_ckd_keeps_asr_and_lowers_feature_variance(digits, digits_teacher):
     opts = {"trigger_images": 300, "trigger_epochs": 2, "trigger_lr": 0.05,
             "variance_weight": 1.0}

@@ -56,6 +56,7 @@ def test_trigger_optimisation_lowers_loss_and_respects_bounds(digits, digits_tea
     assert objective(trig) < 0.9 * objective(init)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["ckd", "lba"])
 def test_learned_attack_cli_end_to_end(attack, tmp_path, digits_teacher, digits):
     from robustkd.runs import run_meta, save_run_model

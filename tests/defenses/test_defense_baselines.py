@@ -65,6 +65,7 @@ def test_defense_settings_are_checked(digits, digits_teacher):
         defend_teacher("prune", digits_teacher, _ctx(digits))
 
 
+@pytest.mark.slow
 def test_nad_lowers_the_asr_of_a_badnets_teacher(digits, digits_teacher):
     """BadNets digits teacher (ACC 0.98, ASR 1.0), NAD defaults but 2 + 3 epochs on 20% of
     the training set. Observed in four runs (loader seeds 0-2 on a copy of this teacher, and

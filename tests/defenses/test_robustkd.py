@@ -61,6 +61,7 @@ def test_robustkd_fixed_tau_writes_masks_and_record(tmp_path, teacher_dirs):
     assert all(float(m.detach().max()) <= 0.3 + 1e-6 for m in masks.masks)
 
 
+@pytest.mark.slow
 def test_robustkd_blind_and_oracle_selection(tmp_path, teacher_dirs, capsys):
     clean, bd = teacher_dirs
     out = tmp_path / "blind"
@@ -90,6 +91,7 @@ def test_detox_flags_rejected_for_other_methods(tmp_path, teacher_dirs, capsys):
     assert "--robustkd-tau applies to --method robustkd, not fkd" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_oracle_candidates_differ_only_in_tau(tmp_path, teacher_dirs):
     # the same tau twice: same masks, same student initialisation, same data order, so the
     # two candidate students must score identically (tau is the only thing compared)

@@ -100,6 +100,7 @@ def backdoored_digits_teacher(digits):
     return net, trig
 
 
+@pytest.mark.slow
 def test_trigger_synthesis_finds_the_backdoor_target(digits, backdoored_digits_teacher):
     net, _ = backdoored_digits_teacher
     found = invert_triggers(net, digits.train, mean=digits.mean, std=digits.std,
@@ -110,6 +111,7 @@ def test_trigger_synthesis_finds_the_backdoor_target(digits, backdoored_digits_t
     assert 0 in torch.topk(found.success, 3).indices.tolist(), found.success
 
 
+@pytest.mark.slow
 def test_trigger_consistency_changes_only_the_chosen_share(digits, backdoored_digits_teacher):
     net, _ = backdoored_digits_teacher
     found = invert_triggers(net, digits.train, mean=digits.mean, std=digits.std, epochs=1,
@@ -169,6 +171,7 @@ def test_run_robustkd_with_user_modules_and_named_layers(digits):
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
+@pytest.mark.slow
 def test_saved_detox_masks_serve_another_student(tmp_path, digits_teacher, digits):
     """A detoxified teacher (masks + synthetic triggers) is reused without retraining."""
     from robustkd.cli import main
@@ -198,6 +201,39 @@ def test_saved_detox_masks_serve_another_student(tmp_path, digits_teacher, digit
                  str(first), "--out", str(tmp_path / "x"), *common]) == 2
 
 
+def test_without_masks_the_teacher_is_read_as_it_is_and_reuse_still_works(tmp_path, digits):
+    """``masks false``: no detoxification (no masks trained or saved, the teacher read
+    unchanged), the synthesis and consistency still run, and its saved run is reusable."""
+    from robustkd.data.subsets import per_class_subset
+    from robustkd.defenses.robustkd import SavedDetox, run_robustkd
+    from robustkd.defenses.robustkd_transform import load_detox
+    from tests.toy_models import TinyNet
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    small = per_class_subset(digits.train, per_class=20)
+    cfg = robustkd_config({"masks": False, "consistency": 0.5, "inversion_epochs": 1})
+    loop = LoopSettings(mean=digits.mean, std=digits.std, batch_size=32, progress=False)
+    run = DistillRun(epochs=1, optim=OptimConfig(lr=0.05))
+    report = run_robustkd(teacher, student, small, None, cfg, loop=loop, run=run,
+                          teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
+    assert report["masks"] is None and report["selection"] == "no masks"
+    assert report["detox_seconds"] == 0.0 and report["chosen_tau"] is None
+    assert report["synthetic_triggers"] is not None
+    with pytest.raises(ConfigError, match="masks"):
+        robustkd_config({"masks": "sometimes"})
+    # a saved run without masks: load_detox gives its triggers and no masks
+    from robustkd.io import save_tensors, write_json
+    save_tensors(tmp_path / "detox.safetensors", report["synthetic_triggers"].tensors())
+    write_json(tmp_path / "detox.json", {"config": cfg.as_dict()})
+    masks, triggers = load_detox(tmp_path)
+    assert masks is None and triggers.classes.tolist() == report["inversion"]["used_classes"]
+    again = run_robustkd(teacher, TinyNet(width=8), small, None, cfg, loop=loop, run=run,
+                         teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"],
+                         reuse=SavedDetox(masks, triggers))
+    assert again["inversion"]["reused"] is True and again["masks"] is None
+
+
 def test_suspect_classes_pick_the_outlying_success():
     from robustkd.defenses.inversion import robust_z, suspect_classes
 
@@ -216,6 +252,7 @@ def test_suspect_classes_pick_the_outlying_success():
     assert suspect_classes(demo) == [0]
 
 
+@pytest.mark.slow
 def test_suspects_config_keeps_only_those_triggers(digits, backdoored_digits_teacher):
     from robustkd.defenses.robustkd import run_robustkd
     from robustkd.models import build_model

@@ -23,6 +23,7 @@ def teacher(digits_teacher):
     return digits_teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fkd", "kd", "ce"])
 def test_student_learns_and_teacher_is_untouched(method, digits, teacher):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -124,6 +125,7 @@ def test_accuracy_helper_on_untrained_model(digits):
     assert 0.0 <= accuracy(net, digits.test, digits.mean, digits.std) <= 1.0
 
 
+@pytest.mark.slow
 def test_compiled_distillation_loss_matches_eager(digits):
     """``--compile``: the taps are registered once, so the FKD loss compiles to one graph
     that gives the eager loss and gradients."""

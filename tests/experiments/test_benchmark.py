@@ -66,6 +66,7 @@ def test_an_unknown_benchmark_teacher_or_method_fails_before_running(tmp_path):
         plan(["benchmark"], "smoke", methods=["fkd", "nope"])
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "bench"
     args = dict(scale="smoke", out=out, attacks=["ckd-scratch", "badnets-scratch"],

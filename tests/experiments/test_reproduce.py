@@ -126,6 +126,7 @@ def test_interval_is_the_student_t_half_width():
     assert interval([5.0]) == (5.0, None)
 
 
+@pytest.mark.slow
 def test_smoke_table4_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "rep"
     kw = {"scale": "smoke", "out": out, "attacks": ["ckd"], "device": "cpu",
@@ -156,6 +157,7 @@ def test_smoke_table4_runs_resumes_and_reports(tmp_path):
     assert "RobustKD (paper) ckd ASR" in text and "removal rate" in text
 
 
+@pytest.mark.slow
 def test_killed_runner_resumes_without_recomputing(tmp_path):
     out = tmp_path / "rep"
     cmd = [sys.executable, "-m", "robustkd", "reproduce", "table3", "--scale", "smoke",
@@ -187,6 +189,7 @@ def test_cli_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
     assert "robustkd-tau0.1" in out
 
 
+@pytest.mark.slow
 def test_report_command_renders_from_records(tmp_path):
     out = tmp_path / "rep"
     reproduce(["fig2"], scale="smoke", out=out, attacks=["badnets"], device="cpu",

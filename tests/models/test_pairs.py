@@ -117,6 +117,7 @@ def test_stage_count_mismatch_is_a_clear_error_and_naming_layers_fixes_it():
     assert [c[0].weight.shape[:2] for c in d.connectors] == [(64, 32), (128, 64), (256, 128)]
 
 
+@pytest.mark.slow
 def test_teacher_check_matches_by_structure():
     assert same_architecture("wrn28_4", {"num_classes": 100}, "wrn28_4")
     spelled_out = {"num_classes": 100, "in_channels": 3, "depth": 200, "alpha": 240,

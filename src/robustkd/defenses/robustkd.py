@@ -44,6 +44,8 @@ INVERSION_CLASSES = ("all", "suspects")
 class RobustKDConfig:
     """Every knob of the defence; the defaults are the paper's literal reading (``paper``)."""
 
+    masks: bool = setting(True, "train detoxification masks (false: FKD reads the teacher "
+                                "as it is and only the other steps act)")
     tau: float = setting(0.2, "mask threshold", above=0.0)
     taus: tuple[float, ...] = setting((), "thresholds to choose from with selection",
                                       above=0.0, metavar="T1,T2,…")
@@ -133,9 +135,10 @@ def detox_layer_names(teacher: nn.Module, choice: str,
 
 
 class SavedDetox(NamedTuple):
-    """A detoxified teacher saved by an earlier run: its masks and synthetic triggers."""
+    """A detoxified teacher saved by an earlier run: its masks (none when it trained
+    none) and synthetic triggers."""
 
-    masks: DetoxMasks
+    masks: DetoxMasks | None
     triggers: SyntheticTriggers | None = None
 
 
@@ -167,10 +170,14 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     distill_kw = dict(method="fkd", loop=loop, options=fkd_options, student_input=student_input,
                       teacher_layers=teacher_layers, student_layers=student_layers)
     detox_seconds = distill_seconds = 0.0
-    if reuse is not None:
+    masks: DetoxMasks | None
+    if reuse is not None and reuse.masks is not None:
         masks = reuse.masks.to(loop.device)
         report["selection"] = "reused"
         chosen_tau = masks.tau
+    elif not cfg.masks:
+        masks, chosen_tau = None, None
+        report["selection"] = "no masks"
     elif len(taus) == 1:
         started = time.perf_counter()
         masks, _ = train_detox_masks(teacher, clean, names, cfg.detox(taus[0]), loop)
@@ -192,7 +199,8 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     report["chosen_tau"] = chosen_tau
     started = time.perf_counter()
     distill_student(teacher, student, clean, test, run=run,
-                    teacher_replace=masks.replacements(), **distill_kw)
+                    teacher_replace=masks.replacements() if masks is not None else None,
+                    **distill_kw)
     report.update(detox_seconds=detox_seconds, distill_seconds=time.perf_counter() - started,
                   masks=masks)
     return report

@@ -29,8 +29,9 @@ DETOX_FILE = "detox.safetensors"
 DETOX_META = "detox.json"
 
 
-def load_detox(run_dir: str | Path) -> tuple[DetoxMasks, SyntheticTriggers | None]:
-    """The detox masks (and synthetic triggers, if any) a RobustKD run saved, for reuse."""
+def load_detox(run_dir: str | Path) -> tuple[DetoxMasks | None, SyntheticTriggers | None]:
+    """The detox masks and synthetic triggers (each where the run had them) a RobustKD run
+    saved, for reuse."""
     run_dir = Path(run_dir)
     if not (run_dir / DETOX_FILE).exists() or not (run_dir / DETOX_META).exists():
         raise ConfigError(
@@ -38,7 +39,8 @@ def load_detox(run_dir: str | Path) -> tuple[DetoxMasks, SyntheticTriggers | Non
             "`robustkd distill --method robustkd`"
         )
     tensors = load_file(str(run_dir / DETOX_FILE))
-    masks = DetoxMasks.from_saved(read_json(run_dir / DETOX_META), tensors)
+    meta = read_json(run_dir / DETOX_META)
+    masks = DetoxMasks.from_saved(meta, tensors) if "names" in meta else None
     return masks, SyntheticTriggers.from_tensors(tensors)
 
 
@@ -75,11 +77,14 @@ class Detoxification:
         masks = report.pop("masks")
         synthetic = report.pop("synthetic_triggers")
         save_tensors(ctx.run_dir / DETOX_FILE,
-                     {**masks.tensors(), **(synthetic.tensors() if synthetic is not None else {})})
+                     {**(masks.tensors() if masks is not None else {}),
+                      **(synthetic.tensors() if synthetic is not None else {})})
         write_json(ctx.run_dir / DETOX_META,
-                   {**masks.config(), "config": cfg.as_dict(), "teacher": str(s.get("teacher"))})
+                   {**(masks.config() if masks is not None else {}), "config": cfg.as_dict(),
+                    "teacher": str(s.get("teacher"))})
         loop, run = ctx.loop, ctx.run
-        with tap(ctx.teacher, replace=masks.replacements()):
+        replace = masks.replacements() if masks is not None else {}
+        with tap(ctx.teacher, replace=replace):
             detoxed = evaluate_model(ctx.teacher, ctx.test, loop.mean, loop.std,
                                      trigger=run.trigger, target=run.target, device=loop.device)
         extras = {

@@ -90,7 +90,8 @@ def _defender_data(scale_name: str | None) -> str:
     return (f"Defender's clean data: a per-class {sizes.clean_fraction:.0%} subset of the "
             f"{sizes.dataset} training set (subset seed {sizes.clean_seed}), the same images "
             f"for every method and seed. Teachers {sizes.teacher_model} ({sizes.teacher_epochs}"
-            f" epochs), students {sizes.student_model} ({sizes.student_epochs} epochs).")
+            f" epochs unless stated), students {sizes.student_model} "
+            f"({sizes.student_epochs} epochs).")
 
 
 def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
@@ -107,9 +108,12 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
         t_acc, t_asr = (format_cell(cell_values(records, c.get("teacher", []), m))
                         for m in ("acc", "asr"))
         floor = format_cell(cell_values(records, c.get("floor", []), "asr"))
+        epochs = sorted({records[r]["config"].get("epochs") for r in c.get("teacher", [])
+                         if r in records and "config" in records[r]} - {None})
+        trained = f" ({', '.join(map(str, epochs))} epochs)" if epochs else ""
         lines += [f"### {name}", "",
-                  f"Teacher ACC {t_acc}, ASR {t_asr}; the clean teacher under this trigger "
-                  f"(floor): ASR {floor}.", "",
+                  f"Teacher{trained} ACC {t_acc}, ASR {t_asr}; the clean teacher under this "
+                  f"trigger (floor): ASR {floor}.", "",
                   f"Criteria: {criteria_line(nums)}.", "",
                   "| method | seeds | ACC % | ASR % | R-ACC % | removal vs FKD % | seconds |",
                   "|---|---|---|---|---|---|---|"]
