@@ -23,6 +23,7 @@ from robustkd.defenses.inversion import (
     suspect_classes,
     trigger_consistency,
 )
+from robustkd.defenses.student_perturbation import OnlinePerturbation, compose
 from robustkd.defenses.threshold import (  # noqa: F401  (select_*: their old home)
     choose_blind,
     choose_oracle,
@@ -65,6 +66,14 @@ class RobustKDConfig:
     consistency: float = setting(0.0, "share of each batch the student sees with a synthetic "
                                       "trigger (trigger-consistent distillation, not in the "
                                       "paper; 0 = off)", minimum=0.0, maximum=1.0)
+    student_perturbation: float = setting(
+        0.0, "share of each batch the student sees with its own online universal "
+             "perturbation (defenses/student_perturbation.py, not in the paper; 0 = off)",
+        minimum=0.0, maximum=1.0)
+    perturbation_eps: float = setting(0.1, "largest pixel change of that perturbation",
+                                      above=0.0, maximum=1.0)
+    perturbation_step: float = setting(0.01, "signed ascent step of the perturbation per "
+                                             "batch", above=0.0, maximum=1.0)
     inversion_epochs: int = setting(5, "epochs of blind trigger synthesis", minimum=1)
     inversion_lr: float = setting(0.02, "Adam lr of the trigger synthesis", above=0.0)
     inversion_mask_max: float = setting(0.5, "largest blend weight of a synthetic trigger",
@@ -104,6 +113,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the first improved reading: every class's trigger at budget 0.5 (universal adversarial
     # blends at that budget; a strong augmentation rather than a targeted unlearning)
     "consistency-all": {"consistency": 0.5},
+    # a candidate (untuned settings): no masks, no synthesis, the student's own online
+    # universal perturbation on half of each batch
+    "student-uap": {"masks": False, "student_perturbation": 0.5},
 }
 
 
@@ -165,8 +177,12 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     if inversion is not None:
         report["inversion"] = inversion
     report["synthetic_triggers"] = synthetic
-    student_input = (trigger_consistency(synthetic, cfg.consistency, loop.mean, loop.std,
-                                         loop.seed) if synthetic is not None else None)
+    consistent = (trigger_consistency(synthetic, cfg.consistency, loop.mean, loop.std,
+                                      loop.seed) if synthetic is not None else None)
+    perturbation = (OnlinePerturbation(cfg.student_perturbation, cfg.perturbation_eps,
+                                       cfg.perturbation_step, loop.mean, loop.std, loop.seed)
+                    if cfg.student_perturbation > 0 else None)
+    student_input = compose(consistent, perturbation)
     distill_kw = dict(method="fkd", loop=loop, options=fkd_options, student_input=student_input,
                       teacher_layers=teacher_layers, student_layers=student_layers)
     detox_seconds = distill_seconds = 0.0
@@ -203,6 +219,8 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                     **distill_kw)
     report.update(detox_seconds=detox_seconds, distill_seconds=time.perf_counter() - started,
                   masks=masks)
+    if perturbation is not None:
+        report["student_perturbation"] = perturbation.summary()
     return report
 
 

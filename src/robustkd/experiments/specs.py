@@ -36,6 +36,9 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     Recipe("robustkd", "RobustKD (paper)", "robustkd", {"preset": "paper"}),
     # paper detox + trigger-consistent distillation (defenses/inversion.py; not in the paper)
     Recipe("robustkd-improved", "RobustKD (improved)", "robustkd", {"preset": "improved"}),
+    # a candidate default: the student's online universal perturbation, no masks
+    Recipe("robustkd-student-uap", "RobustKD (student UAP)", "robustkd",
+           {"preset": "student-uap"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
