@@ -13,6 +13,7 @@ images/s of the epochs after the first (warm-up), converted to seconds per 50k i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -62,6 +63,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="also FKD with the loss under torch.compile (bf16, channels-last) at "
+                        "each of --batch-sizes")
+    p.add_argument("--batch-sizes", default="128",
+                   help="comma-separated batch sizes of the compiled rows (lr scaled "
+                        "linearly from 0.1 at 128)")
     args = p.parse_args()
     device = resolve_device(args.device)
     data = random_data(args.images, args.classes)
@@ -102,6 +109,18 @@ def main() -> None:
                 record({"stage": "robustkd distill (masks active)", "bf16": amp,
                         "channels_last": channels_last,
                         "seconds_per_50k_epoch": seconds_per_epoch(hist)})
+    for batch in (int(b) for b in args.batch_sizes.split(",")) if args.compile else ():
+        t, s = models(args.teacher, args.student, args.classes, device, True)
+        loop = LoopSettings(mean=MEAN, std=STD, augment=AUGMENT, device=device,
+                            batch_size=batch, channels_last=True, progress=False,
+                            compile=True)
+        optim = dataclasses.replace(FKD_SCHEDULE, lr=0.1 * batch / 128)
+        started = time.perf_counter()
+        hist, _ = distill_student(t, s, data, None, loop=loop,
+                                  run=DistillRun(epochs=args.epochs, optim=optim))
+        record({"stage": "fkd distill (compiled loss)", "bf16": True, "channels_last": True,
+                "batch_size": batch, "seconds_per_50k_epoch": seconds_per_epoch(hist),
+                "wall_seconds": time.perf_counter() - started})
     print(json.dumps(results))
 
 

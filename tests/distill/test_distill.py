@@ -150,3 +150,19 @@ def test_compiled_distillation_loss_matches_eager(digits):
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_distill_student_runs_compiled(digits):
+    """``LoopSettings(compile=True)``: the whole loop with the compiled loss trains."""
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    small = digits.train.subset(torch.arange(0, 256))
+    history, distiller = distill_student(
+        teacher, student, small, None, teacher_layers=["bn1", "bn2"],
+        student_layers=["bn1", "bn2"],
+        loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=64, progress=False,
+                          compile=True),
+        run=DistillRun(epochs=2, optim=OptimConfig(lr=0.05)))
+    assert len(history) == 2 and history[-1].loss < history[0].loss
+    assert not distiller._taps  # hooks removed after the run, compiled or not
