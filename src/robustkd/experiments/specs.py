@@ -39,6 +39,8 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     # a candidate default: the student's online universal perturbation, no masks
     Recipe("robustkd-student-uap", "RobustKD (student UAP)", "robustkd",
            {"preset": "student-uap"}),
+    Recipe("robustkd-student-uap-small", "RobustKD (student UAP, eps 0.05)", "robustkd",
+           {"preset": "student-uap-small"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
