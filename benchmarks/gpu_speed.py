@@ -21,8 +21,8 @@ import time
 import torch
 
 from robustkd.data.dataset import ImageDataset
-from robustkd.defenses.detox import DetoxSettings, train_detox_masks
-from robustkd.defenses.robustkd import detox_layer_names
+from robustkd.defenses.detox import train_detox_masks
+from robustkd.defenses.robustkd import RobustKDConfig, detox_layer_names
 from robustkd.distill.run import FKD_SCHEDULE, DistillRun, distill_student
 from robustkd.io import write_json
 from robustkd.models import build_model
@@ -98,7 +98,7 @@ def main() -> None:
             if amp and channels_last:
                 names = detox_layer_names(t, "all")
                 masks, dhist = train_detox_masks(t, data, names,
-                                                 DetoxSettings(tau=0.2, epochs=args.epochs),
+                                                 RobustKDConfig(detox_epochs=args.epochs).detox(0.2),
                                                  loop)
                 record({"stage": "robustkd detox (masks)", "bf16": False,
                         "channels_last": channels_last,

@@ -7,7 +7,8 @@ import torch
 from robustkd.attacks import patch_trigger
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import DeviceLoader
-from robustkd.defenses.detox import DetoxSettings, train_detox_masks
+from robustkd.defenses.detox import train_detox_masks
+from robustkd.defenses.robustkd import RobustKDConfig
 from robustkd.distill import DistillRun, distill_student
 from robustkd.models import build_model
 from robustkd.training.classifier import train_classifier
@@ -58,6 +59,6 @@ def test_trigger_fkd_and_detox_on_cuda():
     hist, _ = distill_student(teacher, student, ds, ds, loop=loop,
                               run=DistillRun(epochs=1, trigger=trig, target=0))
     assert "test_asr" in hist[-1].extra
-    masks, _ = train_detox_masks(teacher, ds, ["block1", "block3"], DetoxSettings(epochs=1),
-                                 loop)
+    masks, _ = train_detox_masks(teacher, ds, ["block1", "block3"],
+                                 RobustKDConfig(detox_epochs=1).detox(0.2), loop)
     assert masks.masks[0].device.type == "cuda"

@@ -5,10 +5,10 @@ import torch
 
 from robustkd.defenses.detox import (
     DetoxMasks,
-    DetoxSettings,
     detox_loss,
     train_detox_masks,
 )
+from robustkd.defenses.robustkd import RobustKDConfig
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy, per_example_variance
 from robustkd.models.taps import tap
@@ -59,7 +59,8 @@ def test_training_masks_lowers_variance_and_keeps_teacher(digits, digits_teacher
     before = {k: v.clone() for k, v in digits_teacher.state_dict().items()}
     clean = digits.train.subset(torch.arange(0, len(digits.train), 3))
     masks, history = train_detox_masks(
-        digits_teacher, clean, names, DetoxSettings(tau=0.5, loss_mode="var", epochs=3, lr=0.02),
+        digits_teacher, clean, names,
+        RobustKDConfig(loss="var", detox_epochs=3, detox_lr=0.02).detox(0.5),
         LoopSettings(mean=digits.mean, std=digits.std, progress=False))
     assert history[-1].stats["variance"] < 0.8 * history[0].stats["variance"]
     assert all(float(m.detach().max()) <= 0.5 + 1e-6 and float(m.detach().min()) >= 0

@@ -15,7 +15,7 @@ clean data (teacher weights frozen), clamping ``m`` into [0, tau] after every st
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -135,21 +135,19 @@ def detox_loss(logits: torch.Tensor, labels: torch.Tensor, last_feature: torch.T
 class DetoxSettings:
     """One detoxification: the mask threshold and equation, the loss and its variance
     weight, the Adam schedule of the masks, their initial value and shape, the teacher's BN
-    mode and the (non-paper) mask-opening reward. Defaults: the paper's reading."""
+    mode and the (non-paper) mask-opening reward. No defaults here: they live in
+    :class:`robustkd.defenses.robustkd.RobustKDConfig`, whose ``detox(tau)`` builds one."""
 
-    tau: float = 0.2
-    variant: str = "eq7"
-    loss_mode: str = "ce+var"
-    lam: float = 1.0
-    epochs: int = 40
-    lr: float = 1e-3
-    mask_init: float | None = None
-    teacher_bn: str = "eval"
-    mask_shape: str = "element"
-    open_weight: float = 0.0
-
-    def with_(self, **changes: Any) -> DetoxSettings:
-        return replace(self, **changes)
+    tau: float
+    variant: str
+    loss_mode: str
+    lam: float
+    epochs: int
+    lr: float
+    mask_init: float | None
+    teacher_bn: str
+    mask_shape: str
+    open_weight: float
 
 
 def train_detox_masks(teacher: nn.Module, clean: ImageDataset, names: Sequence[str],

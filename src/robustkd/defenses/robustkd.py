@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -210,7 +210,7 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     else:
         chosen_tau, masks, detox_seconds, distill_seconds = choose_oracle(
             teacher, student, clean, test, names, taus, epsilon=cfg.epsilon,
-            detox=cfg.detox, run=run.with_(on_epoch_end=None, state_dir=None, resume=False),
+            detox=cfg.detox, run=replace(run, on_epoch_end=None, state_dir=None, resume=False),
             distill_kw=distill_kw, student_factory=student_factory, report=report)
         report.update(chosen_tau=chosen_tau, detox_seconds=detox_seconds,
                       distill_seconds=distill_seconds, masks=masks)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,6 @@ class DistillRun:
     state_dir: str | Path | None = None
     resume: bool = False
     on_epoch_end: Callable[[EpochResult], None] | None = None
-
-    def with_(self, **changes: Any) -> DistillRun:
-        return replace(self, **changes)
 
 
 def distill_student(

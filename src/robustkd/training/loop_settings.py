@@ -8,7 +8,7 @@ Distillation, detoxification, teacher defences and RobustKD all take one
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +31,3 @@ class LoopSettings:
     progress: bool = True
     workers: int | None = None
     compile: bool = False
-
-    def with_(self, **changes: Any) -> LoopSettings:
-        return replace(self, **changes)
