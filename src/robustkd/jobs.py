@@ -303,6 +303,10 @@ class DistillJob(Job):
                                            maximum=1.0)
     clean_seed: int | None = setting(None, "seed choosing the defender's clean images "
                                            "(default: the run's seed)", minimum=0)
+    clean_val: float | None = setting(None, "hold out this per-class share of the clean "
+                                            "images and evaluate on it instead of the test "
+                                            "set (a validation split for choosing settings)",
+                                      above=0.0, maximum=0.5)
     options: dict[str, Any] | None = None
     robustkd: dict[str, Any] | None = None
     defense: str | None = setting(None, "teacher defence to run first", metavar="NAME")

@@ -88,3 +88,50 @@ def test_run_robustkd_with_the_student_perturbation_reports_its_steps(digits):
     steps = report["student_perturbation"]["steps"]
     assert report["masks"] is None and steps == 2 * (len(small) // 32) - 1
     assert 0 < report["student_perturbation"]["abs_mean"] <= 0.1
+
+
+def test_append_mode_adds_perturbed_copies_of_the_first_rows():
+    p = OnlinePerturbation(0.25, eps=0.1, step=0.01, mean=MEAN, std=STD, seed=0, mode="append")
+    x = (torch.rand(40, 1, 6, 6) - 0.5) / 0.25
+    out = p(x)
+    assert out.shape[0] == 50 and torch.equal(out[:40], x)
+    pixel_change = (out[40:] - x[:10]) * 0.25
+    assert 0 < pixel_change.abs().max() <= 0.1 + 1e-6
+    with pytest.raises(ConfigError, match="mode"):
+        OnlinePerturbation(0.5, eps=0.1, step=0.01, mean=MEAN, std=STD, mode="swap")
+    cfg = robustkd_config({"preset": "student-uat"})
+    assert cfg.perturbation_mode == "append" and not cfg.masks
+
+
+def test_fkd_trains_appended_rows_on_their_labels_without_teacher_features():
+    """The loss with appended copies is the plain FKD loss of the batch plus the copies'
+    cross-entropy on the labels of the rows they copy; a share over one row per row fails."""
+    import torch.nn.functional as F
+
+    from robustkd.distill import build_distiller
+    from robustkd.models.layers import frozen_teacher
+    from tests.toy_models import TinyNet
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    x, y = torch.randn(12, 1, 16, 16), torch.randint(0, 10, (12,))
+    shift = torch.randn(1, 16, 16) * 0.1
+    layers = dict(teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
+    plain = build_distiller("fkd", teacher, student, options={"teacher_bn": "eval"}, **layers)
+    appended = build_distiller("fkd", teacher, student, options={"teacher_bn": "eval"},
+                               student_input=lambda b: torch.cat([b, b[:4] + shift]), **layers)
+    student.eval()  # BN on running statistics: the extra rows cannot move the clean rows
+    with frozen_teacher(teacher, "eval"):
+        plain.prepare(x)
+        appended.prepare(x)
+        appended.connectors.load_state_dict(plain.connectors.state_dict())
+        base, _ = plain.loss(x, y)
+        total, stats = appended.loss(x, y)
+        extra_ce = F.cross_entropy(student(x[:4] + shift), y[:4])
+        assert torch.allclose(total, base + extra_ce, atol=1e-5)
+        assert stats["train_acc"] <= 12
+        too_many = build_distiller("fkd", teacher, student,
+                                   student_input=lambda b: b.repeat(3, 1, 1, 1), **layers)
+        too_many.prepare(x)
+        with pytest.raises(ConfigError, match="at most one row"):
+            too_many.loss(x, y)

@@ -20,6 +20,7 @@ from robustkd.api.distill_inputs import (
     clean_data,
     finish_teacher,
     load_teacher_run,
+    validation_split,
 )
 from robustkd.api.models import check_output_classes, prepare_model
 from robustkd.defenses.transforms import TransformContext, chosen_transform, with_teacher
@@ -54,8 +55,9 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     """:func:`distill` for a job already built."""
     r = job.runtime
     config = job_config(job)
-    if job.clean_seed is None:  # records without it keep their former config
-        config.pop("clean_seed")
+    for key in ("clean_seed", "clean_val"):  # records without them keep their former config
+        if getattr(job, key) is None:
+            config.pop(key)
     run = RunContext("distill", config, Path(job.out), r.seed)
     run.open(resume=r.resume, overwrite=r.overwrite,
              inputs={"--teacher": job.teacher, "--trigger-from": job.trigger_from,
@@ -64,6 +66,7 @@ def run_distill(job: DistillJob) -> dict[str, Any]:
     run.device = dev = resolve_device(r.device)
     teacher, data = load_teacher_run(job, dev)
     splits, clean = clean_data(job, run, teacher, data)
+    splits, clean = validation_split(job, splits, clean)
     finish_teacher(job, teacher, splits, dev)
     student = build_student(job, splits)
     use_cl = prepare_model(student, dev, r.channels_last)

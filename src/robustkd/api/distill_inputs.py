@@ -18,7 +18,9 @@ from robustkd.api.data import (
     streaming,
 )
 from robustkd.api.models import check_output_classes, load_factory, load_weights_into
-from robustkd.data.dataset import DatasetSplits
+from robustkd.data.dataset import DatasetSplits, ImageDataset
+from robustkd.data.streaming import StreamedImageFolder
+from robustkd.data.subsets import split_validation
 from robustkd.errors import ConfigError
 from robustkd.jobs import DataSpec, DistillJob
 from robustkd.models import build_model
@@ -73,6 +75,20 @@ def clean_data(job: DistillJob, run: RunContext, teacher: Teacher,
         run.config.pop(key)
     return prepare_data(data.dataset, data.data_root, data.image_size, job.clean_fraction,
                         subset_seed, holdout=data.holdout)
+
+
+def validation_split(job: DistillJob, splits: Any, clean: ImageDataset | StreamedImageFolder
+                     ) -> tuple[Any, Any]:
+    """With ``clean_val``: the clean images minus a per-class validation share, and splits
+    whose evaluation set is that share, so settings are compared without the test set."""
+    if job.clean_val is None:
+        return splits, clean
+    if isinstance(clean, StreamedImageFolder):
+        raise not_streamable("--clean-val", "the validation share is carved from in-memory "
+                                            f"clean data; {IN_MEMORY_HINT}")
+    subset_seed = job.runtime.seed if job.clean_seed is None else job.clean_seed
+    train, val = split_validation(clean, job.clean_val, seed=subset_seed)
+    return replace(splits, test=val), train
 
 
 def check_streamed_distill(method: str, defense: str | None) -> None:

@@ -23,6 +23,7 @@ from robustkd.defenses.inversion import (
     suspect_classes,
     trigger_consistency,
 )
+from robustkd.defenses.student_perturbation import MODES as PERTURBATION_MODES
 from robustkd.defenses.student_perturbation import OnlinePerturbation, compose
 from robustkd.defenses.threshold import (  # noqa: F401  (select_*: their old home)
     choose_blind,
@@ -74,6 +75,10 @@ class RobustKDConfig:
                                       above=0.0, maximum=1.0)
     perturbation_step: float = setting(0.01, "signed ascent step of the perturbation per "
                                              "batch", above=0.0, maximum=1.0)
+    perturbation_mode: str = setting("replace", "perturbed images replace a share of each "
+                                                "batch (full loss) or are appended as copies "
+                                                "that learn their labels only",
+                                     choices=PERTURBATION_MODES)
     inversion_epochs: int = setting(5, "epochs of blind trigger synthesis", minimum=1)
     inversion_lr: float = setting(0.02, "Adam lr of the trigger synthesis", above=0.0)
     inversion_mask_max: float = setting(0.5, "largest blend weight of a synthetic trigger",
@@ -119,6 +124,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the same with half the box: the perturbation at eps 0.1 cost clean accuracy
     "student-uap-small": {"masks": False, "student_perturbation": 0.5,
                           "perturbation_eps": 0.05, "perturbation_step": 0.005},
+    # the perturbed images as extra copies that learn their labels: the clean images keep
+    # the whole distillation signal (replacing them cost accuracy)
+    "student-uat": {"masks": False, "student_perturbation": 0.5,
+                    "perturbation_mode": "append"},
 }
 
 
@@ -183,7 +192,8 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     consistent = (trigger_consistency(synthetic, cfg.consistency, loop.mean, loop.std,
                                       loop.seed) if synthetic is not None else None)
     perturbation = (OnlinePerturbation(cfg.student_perturbation, cfg.perturbation_eps,
-                                       cfg.perturbation_step, loop.mean, loop.std, loop.seed)
+                                       cfg.perturbation_step, loop.mean, loop.std, loop.seed,
+                                       cfg.perturbation_mode)
                     if cfg.student_perturbation > 0 else None)
     student_input = compose(consistent, perturbation)
     distill_kw = dict(method="fkd", loop=loop, options=fkd_options, student_input=student_input,

@@ -23,6 +23,11 @@ import torch
 from robustkd.data.loader import denormalize, normalize
 from robustkd.errors import ConfigError
 
+# replace: perturbed images take the place of a share of the batch and the full loss (the
+# teacher's clean features); append: perturbed copies of a share join the batch and learn
+# their labels only, so the distillation signal on the clean images is untouched
+MODES = ("replace", "append")
+
 
 class OnlinePerturbation:
     """A student-input transform holding the universal perturbation; call it on each
@@ -31,13 +36,15 @@ class OnlinePerturbation:
     a resumed distillation starts it afresh."""
 
     def __init__(self, share: float, eps: float, step: float, mean: Sequence[float],
-                 std: Sequence[float], seed: int = 0) -> None:
+                 std: Sequence[float], seed: int = 0, mode: str = "replace") -> None:
+        if mode not in MODES:
+            raise ConfigError(f"student perturbation mode must be one of {MODES}, got {mode!r}")
         if not 0 < share <= 1:
             raise ConfigError(f"student perturbation share must be in (0, 1], got {share}")
         if not 0 < eps <= 1 or not 0 < step <= eps:
             raise ConfigError(f"student perturbation needs 0 < step <= eps <= 1, got step "
                               f"{step}, eps {eps}")
-        self.share, self.eps, self.step = share, eps, step
+        self.share, self.eps, self.step, self.mode = share, eps, step, mode
         self.mean, self.std, self.seed = mean, std, seed
         self.delta: torch.Tensor | None = None
         self._gen: torch.Generator | None = None
@@ -68,10 +75,15 @@ class OnlinePerturbation:
         if self.delta is None or self.delta.device != x.device:
             self._start(x)
         self.ascend()
+        if self.mode == "append":  # the batch is shuffled: its first rows are a random share
+            copies = x[:max(1, round(self.share * x.shape[0]))]
+            return torch.cat([x, self._perturb(copies)])
         chosen = torch.rand(x.shape[0], device=x.device, generator=self._gen) < self.share
+        return torch.where(chosen.view(-1, 1, 1, 1), self._perturb(x), x)
+
+    def _perturb(self, x: torch.Tensor) -> torch.Tensor:
         pixels = denormalize(x.float(), self.mean, self.std)
-        perturbed = normalize((pixels + self.delta).clamp(0, 1), self.mean, self.std)
-        return torch.where(chosen.view(-1, 1, 1, 1), perturbed.to(x.dtype), x)
+        return normalize((pixels + self.delta).clamp(0, 1), self.mean, self.std).to(x.dtype)
 
 
 def compose(*transforms):

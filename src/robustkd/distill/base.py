@@ -21,7 +21,9 @@ class DistillSetup:
 
     ``teacher_replace`` maps teacher module names to output replacements that stay active
     inside every teacher forward pass (RobustKD's detox masks are such replacements).
-    ``student_input`` (e.g. synthetic triggers) changes only what the student sees.
+    ``student_input`` (e.g. synthetic triggers) changes only what the student sees; it may
+    also append rows (perturbed copies of the batch's first rows), which FKD trains on their
+    labels alone.
     """
 
     teacher: nn.Module

@@ -124,11 +124,16 @@ class FeatureDistillation(Distiller):
         _, t_feats = self.teacher_forward(x, self.t_names)
         x_student = x if self.setup.student_input is None else self.setup.student_input(x)
         x_student = salt_and_pepper(x_student, self.options["input_noise"])
+        n, extra = x.shape[0], x_student.shape[0] - x.shape[0]
+        if not 0 <= extra <= n:
+            raise ConfigError(f"a student-input transform may append at most one row per "
+                              f"batch row; got {x_student.shape[0]} rows for {n}")
         with self.taps(self.student, self.s_names).recording() as s_taps:
-            logits = self.student(x_student)
+            all_logits = self.student(x_student)
+        logits = all_logits[:n]
         s_feats, t_list = [], []
         for conn, t_name, s_name in zip(self.connectors, self.t_names, self.s_names, strict=True):
-            s, t = conn(s_taps[s_name]), t_feats[t_name]
+            s, t = conn(s_taps[s_name][:n]), t_feats[t_name]
             if s.shape[2:] != t.shape[2:]:
                 size = tuple(min(a, b) for a, b in zip(s.shape[2:], t.shape[2:], strict=True))
                 s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
@@ -137,6 +142,8 @@ class FeatureDistillation(Distiller):
         feat = fkd_feature_loss(s_feats, t_list, self.margins())
         feat = feat / (x.shape[0] * self.options["scale"])
         ce = F.cross_entropy(logits, y)
+        if extra:  # appended rows copy the first ones: their labels, no teacher features
+            ce = ce + F.cross_entropy(all_logits[n:], y[:extra])
         loss = ce + self.options["beta"] * feat
         return loss, {"train_acc": (logits.argmax(1) == y).sum(),
                       "feat_loss": feat.detach() * x.shape[0]}

@@ -1,0 +1,67 @@
+"""Compare defence settings on a validation split carved from the defender's clean data.
+
+One benchmark student (the plan's FKD cell of a teacher: same student, data, schedule and
+seed) is trained with another method or RobustKD preset on the defender's images minus a
+per-class validation share (``--clean-val``), and measured on that share only: the test set
+is not read, so settings can be chosen before the benchmark's test cells are run.
+
+    OMP_NUM_THREADS=1 python benchmarks/validation_probe.py --bench runs/bench \\
+        --teacher sig-scratch --method robustkd --preset student-uat --out runs/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from robustkd import api
+from robustkd.experiments import plan
+from robustkd.experiments.runner import run_dir
+
+
+def overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs, each value read as YAML (numbers, booleans, words)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench", required=True, help="the benchmark's run store (its teachers)")
+    p.add_argument("--teacher", required=True, help="benchmark teacher, e.g. sig-scratch")
+    p.add_argument("--method", default="fkd")
+    p.add_argument("--preset", default=None, help="RobustKD preset (method robustkd)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="RobustKD setting over the preset (repeatable)")
+    p.add_argument("--clean-val", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", default="mini")
+    p.add_argument("--out", required=True, help="folder of the probe's runs")
+    args = p.parse_args()
+    cells = plan(["benchmark"], args.scale, seeds=args.seed + 1)["benchmark"]
+    node = next(c.node for c in cells
+                if c.column == f"fkd/{args.teacher}" and c.seed == args.seed)
+    params = {**node.params, "method": args.method, "clean_val": args.clean_val}
+    name = args.method
+    if args.method == "robustkd":
+        params["robustkd"] = {"preset": args.preset or "improved", **overrides(args.set)}
+        name = "-".join([params["robustkd"]["preset"], *args.set]).replace("=", "")
+    out = Path(args.out) / f"{args.teacher}-{name}-s{args.seed}"
+    rec = api.distill(teacher=run_dir(Path(args.bench), node.parents["teacher"]), **params,
+                      device="cpu", progress=False, resume=True, out=str(out))
+    print(json.dumps({"teacher": args.teacher, "method": args.method, "name": name,
+                      "seed": args.seed, "split": f"validation {args.clean_val}",
+                      **rec["metrics"], "seconds": rec["seconds"], "run": str(out)}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
