@@ -41,6 +41,10 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
            {"preset": "student-uap"}),
     Recipe("robustkd-student-uap-small", "RobustKD (student UAP, eps 0.05)", "robustkd",
            {"preset": "student-uap-small"}),
+    # the student's perturbation as appended copies that learn their labels (clean rows
+    # keep the whole FKD signal)
+    Recipe("robustkd-student-uat", "RobustKD (student UAT)", "robustkd",
+           {"preset": "student-uat"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
