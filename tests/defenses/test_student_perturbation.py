@@ -5,14 +5,18 @@ import pytest
 import torch
 
 from robustkd.defenses.robustkd import robustkd_config
-from robustkd.defenses.student_perturbation import OnlinePerturbation, compose
+from robustkd.defenses.student_perturbation import (
+    OnlinePerturbation,
+    PerturbationSettings,
+    compose,
+)
 from robustkd.errors import ConfigError
 
 MEAN, STD = (0.5,), (0.25,)
 
 
 def test_only_the_chosen_share_is_perturbed_within_the_bound():
-    p = OnlinePerturbation(0.5, eps=0.1, step=0.01, mean=MEAN, std=STD, seed=0)
+    p = OnlinePerturbation(PerturbationSettings(0.5, eps=0.1, step=0.01), MEAN, STD, seed=0)
     x = (torch.rand(400, 1, 6, 6) - 0.5) / 0.25
     out = p(x)
     changed = (out != x).flatten(1).any(1)
@@ -23,7 +27,7 @@ def test_only_the_chosen_share_is_perturbed_within_the_bound():
 
 
 def test_the_ascent_step_follows_the_gradient_sign_and_stays_in_the_box():
-    p = OnlinePerturbation(1.0, eps=0.1, step=0.04, mean=MEAN, std=STD, seed=0)
+    p = OnlinePerturbation(PerturbationSettings(1.0, eps=0.1, step=0.04), MEAN, STD, seed=0)
     x = torch.zeros(8, 1, 4, 4)
     direction = torch.tensor([1.0, -1.0] * 8).view(1, 4, 4)
     for _ in range(6):  # the loss grows along +direction: delta must go to eps * direction
@@ -46,7 +50,7 @@ def test_it_finds_the_pattern_a_backdoored_model_answers_to():
         logits = (x.flatten(1) * 0.25 + 0.5) @ w.T
         return torch.nn.functional.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
 
-    p = OnlinePerturbation(1.0, eps=0.1, step=0.01, mean=MEAN, std=STD, seed=1)
+    p = OnlinePerturbation(PerturbationSettings(1.0, eps=0.1, step=0.01), MEAN, STD, seed=1)
     for _ in range(40):
         x = (torch.rand(32, 1, 8, 8) * 0.2 + 0.4 - 0.5) / 0.25
         loss_of(p(x)).backward()
@@ -57,9 +61,9 @@ def test_it_finds_the_pattern_a_backdoored_model_answers_to():
 
 def test_settings_are_checked_and_transforms_compose():
     with pytest.raises(ConfigError, match="share"):
-        OnlinePerturbation(0.0, eps=0.1, step=0.01, mean=MEAN, std=STD)
+        PerturbationSettings(0.0, eps=0.1, step=0.01)
     with pytest.raises(ConfigError, match="step"):
-        OnlinePerturbation(0.5, eps=0.1, step=0.2, mean=MEAN, std=STD)
+        PerturbationSettings(0.5, eps=0.1, step=0.2)
     with pytest.raises(ConfigError, match="student.perturbation"):
         robustkd_config({"student_perturbation": 1.5})
     cfg = robustkd_config({"preset": "student-uap"})
@@ -91,14 +95,15 @@ def test_run_robustkd_with_the_student_perturbation_reports_its_steps(digits):
 
 
 def test_append_mode_adds_perturbed_copies_of_the_first_rows():
-    p = OnlinePerturbation(0.25, eps=0.1, step=0.01, mean=MEAN, std=STD, seed=0, mode="append")
+    p = OnlinePerturbation(PerturbationSettings(0.25, eps=0.1, step=0.01, mode="append"),
+                           MEAN, STD, seed=0)
     x = (torch.rand(40, 1, 6, 6) - 0.5) / 0.25
     out = p(x)
     assert out.shape[0] == 50 and torch.equal(out[:40], x)
     pixel_change = (out[40:] - x[:10]) * 0.25
     assert 0 < pixel_change.abs().max() <= 0.1 + 1e-6
     with pytest.raises(ConfigError, match="mode"):
-        OnlinePerturbation(0.5, eps=0.1, step=0.01, mean=MEAN, std=STD, mode="swap")
+        PerturbationSettings(0.5, eps=0.1, step=0.01, mode="swap")
     cfg = robustkd_config({"preset": "student-uat"})
     assert cfg.perturbation_mode == "append" and not cfg.masks
 
@@ -135,3 +140,16 @@ def test_fkd_trains_appended_rows_on_their_labels_without_teacher_features():
         too_many.prepare(x)
         with pytest.raises(ConfigError, match="at most one row"):
             too_many.loss(x, y)
+
+
+def test_it_starts_after_the_configured_share_of_the_epochs():
+    cfg = robustkd_config({"preset": "student-uap", "perturbation_start": 0.5})
+    settings = cfg.perturbation(epochs=4, images=100, batch_size=32)  # 3 batches per epoch
+    assert settings.start_batch == 6
+    p = OnlinePerturbation(settings, MEAN, STD)
+    x = torch.randn(64, 1, 4, 4)
+    for _ in range(6):
+        assert p(x) is x
+    assert not torch.equal(p(x), x) and p.delta is not None
+    with pytest.raises(ConfigError, match="perturbation.start"):
+        robustkd_config({"perturbation_start": 1.0})

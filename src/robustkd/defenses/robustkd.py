@@ -24,7 +24,11 @@ from robustkd.defenses.inversion import (
     trigger_consistency,
 )
 from robustkd.defenses.student_perturbation import MODES as PERTURBATION_MODES
-from robustkd.defenses.student_perturbation import OnlinePerturbation, compose
+from robustkd.defenses.student_perturbation import (
+    OnlinePerturbation,
+    PerturbationSettings,
+    compose,
+)
 from robustkd.defenses.threshold import (  # noqa: F401  (select_*: their old home)
     choose_blind,
     choose_oracle,
@@ -75,6 +79,8 @@ class RobustKDConfig:
                                       above=0.0, maximum=1.0)
     perturbation_step: float = setting(0.01, "signed ascent step of the perturbation per "
                                              "batch", above=0.0, maximum=1.0)
+    perturbation_start: float = setting(0.0, "share of the epochs distilled before the "
+                                             "perturbation starts", minimum=0.0, maximum=0.99)
     perturbation_mode: str = setting("replace", "perturbed images replace a share of each "
                                                 "batch (full loss) or are appended as copies "
                                                 "that learn their labels only",
@@ -100,6 +106,15 @@ class RobustKDConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def perturbation(self, epochs: int, images: int, batch_size: int) -> PerturbationSettings:
+        """The student perturbation of a distillation of ``epochs`` over ``images`` (the
+        loop drops a last partial batch when there is more than one)."""
+        per_epoch = images // batch_size if images > batch_size else 1
+        return PerturbationSettings(
+            share=self.student_perturbation, eps=self.perturbation_eps,
+            step=self.perturbation_step, mode=self.perturbation_mode,
+            start_batch=round(self.perturbation_start * epochs) * per_epoch)
 
     def detox(self, tau: float) -> DetoxSettings:
         """The detoxification these settings train at threshold ``tau``."""
@@ -128,6 +143,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the whole distillation signal (replacing them cost accuracy)
     "student-uat": {"masks": False, "student_perturbation": 0.5,
                     "perturbation_mode": "append"},
+    # the perturbation only once the student has learnt the task (from the first lr drop)
+    "student-uap-late": {"masks": False, "student_perturbation": 0.5,
+                         "perturbation_start": 0.5},
 }
 
 
@@ -191,9 +209,9 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     report["synthetic_triggers"] = synthetic
     consistent = (trigger_consistency(synthetic, cfg.consistency, loop.mean, loop.std,
                                       loop.seed) if synthetic is not None else None)
-    perturbation = (OnlinePerturbation(cfg.student_perturbation, cfg.perturbation_eps,
-                                       cfg.perturbation_step, loop.mean, loop.std, loop.seed,
-                                       cfg.perturbation_mode)
+    perturbation = (OnlinePerturbation(cfg.perturbation(run.epochs, len(clean),
+                                                        loop.batch_size),
+                                       loop.mean, loop.std, loop.seed)
                     if cfg.student_perturbation > 0 else None)
     student_input = compose(consistent, perturbation)
     distill_kw = dict(method="fkd", loop=loop, options=fkd_options, student_input=student_input,

@@ -17,6 +17,7 @@ descent unlearns.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -29,26 +30,46 @@ from robustkd.errors import ConfigError
 MODES = ("replace", "append")
 
 
+@dataclass(frozen=True)
+class PerturbationSettings:
+    """What the perturbation does (RobustKDConfig's ``student_perturbation``,
+    ``perturbation_*`` settings build it; its defaults live there)."""
+
+    share: float
+    eps: float
+    step: float
+    mode: str = "replace"
+    start_batch: int = 0  # batches passed through untouched before it starts
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"student perturbation mode must be one of {MODES}, "
+                              f"got {self.mode!r}")
+        if not 0 < self.share <= 1:
+            raise ConfigError(f"student perturbation share must be in (0, 1], got {self.share}")
+        if not 0 < self.eps <= 1 or not 0 < self.step <= self.eps:
+            raise ConfigError(f"student perturbation needs 0 < step <= eps <= 1, got step "
+                              f"{self.step}, eps {self.eps}")
+        if self.start_batch < 0:
+            raise ConfigError(f"student perturbation start must be >= 0, got {self.start_batch}")
+
+
 class OnlinePerturbation:
     """A student-input transform holding the universal perturbation; call it on each
     normalised batch (the distiller does) and it first applies the ascent step the last
     batch's backward pass made possible. The perturbation is not in a run's resume state:
-    a resumed distillation starts it afresh."""
+    a resumed distillation starts it afresh (and counts ``start_batch`` again)."""
 
-    def __init__(self, share: float, eps: float, step: float, mean: Sequence[float],
-                 std: Sequence[float], seed: int = 0, mode: str = "replace") -> None:
-        if mode not in MODES:
-            raise ConfigError(f"student perturbation mode must be one of {MODES}, got {mode!r}")
-        if not 0 < share <= 1:
-            raise ConfigError(f"student perturbation share must be in (0, 1], got {share}")
-        if not 0 < eps <= 1 or not 0 < step <= eps:
-            raise ConfigError(f"student perturbation needs 0 < step <= eps <= 1, got step "
-                              f"{step}, eps {eps}")
-        self.share, self.eps, self.step, self.mode = share, eps, step, mode
+    def __init__(self, settings: PerturbationSettings, mean: Sequence[float],
+                 std: Sequence[float], seed: int = 0) -> None:
+        self.settings = settings
+        self.share, self.eps, self.step, self.mode = (settings.share, settings.eps,
+                                                      settings.step, settings.mode)
         self.mean, self.std, self.seed = mean, std, seed
         self.delta: torch.Tensor | None = None
         self._gen: torch.Generator | None = None
         self.steps = 0
+        self.batches = 0
 
     def _start(self, x: torch.Tensor) -> None:
         self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
@@ -72,6 +93,9 @@ class OnlinePerturbation:
                 "at_bound": round(float((d.abs() >= self.eps - 1e-6).float().mean()), 4)}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        if self.batches <= self.settings.start_batch:
+            return x
         if self.delta is None or self.delta.device != x.device:
             self._start(x)
         self.ascend()
