@@ -92,6 +92,8 @@ def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
     text = (out / "report.md").read_text()
     assert "### ckd-scratch" in text and "### badnets-scratch" in text
     assert "| FKD | 2/2 |" in text and "R-ACC %" in text and "Criteria:" in text
+    fkd_rows = [line for line in text.splitlines() if line.startswith("| FKD | 2/2 |")]
+    assert fkd_rows and all(line.endswith("| 1.00 |") for line in fkd_rows)  # x FKD time
     assert (out / "benchmark-ckd-scratch.png").stat().st_size > 1000
 
 

@@ -80,6 +80,16 @@ def _seconds(records, runs: list[str]) -> str:
     return f"{m:.0f}" if h is None else f"{m:.0f} ± {h:.0f}"
 
 
+def _time_ratio(records, runs: list[str], fkd_runs: list[str]) -> str:
+    """Mean seconds of the method over the FKD student's mean seconds (issue 15's budget is
+    1.5x FKD's)."""
+    secs = [records[r]["seconds"] for r in runs if r in records]
+    base = [records[r]["seconds"] for r in fkd_runs if r in records]
+    if not secs or not base:
+        return "–"
+    return f"{(sum(secs) / len(secs)) / (sum(base) / len(base)):.2f}"
+
+
 def _defender_data(scale_name: str | None) -> str:
     try:
         sizes = get_scale(str(scale_name)).benchmark
@@ -115,8 +125,8 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
                   f"Teacher{trained} ACC {t_acc}, ASR {t_asr}; the clean teacher under this "
                   f"trigger (floor): ASR {floor}.", "",
                   f"Criteria: {criteria_line(nums)}.", "",
-                  "| method | seeds | ACC % | ASR % | R-ACC % | removal vs FKD % | seconds |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | seeds | ACC % | ASR % | R-ACC % | removal vs FKD % | seconds | "
+                  "× FKD time |", "|---|---|---|---|---|---|---|---|"]
         methods = [m for m in BENCH_METHODS if m in c] + sorted(set(c) - set(BENCH_METHODS)
                                                                - {"teacher", "floor"})
         for m in methods:
@@ -128,7 +138,8 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
                          f"{format_cell(cell_values(records, runs, 'acc'))} | "
                          f"{format_cell(cell_values(records, runs, 'asr'))} | "
                          f"{format_cell(cell_values(records, runs, 'racc'))} | {removal} | "
-                         f"{_seconds(records, runs)} |")
+                         f"{_seconds(records, runs)} | "
+                         f"{_time_ratio(records, runs, c.get('fkd', []))} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
