@@ -41,6 +41,9 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="RobustKD preset (method robustkd)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="RobustKD setting over the preset (repeatable)")
+    p.add_argument("--defense", default=None, help="teacher defence first (e.g. anp)")
+    p.add_argument("--defense-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="setting of that defence (repeatable)")
     p.add_argument("--clean-val", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", default="mini")
@@ -54,6 +57,9 @@ def main() -> None:
     if args.method == "robustkd":
         params["robustkd"] = {"preset": args.preset or "improved", **overrides(args.set)}
         name = "-".join([params["robustkd"]["preset"], *args.set]).replace("=", "")
+    if args.defense:
+        params.update(defense=args.defense, defense_options=overrides(args.defense_set))
+        name = "-".join([args.defense, *args.defense_set, name]).replace("=", "")
     out = Path(args.out) / f"{args.teacher}-{name}-s{args.seed}"
     rec = api.distill(teacher=run_dir(Path(args.bench), node.parents["teacher"]), **params,
                       device="cpu", progress=False, resume=True, out=str(out))
