@@ -182,3 +182,12 @@ def test_defence_flags_reach_the_defence_from_the_cli(tmp_path):
     settings = rec["defense"]["settings"]
     assert settings["iterations"] == 3 and settings["threshold"] == 0.3
     assert rec["defense"]["threshold"] == 0.3 and rec["defense"]["pruned"] >= 0
+
+
+def test_a_recipes_defence_options_override_the_scales_sizes():
+    cells = plan(["benchmark"], "mini", seeds=1)["benchmark"]
+    params = {c.column.split("/")[0]: c.node.params for c in cells
+              if c.column.endswith("/sig-scratch")}
+    assert params["anp"]["defense_options"]["iterations"] == 500
+    assert params["anp-short"]["defense_options"]["iterations"] == 150
+    assert params["anp-short"]["defense"] == "anp"

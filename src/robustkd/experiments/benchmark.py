@@ -51,8 +51,9 @@ class BenchTeacher:
 # seed; the others run on the first seed only (2 CPU cores).
 BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
                  "robustkd-default", "robustkd-student-uap", "robustkd-student-uap-small",
-                 "robustkd-student-uat")
-BENCH_SEEDED = ("fkd", "finetune", "anp", "ibau", "robustkd-default", "robustkd-student-uat")
+                 "robustkd-student-uat", "anp-short")
+BENCH_SEEDED = ("fkd", "finetune", "anp", "ibau", "robustkd-default", "robustkd-student-uat",
+                "anp-short")
 
 
 BENCH_TEACHERS = (

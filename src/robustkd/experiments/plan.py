@@ -130,7 +130,8 @@ def method_params(method: Recipe, detox_epochs: int, robustkd_sizes: dict[str, A
                               **robustkd_sizes}
     if method.defense is not None:
         params["defense"] = method.defense
-        params["defense_options"] = dict(defense_sizes.get(method.defense, {}))
+        params["defense_options"] = {**defense_sizes.get(method.defense, {}),
+                                     **(method.defense_options or {})}
     return params
 
 

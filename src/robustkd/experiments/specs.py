@@ -26,6 +26,7 @@ class Recipe:
     method: str  # a distillation method of robustkd.distill / api.distill
     robustkd: dict[str, Any] | None = None
     defense: str | None = None
+    defense_options: dict[str, Any] | None = None  # over the scale's defence sizes
 
 
 RECIPES: dict[str, Recipe] = {m.name: m for m in (
@@ -52,6 +53,9 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     Recipe("finetune", "fine-tuning + FKD", "fkd", defense="finetune"),
     Recipe("nad", "NAD + FKD", "fkd", defense="nad"),
     Recipe("anp", "ANP + FKD", "fkd", defense="anp"),
+    # ANP's masks within issue 15's time budget (1.5x FKD): 150 mask batches, not 500
+    Recipe("anp-short", "ANP (150 iterations) + FKD", "fkd", defense="anp",
+           defense_options={"iterations": 150}),
     Recipe("ibau", "I-BAU + FKD", "fkd", defense="ibau"),
 )}
 
