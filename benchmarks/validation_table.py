@@ -2,7 +2,7 @@
 
     python benchmarks/validation_table.py --runs runs/val \\
         --save benchmarks/results/validation-2026-12-02
-writes ``records.jsonl`` (one line per finished run) and ``table.md`` there and prints the
+writes ``probes.jsonl`` (one line per finished run) and ``table.md`` there and prints the
 table: per teacher and setting, validation ACC / ASR / R-ACC (%) and seconds.
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
         save = Path(args.save)
         save.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(r) + "\n" for r in found)
-        atomic_write(save / "records.jsonl", lambda tmp: tmp.write_text(lines))
+        atomic_write(save / "probes.jsonl", lambda tmp: tmp.write_text(lines))
         atomic_write(save / "table.md", lambda tmp: tmp.write_text(text))
 
 
