@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from robustkd import api
 from robustkd.data import load_dataset
 from robustkd.models import build_model
 from robustkd.training.classifier import train_classifier
@@ -30,3 +31,13 @@ def _digits_teacher(digits):
 def digits_teacher(_digits_teacher):
     """A fresh copy per test, so a test that poisons or edits it cannot leak into others."""
     return copy.deepcopy(_digits_teacher)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher_run(tmp_path_factory):
+    """A one-epoch digits run directory, for tests that only need a teacher to distil from
+    (read only)."""
+    out = tmp_path_factory.mktemp("digits_run") / "t"
+    api.train(dataset="digits", model="wrn10_1", epochs=1, out=out, device="cpu",
+              progress=False)
+    return out

@@ -12,11 +12,8 @@ from robustkd.runs import load_run
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clean_val") / "t"
-    api.train(dataset="digits", model="wrn10_1", epochs=1, out=out, device="cpu",
-              progress=False)
-    return out
+def teacher_run(digits_teacher_run):
+    return digits_teacher_run
 
 
 def test_the_record_measures_the_held_out_share_of_the_clean_images(teacher_run, tmp_path):

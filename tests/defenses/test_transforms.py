@@ -83,11 +83,8 @@ class _Probe:
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("transforms") / "t"
-    api.train(dataset="digits", model="wrn10_1", epochs=1, out=out, device="cpu",
-              progress=False)
-    return out
+def teacher_run(digits_teacher_run):
+    return digits_teacher_run
 
 
 def _distill(teacher_run, out, **kw):

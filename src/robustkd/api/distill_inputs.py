@@ -60,11 +60,17 @@ def load_teacher_run(job: DistillJob, device: torch.device) -> tuple[Teacher, Da
     return Teacher(parent.model, parent.trigger, parent.target, parent.meta), data
 
 
+def defender_seed(job: DistillJob) -> int:
+    """The seed choosing the defender's images (and their validation share): ``clean_seed``,
+    else the run's seed."""
+    return job.runtime.seed if job.clean_seed is None else job.clean_seed
+
+
 def clean_data(job: DistillJob, run: RunContext, teacher: Teacher,
                data: DataSpec) -> tuple[DatasetSplits, Any]:
     """The splits and the defender's clean subset (``clean_fraction`` per class, chosen by
     ``clean_seed``: fixed across student seeds)."""
-    subset_seed = job.runtime.seed if job.clean_seed is None else job.clean_seed
+    subset_seed = defender_seed(job)
     if streaming(data.dataset, data.stream, teacher.meta):
         run.config["stream"] = True
         check_streamed_distill(job.method, job.defense)
@@ -86,8 +92,7 @@ def validation_split(job: DistillJob, splits: Any, clean: ImageDataset | Streame
     if isinstance(clean, StreamedImageFolder):
         raise not_streamable("--clean-val", "the validation share is carved from in-memory "
                                             f"clean data; {IN_MEMORY_HINT}")
-    subset_seed = job.runtime.seed if job.clean_seed is None else job.clean_seed
-    train, val = split_validation(clean, job.clean_val, seed=subset_seed)
+    train, val = split_validation(clean, job.clean_val, seed=defender_seed(job))
     return replace(splits, test=val), train
 
 

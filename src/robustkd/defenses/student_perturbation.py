@@ -63,8 +63,6 @@ class OnlinePerturbation:
     def __init__(self, settings: PerturbationSettings, mean: Sequence[float],
                  std: Sequence[float], seed: int = 0) -> None:
         self.settings = settings
-        self.share, self.eps, self.step, self.mode = (settings.share, settings.eps,
-                                                      settings.step, settings.mode)
         self.mean, self.std, self.seed = mean, std, seed
         self.delta: torch.Tensor | None = None
         self._gen: torch.Generator | None = None
@@ -74,7 +72,7 @@ class OnlinePerturbation:
     def _start(self, x: torch.Tensor) -> None:
         self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
         delta = (torch.rand(x.shape[1:], device=x.device, generator=self._gen) * 2 - 1)
-        self.delta = (delta * self.eps).requires_grad_(True)
+        self.delta = (delta * self.settings.eps).requires_grad_(True)
 
     def ascend(self) -> None:
         """One signed ascent step from the gradient left on ``delta``, then back into the
@@ -82,7 +80,8 @@ class OnlinePerturbation:
         if self.delta is None or self.delta.grad is None:
             return
         with torch.no_grad():
-            self.delta.add_(self.step * self.delta.grad.sign()).clamp_(-self.eps, self.eps)
+            eps = self.settings.eps
+            self.delta.add_(self.settings.step * self.delta.grad.sign()).clamp_(-eps, eps)
         self.delta.grad = None
         self.steps += 1
 
@@ -90,7 +89,7 @@ class OnlinePerturbation:
         """For the record: ascent steps taken and the perturbation's size at the end."""
         d = self.delta.detach() if self.delta is not None else torch.zeros(1)
         return {"steps": self.steps, "abs_mean": round(float(d.abs().mean()), 4),
-                "at_bound": round(float((d.abs() >= self.eps - 1e-6).float().mean()), 4)}
+                "at_bound": round(float((d.abs() >= self.settings.eps - 1e-6).float().mean()), 4)}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.batches += 1
@@ -99,10 +98,11 @@ class OnlinePerturbation:
         if self.delta is None or self.delta.device != x.device:
             self._start(x)
         self.ascend()
-        if self.mode == "append":  # the batch is shuffled: its first rows are a random share
-            copies = x[:max(1, round(self.share * x.shape[0]))]
+        share = self.settings.share
+        if self.settings.mode == "append":  # the batch is shuffled: its first rows are random
+            copies = x[:max(1, round(share * x.shape[0]))]
             return torch.cat([x, self._perturb(copies)])
-        chosen = torch.rand(x.shape[0], device=x.device, generator=self._gen) < self.share
+        chosen = torch.rand(x.shape[0], device=x.device, generator=self._gen) < share
         return torch.where(chosen.view(-1, 1, 1, 1), self._perturb(x), x)
 
     def _perturb(self, x: torch.Tensor) -> torch.Tensor:
