@@ -2,7 +2,9 @@
 
 ``robustkd reproduce benchmark`` runs every node parents-first; on a 2-core machine two
 lanes (one thread each) run disjoint node lists at once. A lane names nodes by a prefix of
-their column (``teacher/ckd-scratch``, ``fkd/``) and skips nodes already finished.
+their column (``teacher/ckd-scratch``, ``fkd/``; a trailing ``$`` asks for that column
+exactly, so ``fkd/ckd-scratch$`` leaves out ``fkd/ckd-scratch-long``) and skips nodes
+already finished.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lane.py --out runs/bench \\
         --data-root ../shared/data --columns teacher/clean,teacher/ckd-scratch
@@ -31,6 +33,11 @@ def crosses(out: Path, fkd, threshold: float) -> bool:
     return read_json(run_dir(out, fkd) / RECORD_FILE)["metrics"].get("asr", 0.0) >= threshold
 
 
+def column_matches(column: str, pattern: str) -> bool:
+    """A prefix of the column, or the column itself when the pattern ends in ``$``."""
+    return column == pattern[:-1] if pattern.endswith("$") else column.startswith(pattern)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -38,7 +45,8 @@ def main() -> None:
     p.add_argument("--scale", default="mini")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--columns", required=True,
-                   help="comma-separated column prefixes, e.g. teacher/,floor/,fkd/")
+                   help="comma-separated column prefixes, e.g. teacher/,floor/,fkd/ "
+                        "(a trailing $: that column exactly)")
     p.add_argument("--seed-only", type=int, default=None, help="only cells of this seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--gate-fkd-asr", type=float, default=None, metavar="F",
@@ -51,7 +59,7 @@ def main() -> None:
     write_layout(out, "benchmark", cells,
                  {"scale": args.scale, "seeds": list(range(args.seeds))})
     prefixes = args.columns.split(",")
-    chosen = [c for c in cells if any(c.column.startswith(x) for x in prefixes)
+    chosen = [c for c in cells if any(column_matches(c.column, x) for x in prefixes)
               and (args.seed_only is None or c.seed == args.seed_only)]
     fkd0 = {c.column.split("/", 1)[1]: c.node for c in cells
             if c.column.startswith("fkd/") and c.seed == 0}
