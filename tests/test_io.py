@@ -107,3 +107,9 @@ def test_save_tensors_failure_keeps_previous_weights(tmp_path):
 def test_missing_run_dir_message_is_actionable(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a robustkd run directory"):
         load_checkpoint(tmp_path)
+
+
+def test_no_tensors_save_and_load_back(tmp_path):
+    # safetensors writes an unreadable header for no tensors with empty metadata
+    path = save_tensors(tmp_path / "empty.safetensors", {}, metadata={})
+    assert load_state_dict(path) == {}

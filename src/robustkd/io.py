@@ -104,7 +104,10 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     if not is_main():  # skip the device-to-host copies too
         return Path(path)
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return atomic_write(path, lambda p: save_file(flat, str(p), metadata=dict(metadata or {})))
+    # no metadata rather than an empty one: safetensors writes an unreadable header for no
+    # tensors with empty metadata (a run with neither masks nor triggers saves none)
+    meta = dict(metadata) if metadata else None
+    return atomic_write(path, lambda p: save_file(flat, str(p), metadata=meta))
 
 
 def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

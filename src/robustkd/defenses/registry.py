@@ -147,6 +147,15 @@ def defend_teacher(name: str, teacher: nn.Module, ctx: DefenseContext,
     return cleaned, report
 
 
+def load_defended(run_dir: str | Path, teacher: nn.Module, name: str,
+                  options: Mapping[str, Any] | None = None
+                  ) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The copy of ``teacher`` that defence ``name`` with ``options`` saved in ``run_dir``
+    and its report, or None when there is none with these settings."""
+    settings = dataclasses.asdict(make_settings(get_teacher_defense(name), options))
+    return _load_saved(Path(run_dir), teacher, name, settings)
+
+
 def _load_saved(run_dir: Path, teacher: nn.Module, name: str,
                 settings: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]] | None:
     weights, meta = run_dir / DEFENDED_TEACHER, run_dir / DEFENSE_JSON

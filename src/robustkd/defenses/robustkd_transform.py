@@ -1,6 +1,7 @@
-"""RobustKD as a teacher transform (``--method robustkd``): detoxify the teacher's features,
-distil from the detoxified teacher (:func:`run_robustkd`), and keep what another student may
-reuse: the masks and synthetic triggers as ``detox.safetensors`` + ``detox.json``
+"""RobustKD as a teacher transform (``--method robustkd``): prune a copy of the teacher when
+the configuration says so, detoxify its features, distil from the detoxified teacher
+(:func:`run_robustkd`), and keep what another student may reuse: the masks and synthetic
+triggers as ``detox.safetensors`` + ``detox.json``, the pruned teacher under ``prune/``
 (``--detox-from RUN_DIR``)."""
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from safetensors.torch import load_file
+from torch import nn
 
 from robustkd.defenses.detox import DetoxMasks
 from robustkd.defenses.inversion import SyntheticTriggers
+from robustkd.defenses.registry import defend_teacher, load_defended
 from robustkd.defenses.robustkd import RobustKDConfig, SavedDetox, robustkd_config, run_robustkd
 from robustkd.defenses.transforms import (
     TransformContext,
@@ -27,6 +30,7 @@ from robustkd.models.taps import tap
 
 DETOX_FILE = "detox.safetensors"
 DETOX_META = "detox.json"
+PRUNE_DIR = "prune"  # the pruned teacher's weights and report (registry.defend_teacher)
 
 
 def load_detox(run_dir: str | Path) -> tuple[DetoxMasks | None, SyntheticTriggers | None]:
@@ -69,8 +73,9 @@ class Detoxification:
         reuse = None
         if s.get("detox_from") is not None:
             reuse = SavedDetox(*load_detox(s["detox_from"]))
+        teacher, pruning = prune_teacher(ctx, cfg)
         report = run_robustkd(
-            ctx.teacher, ctx.student, ctx.clean, ctx.test, cfg, loop=ctx.loop, run=ctx.run,
+            teacher, ctx.student, ctx.clean, ctx.test, cfg, loop=ctx.loop, run=ctx.run,
             fkd_options=s.get("options"), teacher_layers=s.get("teacher_layers"),
             student_layers=s.get("student_layers"), student_factory=ctx.new_student,
             reuse=reuse)
@@ -84,16 +89,38 @@ class Detoxification:
                     "teacher": str(s.get("teacher"))})
         loop, run = ctx.loop, ctx.run
         replace = masks.replacements() if masks is not None else {}
-        with tap(ctx.teacher, replace=replace):
-            detoxed = evaluate_model(ctx.teacher, ctx.test, loop.mean, loop.std,
+        with tap(teacher, replace=replace):
+            detoxed = evaluate_model(teacher, ctx.test, loop.mean, loop.std,
                                      trigger=run.trigger, target=run.target, device=loop.device)
         extras = {
-            "robustkd": {**report, "config": cfg.as_dict(),
+            "robustkd": {**report, "config": cfg.as_dict(), "prune": pruning,
                          "detoxified_teacher_metrics": detoxed},
             **{k: report[k] for k in ("selection", "chosen_tau", "detox_seconds",
                                       "distill_seconds")},
+            "prune_seconds": pruning["seconds"] if pruning is not None else 0.0,
         }
-        return Transformed(ctx.teacher, extras)
+        return Transformed(teacher, extras)
+
+
+def prune_teacher(ctx: TransformContext, cfg: RobustKDConfig
+                  ) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The teacher the detoxification reads: ``ctx.teacher`` itself, or a pruned copy (made
+    here and saved under ``prune/``, reused on ``--resume``; with ``--detox-from``, the one
+    that run saved). Returns it and the pruning's report (None without pruning)."""
+    if cfg.prune == "none":
+        return ctx.teacher, None
+    source = ctx.settings.get("detox_from")
+    if source is not None:
+        saved = load_defended(Path(source) / PRUNE_DIR, ctx.teacher, cfg.prune,
+                              cfg.prune_options())
+        if saved is None:
+            raise ConfigError(f"{source} has no teacher pruned with {cfg.prune} and these "
+                              f"settings under {PRUNE_DIR}/; give the run directory of a "
+                              "`robustkd distill --method robustkd` with the same preset")
+        return saved
+    (ctx.run_dir / PRUNE_DIR).mkdir(parents=True, exist_ok=True)
+    return defend_teacher(cfg.prune, ctx.teacher, ctx.defense_context(), cfg.prune_options(),
+                          run_dir=ctx.run_dir / PRUNE_DIR, resume=ctx.run.resume)
 
 
 register_transform(Detoxification())

@@ -1,0 +1,72 @@
+"""RobustKD with a pruning step (``prune anp``, the ``anp-prune`` preset): the teacher copy is
+pruned by ANP's criterion, then distilled from; with no masks and no synthesis this is
+exactly ``--defense anp`` + FKD, saved so that ``--resume`` and ``--detox-from`` reuse it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustkd import api
+from robustkd.defenses.robustkd import PRESETS, robustkd_config
+from robustkd.defenses.robustkd_transform import PRUNE_DIR
+from robustkd.errors import ConfigError
+
+ITERATIONS = 3
+
+
+def _distill(teacher_run, out, **kw):
+    return api.distill(teacher=teacher_run, student="wrn10_1", epochs=1, clean_fraction=0.1,
+                       device="cpu", progress=False, out=out, seed=3, **kw)
+
+
+def _student(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_the_preset_prunes_with_anp_and_trains_no_masks():
+    cfg = robustkd_config({"preset": "anp-prune"})
+    assert (cfg.prune, cfg.masks, cfg.consistency) == ("anp", False, 0.0)
+    assert cfg.prune_options() == {"iterations": PRESETS["anp-prune"]["prune_iterations"]}
+    assert robustkd_config({"preset": "paper"}).prune == "none"  # the paper prunes nothing
+
+
+def test_an_unknown_pruning_names_the_flag_and_choices():
+    with pytest.raises(ConfigError, match=r"prune.*'none', 'anp'|prune.*anp"):
+        robustkd_config({"prune": "magnitude"})
+    with pytest.raises(ConfigError, match="prune_iterations"):
+        robustkd_config({"prune": "anp", "prune_iterations": 0})
+
+
+def test_pruned_robustkd_is_the_anp_defence_then_fkd(digits_teacher_run, tmp_path):
+    pruned = _distill(digits_teacher_run, tmp_path / "rkd", method="robustkd",
+                      robustkd={"preset": "anp-prune", "prune_iterations": ITERATIONS})
+    baseline = _distill(digits_teacher_run, tmp_path / "anp", method="fkd", defense="anp",
+                        defense_options={"iterations": ITERATIONS})
+    report = pruned["robustkd"]["prune"]
+    assert report["name"] == "anp" and report["settings"]["iterations"] == ITERATIONS
+    assert report["masks"] == baseline["defense"]["masks"]
+    assert pruned["prune_seconds"] > 0
+    # the same cleaned teacher, then the same FKD: the same student, bit for bit
+    a, b = _student(tmp_path / "rkd"), _student(tmp_path / "anp")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert pruned["metrics"] == baseline["metrics"]
+    assert (tmp_path / "rkd" / PRUNE_DIR / "defended_teacher.safetensors").exists()
+    # the detoxified teacher of the record is the pruned one
+    assert (pruned["robustkd"]["detoxified_teacher_metrics"]
+            == baseline["defense"]["cleaned_teacher_metrics"])
+
+
+def test_detox_from_reuses_the_pruned_teacher(digits_teacher_run, tmp_path):
+    options = {"preset": "anp-prune", "prune_iterations": ITERATIONS}
+    _distill(digits_teacher_run, tmp_path / "first", method="robustkd", robustkd=options)
+    again = _distill(digits_teacher_run, tmp_path / "second", method="robustkd",
+                     robustkd=options, detox_from=tmp_path / "first")
+    assert again["robustkd"]["prune"]["reused"] is True
+    assert not (tmp_path / "second" / PRUNE_DIR).exists()
+    with pytest.raises(ConfigError, match="no teacher pruned with anp"):
+        _distill(digits_teacher_run, tmp_path / "third", method="robustkd",
+                 robustkd={**options, "prune_iterations": ITERATIONS + 1},
+                 detox_from=tmp_path / "first")
