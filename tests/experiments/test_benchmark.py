@@ -191,3 +191,22 @@ def test_a_recipes_defence_options_override_the_scales_sizes():
     assert params["anp"]["defense_options"]["iterations"] == 500
     assert params["anp-short"]["defense_options"]["iterations"] == 150
     assert params["anp-short"]["defense"] == "anp"
+
+
+def test_a_robustkd_column_that_only_prunes_shares_the_baselines_runs():
+    from robustkd.experiments.benchmark import BenchPlanner, bench_recipe
+    from robustkd.experiments.scales import get_scale
+    from robustkd.experiments.specs import Recipe
+
+    scale = get_scale("mini")
+    planner = BenchPlanner(scale, scale.benchmark)
+    pruning = Recipe("p", "prune", "robustkd", {"preset": "anp-prune"})
+    assert planner.twin(pruning, ["anp", "anp-short"]).name == "anp-short"  # 150 = 150
+    longer = Recipe("q", "prune", "robustkd", {"preset": "anp-prune", "prune_iterations": 500})
+    assert planner.twin(longer, ["anp-short"]) is longer  # other settings: its own runs
+    assert planner.twin(longer, ["anp", "anp-short"]).name == "anp"  # the scale's 500
+    masked = Recipe("r", "prune", "robustkd", {"preset": "anp-prune", "masks": True})
+    assert planner.twin(masked, ["anp-short"]) is masked  # masks too: not a baseline
+    assert planner.twin(bench_recipe("fkd"), ["anp-short"]).name == "fkd"
+    smoke = get_scale("smoke")  # the smoke sizes prune 5 batches, anp-short still 150
+    assert BenchPlanner(smoke, smoke.benchmark).twin(pruning, ["anp-short"]) is pruning

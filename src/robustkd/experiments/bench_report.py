@@ -129,9 +129,13 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
                   "× FKD time |", "|---|---|---|---|---|---|---|---|"]
         methods = [m for m in BENCH_METHODS if m in c] + sorted(set(c) - set(BENCH_METHODS)
                                                                - {"teacher", "floor"})
+        shown: dict[tuple[str, ...], str] = {}
         for m in methods:
             runs = [r for r in c[m] if r in records]
             label = bench_recipe(m).label if m in BENCH_METHODS else m
+            if tuple(c[m]) in shown:  # a column computed as another (benchmark.twin)
+                label += f" (the same runs as {shown[tuple(c[m])]})"
+            shown.setdefault(tuple(c[m]), label)
             removal = "–" if m == "fkd" else format_cell(
                 removal_rates(records, c.get("fkd", []), runs, seed_of))
             lines.append(f"| {label} | {len(runs)}/{len(c[m])} | "

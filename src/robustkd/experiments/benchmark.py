@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from robustkd.attacks.registry import get_attack
-from robustkd.defenses.robustkd import DEFAULT_PRESET
+from robustkd.defenses.registry import get_teacher_defense, make_settings
+from robustkd.defenses.robustkd import DEFAULT_PRESET, robustkd_config
 from robustkd.distill import get_method
 from robustkd.errors import ConfigError
 from robustkd.experiments.plan import Cell, Planner, RunNode, method_params
@@ -80,6 +81,15 @@ def default_recipe() -> Recipe:
 
 def bench_recipe(name: str) -> Recipe:
     return default_recipe() if name == "robustkd-default" else get_recipe(name)
+
+
+def only_prunes(options: dict[str, Any]) -> bool:
+    """Whether a RobustKD configuration's only step is its teacher pruning: then it is that
+    teacher defence followed by FKD (tests/defenses/test_robustkd_prune.py checks the two
+    give the same student bit for bit)."""
+    cfg = robustkd_config(dict(options))
+    return (cfg.prune != "none" and not cfg.masks and cfg.consistency == 0
+            and cfg.student_perturbation == 0)
 
 
 def _teacher_free(name: str) -> bool:
@@ -152,6 +162,26 @@ class BenchPlanner(Planner):
         return self._node("distill", f"{bad.label}-{b.student_model}-{method.name}-s{seed}",
                           params, {"teacher": bad})
 
+    def twin(self, recipe: Recipe, among: list[str]) -> Recipe:
+        """The recipe whose runs a column uses: ``recipe`` itself, or, for a RobustKD
+        configuration that only prunes, the baseline column (one of ``among``) that runs the
+        same defence with the same settings then FKD - one run serves both columns."""
+        b = self.sizes
+        own = method_params(recipe, b.detox_epochs, b.robustkd_sizes, b.defense_sizes)
+        if "robustkd" not in own or not only_prunes(own["robustkd"]):
+            return recipe
+        cfg = robustkd_config(dict(own["robustkd"]))
+        spec = get_teacher_defense(cfg.prune)
+        for name in among:
+            other = bench_recipe(name)
+            if other.method != "fkd" or other.defense != cfg.prune or other.robustkd:
+                continue
+            theirs = method_params(other, b.detox_epochs, b.robustkd_sizes, b.defense_sizes)
+            if (make_settings(spec, theirs["defense_options"])
+                    == make_settings(spec, cfg.prune_options())):
+                return other
+        return recipe
+
 
 def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = None,
                    methods: list[str] | None = None) -> list[Cell]:
@@ -179,11 +209,12 @@ def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = 
         cells.append(Cell(**where, column=f"floor/{t.name}", seed=0,
                           node=planner.floor(clean, bad)))
         for name in use_methods:
+            recipe = planner.twin(bench_recipe(name), list(BENCH_METHODS))
             for seed in (seeds if name in BENCH_SEEDED else seeds[:1]):
                 if name in TEACHER_FREE:
-                    student = planner.bench_student(clean, bench_recipe(name), seed)
+                    student = planner.bench_student(clean, recipe, seed)
                     node = planner.under_trigger(student, bad, t.name)
                 else:
-                    node = planner.bench_student(bad, bench_recipe(name), seed)
+                    node = planner.bench_student(bad, recipe, seed)
                 cells.append(Cell(**where, column=f"{name}/{t.name}", seed=seed, node=node))
     return cells
