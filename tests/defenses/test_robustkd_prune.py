@@ -70,3 +70,10 @@ def test_detox_from_reuses_the_pruned_teacher(digits_teacher_run, tmp_path):
         _distill(digits_teacher_run, tmp_path / "third", method="robustkd",
                  robustkd={**options, "prune_iterations": ITERATIONS + 1},
                  detox_from=tmp_path / "first")
+
+
+def test_the_pruning_is_logged(digits_teacher_run, tmp_path, capsys):
+    _distill(digits_teacher_run, tmp_path / "s", method="robustkd",
+             robustkd={"preset": "anp-prune", "prune_iterations": ITERATIONS})
+    printed = capsys.readouterr()
+    assert "teacher channels (anp); pruned teacher {'acc'" in printed.out + printed.err

@@ -99,7 +99,12 @@ class Detoxification:
                                       "distill_seconds")},
             "prune_seconds": pruning["seconds"] if pruning is not None else 0.0,
         }
-        return Transformed(teacher, extras)
+        message = None
+        if pruning is not None:
+            message = (f"pruned {pruning.get('pruned')} of {pruning.get('channels')} teacher "
+                       f"channels ({cfg.prune}); pruned teacher "
+                       f"{pruning['cleaned_teacher_metrics']}")
+        return Transformed(teacher, extras, message)
 
 
 def prune_teacher(ctx: TransformContext, cfg: RobustKDConfig
