@@ -72,7 +72,7 @@ def test_salt_and_pepper_touches_the_requested_share_of_pixels():
 def test_presets_and_overrides():
     paper = robustkd_config({"preset": "paper"})
     assert paper.tau == 0.2 and paper.consistency == 0 and paper.inversion_classes == "all"
-    assert robustkd_config().extra["preset"] == "improved"
+    assert robustkd_config().extra["preset"] == "anp-prune"
     cfg = robustkd_config({"preset": "improved", "tau": 0.3})
     assert cfg.tau == 0.3 and cfg.consistency == PRESETS["improved"]["consistency"] > 0
     assert cfg.extra["preset"] == "improved"
@@ -158,8 +158,9 @@ def test_run_robustkd_with_user_modules_and_named_layers(digits):
     torch.manual_seed(0)
     teacher, student = TinyNet(width=16), TinyNet(width=8)
     small = per_class_subset(digits.train, per_class=20)
-    cfg = robustkd_config({"tau": 0.5, "detox_epochs": 1, "consistency": 0.5,
-                           "inversion_epochs": 1})
+    cfg = robustkd_config({"preset": "improved", "tau": 0.5, "detox_epochs": 1,
+                           "consistency": 0.5, "inversion_epochs": 1,
+                           "inversion_classes": "all"})
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     report = run_robustkd(teacher, student, small, None, cfg,
                           loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=32,

@@ -36,11 +36,10 @@ def test_benchmark_fixes_teachers_and_clean_data_and_seeds_only_students():
     assert {s.params["clean_seed"] for s in students} == {0}
     assert {s.params["clean_fraction"] for s in students} == {0.2}
     for teacher in teachers:
-        mine = [s for s in students if s.parents["teacher"] is teacher]
         seeds = {}
-        for s in mine:
-            name = s.label.rsplit("-s", 1)[0].split("wrn16_1-", 1)[1]
-            seeds.setdefault(name, set()).add(s.params["seed"])
+        for c in cells:
+            if c.node.kind == "distill" and c.node.parents["teacher"] is teacher:
+                seeds.setdefault(c.column.split("/")[0], set()).add(c.seed)
         assert {m for m, v in seeds.items() if v == {0, 1, 2}} == set(BENCH_SEEDED)
         assert all(v == {0} for m, v in seeds.items() if m not in BENCH_SEEDED)
         assert not set(seeds) & set(TEACHER_FREE)

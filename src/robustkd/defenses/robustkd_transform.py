@@ -16,7 +16,7 @@ from torch import nn
 
 from robustkd.defenses.detox import DetoxMasks
 from robustkd.defenses.inversion import SyntheticTriggers
-from robustkd.defenses.registry import defend_teacher, load_defended
+from robustkd.defenses.registry import load_defended
 from robustkd.defenses.robustkd import RobustKDConfig, SavedDetox, robustkd_config, run_robustkd
 from robustkd.defenses.transforms import (
     TransformContext,
@@ -72,13 +72,14 @@ class Detoxification:
         cfg = self.check(s.get(self.options_key))
         reuse = None
         if s.get("detox_from") is not None:
-            reuse = SavedDetox(*load_detox(s["detox_from"]))
-        teacher, pruning = prune_teacher(ctx, cfg)
+            reuse = SavedDetox(*load_detox(s["detox_from"]),
+                               pruned=saved_pruning(ctx.teacher, s["detox_from"], cfg))
         report = run_robustkd(
-            teacher, ctx.student, ctx.clean, ctx.test, cfg, loop=ctx.loop, run=ctx.run,
+            ctx.teacher, ctx.student, ctx.clean, ctx.test, cfg, loop=ctx.loop, run=ctx.run,
             fkd_options=s.get("options"), teacher_layers=s.get("teacher_layers"),
             student_layers=s.get("student_layers"), student_factory=ctx.new_student,
-            reuse=reuse)
+            reuse=reuse, prune_dir=ctx.run_dir / PRUNE_DIR)
+        teacher, pruning = report.pop("teacher"), report.pop("prune")
         masks = report.pop("masks")
         synthetic = report.pop("synthetic_triggers")
         save_tensors(ctx.run_dir / DETOX_FILE,
@@ -107,25 +108,18 @@ class Detoxification:
         return Transformed(teacher, extras, message)
 
 
-def prune_teacher(ctx: TransformContext, cfg: RobustKDConfig
-                  ) -> tuple[nn.Module, dict[str, Any] | None]:
-    """The teacher the detoxification reads: ``ctx.teacher`` itself, or a pruned copy (made
-    here and saved under ``prune/``, reused on ``--resume``; with ``--detox-from``, the one
-    that run saved). Returns it and the pruning's report (None without pruning)."""
+def saved_pruning(teacher: nn.Module, run_dir: str | Path, cfg: RobustKDConfig
+                  ) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The pruned teacher (and the pruning's report) an earlier run saved under ``prune/``
+    with the settings of ``cfg``; None when ``cfg`` prunes nothing."""
     if cfg.prune == "none":
-        return ctx.teacher, None
-    source = ctx.settings.get("detox_from")
-    if source is not None:
-        saved = load_defended(Path(source) / PRUNE_DIR, ctx.teacher, cfg.prune,
-                              cfg.prune_options())
-        if saved is None:
-            raise ConfigError(f"{source} has no teacher pruned with {cfg.prune} and these "
-                              f"settings under {PRUNE_DIR}/; give the run directory of a "
-                              "`robustkd distill --method robustkd` with the same preset")
-        return saved
-    (ctx.run_dir / PRUNE_DIR).mkdir(parents=True, exist_ok=True)
-    return defend_teacher(cfg.prune, ctx.teacher, ctx.defense_context(), cfg.prune_options(),
-                          run_dir=ctx.run_dir / PRUNE_DIR, resume=ctx.run.resume)
+        return None
+    saved = load_defended(Path(run_dir) / PRUNE_DIR, teacher, cfg.prune, cfg.prune_options())
+    if saved is None:
+        raise ConfigError(f"{run_dir} has no teacher pruned with {cfg.prune} and these "
+                          f"settings under {PRUNE_DIR}/; give the run directory of a "
+                          "`robustkd distill --method robustkd` with the same preset")
+    return saved
 
 
 register_transform(Detoxification())

@@ -51,8 +51,8 @@ class BenchTeacher:
 # Methods compared (all blind: no trigger, target or test data), and those that get every
 # seed; the others run on the first seed only (2 CPU cores).
 BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
-                 "robustkd-default", "robustkd-student-uap", "robustkd-student-uap-small",
-                 "robustkd-student-uat", "anp-short")
+                 "robustkd-default", "robustkd-improved", "robustkd-student-uap",
+                 "robustkd-student-uap-small", "robustkd-student-uat", "anp-short")
 BENCH_SEEDED = ("fkd", "finetune", "anp", "ibau", "robustkd-default", "robustkd-student-uat",
                 "anp-short")
 
