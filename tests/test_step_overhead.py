@@ -1,0 +1,54 @@
+"""The step-overhead benchmark times the default RobustKD's real step: FKD from its pruned
+teacher copy, one JSON line per method."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_robustkd_step_is_fkd_from_a_pruned_copy_and_prints_ratios(monkeypatch, capsys):
+    step = load_script()
+    monkeypatch.setattr(sys, "argv", ["step_overhead", "--methods", "fkd,robustkd",
+                                      "--teacher", "wrn10_2", "--student", "wrn10_1",
+                                      "--images", "64", "--batch-size", "32",
+                                      "--repeats", "1", "--no-amp"])
+    step.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["method"] for line in lines] == ["fkd", "robustkd"]
+    for line in lines:
+        assert line["bare_img_s"] > 0 and line["loop_img_s"] > 0
+        assert line["ratio"] == pytest.approx(line["loop_img_s"] / line["bare_img_s"],
+                                              rel=0.01)
+
+
+def test_a_preset_whose_step_is_not_fkd_is_refused(monkeypatch):
+    step = load_script()
+    from robustkd.defenses import robustkd as rkd
+    monkeypatch.setattr(step, "robustkd_config",
+                        lambda: rkd.robustkd_config({"preset": "improved"}))
+    with pytest.raises(SystemExit, match="not a pruned teacher"):
+        step.step_models("robustkd", None, None, "cpu", False)
+
+
+def test_the_default_step_distils_by_fkd_from_a_copy():
+    step = load_script()
+    from robustkd.models import build_model
+    teacher = build_model("wrn10_2", num_classes=10)
+    data = step.random_images(64, 10)
+    pruned, method = step.step_models("robustkd", teacher, data, "cpu", False)
+    assert method == "fkd" and pruned is not teacher
+    assert step.step_models("kd", teacher, data, "cpu", False) == (teacher, "kd")
