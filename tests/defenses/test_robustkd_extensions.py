@@ -183,13 +183,15 @@ def test_saved_detox_masks_serve_another_student(tmp_path, digits_teacher, digit
     common = ["--student", "wrn10_1", "--epochs", "1", "--clean-fraction", "0.2", "--device",
               "cpu", "--no-progress", "--lr", "0.05"]
     first = tmp_path / "first"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher),
+    assert main(["distill", "--method", "robustkd", "--robustkd-preset", "improved",
+                 "--teacher", str(teacher),
                  "--robustkd-tau", "0.3", "--robustkd-detox-epochs", "1",
                  "--robustkd-consistency", "0.5",
                  "--robustkd-inversion-epochs", "1",
                  "--out", str(first), *common]) == 0
     second = tmp_path / "second"
-    assert main(["distill", "--method", "robustkd", "--teacher", str(teacher),
+    assert main(["distill", "--method", "robustkd", "--robustkd-preset", "improved",
+                 "--teacher", str(teacher),
                  "--robustkd-consistency", "0.5", "--detox-from", str(first),
                  "--out", str(second), *common]) == 0
     rec = json.loads((second / "record.json").read_text())
