@@ -1,0 +1,41 @@
+"""The clean-teacher cost benchmark prunes a teacher run by the default preset on the
+defender's subset and reports what it took."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "clean_teacher_cost.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("clean_teacher_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["clean_teacher_cost", *args])
+    load_script().main()
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_reports_the_pruning_of_the_default_on_a_teacher_run(monkeypatch, capsys,
+                                                           digits_teacher_run):
+    line = run(monkeypatch, capsys, "--teacher", str(digits_teacher_run),
+               "--prune-iterations", "3", "--clean-fraction", "0.2")
+    assert line["prune"] == "anp" and line["options"] == {"iterations": 3}
+    assert 0 <= line["pruned"] <= line["channels"] and line["channels"] > 0
+    assert 0.0 <= line["test_acc_after"] <= 1.0 and line["test_acc_before"] > 0.1
+    assert line["clean_images"] < 1438
+
+
+def test_a_preset_that_prunes_nothing_is_refused(monkeypatch, capsys, digits_teacher_run):
+    with pytest.raises(SystemExit, match="prunes nothing"):
+        run(monkeypatch, capsys, "--teacher", str(digits_teacher_run), "--preset", "paper")
