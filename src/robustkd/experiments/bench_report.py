@@ -150,8 +150,9 @@ def benchmark_markdown(layout: dict[str, Any], records: dict[str, dict[str, Any]
 
 def plot_benchmark(out: Path, layout: dict[str, Any], records: dict[str, dict[str, Any]]
                    ) -> list[Path]:
-    """``benchmark-<teacher>.png``: ASR and ACC per method with 95% interval bars, the
-    clean teacher's ASR under the trigger as a dashed line."""
+    """``benchmark-<teacher>.png``: ASR and ACC per method with 95% interval bars (seeds
+    in the label; a single seed drawn paler, without bars), the clean teacher's ASR under
+    the trigger as a dashed line."""
     plt = pyplot()
     if plt is None:
         return []
@@ -162,11 +163,19 @@ def plot_benchmark(out: Path, layout: dict[str, Any], records: dict[str, dict[st
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, metric in zip(axes, ("asr", "acc"), strict=True):
-            stats = [interval(v) if (v := cell_values(records, c[m], metric)) else (0.0, None)
-                     for m in methods]
+            values = [cell_values(records, c[m], metric) for m in methods]
+            stats = [interval(v) if v else (0.0, None) for v in values]
+            # one seed has no interval: a paler bar without error caps, n in the label
             ax.bar(range(len(methods)), [s[0] for s in stats],
-                   yerr=[s[1] or 0.0 for s in stats], capsize=3, color="tab:blue")
-            ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=8)
+                   color=["tab:blue" if len(v) > 1 else "lightsteelblue" for v in values])
+            spread = [(i, s) for i, s in enumerate(stats) if s[1] is not None]
+            if spread:
+                ax.errorbar([i for i, _ in spread], [s[0] for _, s in spread],
+                            yerr=[s[1] for _, s in spread], fmt="none", capsize=3,
+                            ecolor="black")
+            ax.set_xticks(range(len(methods)),
+                          [f"{m} (n={len(v)})" for m, v in zip(methods, values, strict=True)],
+                          rotation=40, ha="right", fontsize=8)
             ax.set_ylabel(f"{metric.upper()} %")
             ax.grid(axis="y", alpha=0.3)
             if metric == "asr" and (floor := cell_values(records, c.get("floor", []), "asr")):
