@@ -80,7 +80,7 @@ def step_models(method: str, teacher, data: ImageDataset, device, amp: bool):
     if method != "robustkd":
         return teacher, method
     cfg = robustkd_config()
-    if cfg.masks or cfg.consistency > 0 or cfg.student_perturbation > 0 or cfg.prune == "none":
+    if not cfg.only_prunes():
         raise SystemExit("step_overhead: the default RobustKD preset is not a pruned "
                          "teacher + FKD; time it with the benchmark instead")
     ctx = DefenseContext(clean=data, mean=MEAN, std=STD, augment=AUGMENT, device=device,

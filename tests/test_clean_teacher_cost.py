@@ -3,26 +3,17 @@ defender's subset and reports what it took."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "clean_teacher_cost.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("clean_teacher_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_scripts import load_script
 
 
 def run(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["clean_teacher_cost", *args])
-    load_script().main()
+    load_script("clean_teacher_cost").main()
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 

@@ -3,25 +3,16 @@ teacher copy, one JSON line per method."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_scripts import load_script
 
 
 def test_robustkd_step_is_fkd_from_a_pruned_copy_and_prints_ratios(monkeypatch, capsys):
-    step = load_script()
+    step = load_script("step_overhead")
     monkeypatch.setattr(sys, "argv", ["step_overhead", "--methods", "fkd,robustkd",
                                       "--teacher", "wrn10_2", "--student", "wrn10_1",
                                       "--images", "64", "--batch-size", "32",
@@ -36,7 +27,7 @@ def test_robustkd_step_is_fkd_from_a_pruned_copy_and_prints_ratios(monkeypatch, 
 
 
 def test_a_preset_whose_step_is_not_fkd_is_refused(monkeypatch):
-    step = load_script()
+    step = load_script("step_overhead")
     from robustkd.defenses import robustkd as rkd
     monkeypatch.setattr(step, "robustkd_config",
                         lambda: rkd.robustkd_config({"preset": "improved"}))
@@ -45,7 +36,7 @@ def test_a_preset_whose_step_is_not_fkd_is_refused(monkeypatch):
 
 
 def test_the_default_step_distils_by_fkd_from_a_copy():
-    step = load_script()
+    step = load_script("step_overhead")
     from robustkd.models import build_model
     teacher = build_model("wrn10_2", num_classes=10)
     data = step.random_images(64, 10)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,10 @@ from robustkd.evaluation.metrics import evaluate_model
 from robustkd.io import load_state_dict, read_json, save_tensors, write_json
 from robustkd.settings import make_settings as settings_from
 from robustkd.triggers import Trigger
+
+if TYPE_CHECKING:
+    from robustkd.distill.run import DistillRun
+    from robustkd.training.loop_settings import LoopSettings
 
 DEFENDED_TEACHER = "defended_teacher.safetensors"
 DEFENSE_JSON = "defense.json"
@@ -60,6 +64,16 @@ class DefenseContext:
                             std=self.std, shuffle=True, augment=self.augment,
                             drop_last=len(self.clean) > batch_size, seed=self.seed,
                             channels_last=self.channels_last)
+
+    @classmethod
+    def for_run(cls, clean: ImageDataset, test: ImageDataset | None, loop: LoopSettings,
+                run: DistillRun, layers: Sequence[str] | None = None) -> DefenseContext:
+        """The context a distillation run gives its teacher defence: its clean data, loop
+        settings, and the trigger it reports the cleaned teacher's ASR with."""
+        return cls(clean=clean, mean=loop.mean, std=loop.std, augment=loop.augment,
+                   device=loop.device, seed=loop.seed, layers=layers, test=test,
+                   trigger=run.trigger, target=run.target, amp=loop.amp,
+                   channels_last=loop.channels_last, progress=loop.progress)
 
     def evaluate(self, model: nn.Module) -> dict[str, float] | None:
         """Test ACC (and ASR when the trigger is known) of a model, for the report."""

@@ -59,12 +59,8 @@ class TransformContext:
     new_student: Callable[[], nn.Module] | None = None  # a fresh student, for candidates
 
     def defense_context(self) -> DefenseContext:
-        loop = self.loop
-        return DefenseContext(
-            clean=self.clean, mean=loop.mean, std=loop.std, augment=loop.augment,
-            device=loop.device, seed=loop.seed, layers=self.settings.get("teacher_layers"),
-            test=self.test, trigger=self.run.trigger, target=self.run.target, amp=loop.amp,
-            channels_last=loop.channels_last, progress=loop.progress)
+        return DefenseContext.for_run(self.clean, self.test, self.loop, self.run,
+                                      self.settings.get("teacher_layers"))
 
 
 @dataclass

@@ -84,12 +84,9 @@ def bench_recipe(name: str) -> Recipe:
 
 
 def only_prunes(options: dict[str, Any]) -> bool:
-    """Whether a RobustKD configuration's only step is its teacher pruning: then it is that
-    teacher defence followed by FKD (tests/defenses/test_robustkd_prune.py checks the two
-    give the same student bit for bit)."""
-    cfg = robustkd_config(dict(options))
-    return (cfg.prune != "none" and not cfg.masks and cfg.consistency == 0
-            and cfg.student_perturbation == 0)
+    """Whether a RobustKD configuration's only step is its teacher pruning
+    (:meth:`RobustKDConfig.only_prunes`)."""
+    return robustkd_config(dict(options)).only_prunes()
 
 
 def _teacher_free(name: str) -> bool:
