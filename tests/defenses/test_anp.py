@@ -193,3 +193,47 @@ def test_invalid_settings_name_the_setting(setting, value):
 def test_model_without_batchnorm_is_rejected():
     with pytest.raises(ConfigError, match="BatchNorm"):
         NeuronMasks(nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_perturbed_flips_count_only_errors_per_block():
+    from robustkd.defenses.anp import PerturbedFlips
+
+    flips = PerturbedFlips(num_classes=3, block=2, device="cpu")
+    y = torch.tensor([0, 1, 2, 2])
+    # predictions 1, 1, 0, 2: errors are image 0 -> 1 and image 2 -> 0
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 1, 0, 2]), 3).float()
+    flips.add(logits, y)
+    flips.add(logits, y)
+    flips.add(torch.nn.functional.one_hot(torch.tensor([2, 2, 2, 2]), 3).float(), y)
+    assert flips.counts() == [[2, 2, 0], [0, 0, 2]]
+
+
+def test_flip_summary_singles_out_the_collapsed_class():
+    from robustkd.defenses.anp import flip_summary
+
+    blocks = [[5, 90, 3, 2, 4, 6, 1, 3, 2, 4], [4, 30, 5, 5, 6, 4, 5, 5, 6, 5]]
+    out = flip_summary(blocks)
+    assert out["all"]["class"] == 1 and out["first_block"]["class"] == 1
+    assert out["all"]["share"] == pytest.approx(120 / 195)
+    shares = torch.tensor(blocks, dtype=torch.float64).sum(0) / 195
+    med = shares.median()
+    mad = (shares - med).abs().median() * 1.4826
+    assert out["all"]["z"] == pytest.approx(float((shares[1] - med) / mad), abs=1e-3)
+    assert out["all"]["z"] > 10
+    # errors spread evenly: no spread among the classes means no z, not an infinite one
+    assert flip_summary([[3, 3, 3]])["all"]["z"] is None
+    assert flip_summary([]) is None
+
+
+def test_anp_report_counts_perturbed_flips_over_all_batches():
+    torch.manual_seed(0)
+    teacher = TinyNet(num_classes=4, in_channels=1, width=4)
+    data = ImageDataset(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8),
+                        torch.arange(64) % 4, [str(i) for i in range(4)])
+    ctx = DefenseContext(clean=data, mean=(0.5,), std=(0.25,), augment=None, amp=False,
+                         progress=False)
+    _, report = defend_teacher("anp", teacher, ctx, {"iterations": 20, "batch_size": 16})
+    counts = torch.tensor(report["perturbed_flips"])
+    assert counts.shape == (10, 4)  # FLIP_BLOCKS blocks of 2 batches
+    assert 0 < int(counts.sum()) <= 20 * 16  # each perturbed error counted once
+    assert report["perturbed_flip_class"]["all"]["class"] == int(counts.sum(0).argmax())

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,8 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 VAL_FRACTION = 0.1
 # thresholds tried by the blind choice: 0.05, 0.10, ..., 0.90 (the reference's pruning grid)
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 19))
+# the perturbed predictions' errors are counted in this many blocks of the mask batches
+FLIP_BLOCKS = 10
 
 
 @dataclass(frozen=True)
@@ -237,13 +240,65 @@ class _Iterations:
                 raise DataError("ANP: the clean data loader yields no batches")
 
 
+class PerturbedFlips:
+    """Where the adversarial neuron perturbation sends the clean images it misclassifies:
+    per block of ``block`` mask batches, a count per class of the perturbed predictions
+    that differ from the label. ANP's observation is that a backdoored network, perturbed
+    this way, collapses onto its target class; a clean one spreads its errors. Counted on
+    the device from the ascent's own forward pass (no extra pass, no host sync)."""
+
+    def __init__(self, num_classes: int, block: int, device: torch.device | str) -> None:
+        self.block = max(1, int(block))
+        self.num_classes = int(num_classes)
+        self.device = torch.device(device)
+        self.blocks: list[torch.Tensor] = []
+        self._steps = 0
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if self._steps % self.block == 0:
+            self.blocks.append(torch.zeros(self.num_classes, dtype=torch.long,
+                                           device=self.device))
+        self._steps += 1
+        pred = logits.detach().argmax(1)
+        flipped = pred[pred != y]
+        self.blocks[-1] += torch.bincount(flipped, minlength=self.num_classes)[:self.num_classes]
+
+    def counts(self) -> list[list[int]]:
+        return [b.cpu().tolist() for b in self.blocks]
+
+
+def flip_summary(blocks: list[list[int]]) -> dict[str, Any] | None:
+    """The class the perturbed errors go to most, over all blocks and the first one: its
+    share of the errors and its robust z over the classes (median / 1.4826 MAD, as Neural
+    Cleanse scores its candidates)."""
+    if not blocks:
+        return None
+    total = torch.tensor(blocks, dtype=torch.float64).sum(0)
+    first = torch.tensor(blocks[0], dtype=torch.float64)
+
+    def score(counts: torch.Tensor) -> dict[str, float | int]:
+        share = counts / counts.sum().clamp_min(1.0)
+        med = share.median()
+        mad = (share - med).abs().median() * 1.4826
+        top = int(share.argmax())
+        # no spread among the other classes: z is undefined (None), not infinite
+        z = round(float((share[top] - med) / mad), 3) if mad > 0 else None
+        return {"class": top, "share": float(share[top]), "z": z,
+                "shares": [round(float(v), 4) for v in share]}
+
+    return {"all": score(total), "first_block": score(first)}
+
+
 def anp_step(model: nn.Module, masks: NeuronMasks, cfg: ANPSettings,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, flips: PerturbedFlips | None = None):
     """Step closure for :func:`fit`: inner ascent on the perturbations, then the mask loss
     ``alpha * CE(natural) + (1 - alpha) * CE(perturbed)``."""
 
-    def ce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x).float(), y)
+    def ce(x: torch.Tensor, y: torch.Tensor, record: bool = False) -> torch.Tensor:
+        logits = model(x)
+        if record and flips is not None:
+            flips.add(logits, y)
+        return F.cross_entropy(logits.float(), y)
 
     def step(x: torch.Tensor, y: torch.Tensor, _idx: torch.Tensor):
         robust = x.new_zeros((), dtype=torch.float32)
@@ -253,7 +308,7 @@ def anp_step(model: nn.Module, masks: NeuronMasks, cfg: ANPSettings,
             try:
                 for _ in range(cfg.steps):
                     masks.ascend(lambda: ce(x, y), cfg.eps / cfg.steps)
-                robust = ce(x, y)
+                robust = ce(x, y, record=True)
             finally:
                 masks.perturbed = False
         logits = model(x)
@@ -268,9 +323,11 @@ def anp_step(model: nn.Module, masks: NeuronMasks, cfg: ANPSettings,
 
 def optimize_masks(teacher: nn.Module, loader: Iterable, cfg: ANPSettings, *,
                    device: torch.device | str = "cpu", amp: bool = True, seed: int = 0,
-                   progress: bool = False) -> tuple[dict[str, torch.Tensor], list[EpochResult]]:
+                   progress: bool = False, flips: PerturbedFlips | None = None
+                   ) -> tuple[dict[str, torch.Tensor], list[EpochResult]]:
     """ANP's mask optimisation on a frozen copy of ``teacher`` over ``cfg.iterations``
-    batches of ``loader`` (batches ``(x, y, idx)``); returns the masks by BN name."""
+    batches of ``loader`` (batches ``(x, y, idx)``); returns the masks by BN name. With
+    ``flips``, the perturbed predictions' errors are counted there."""
     model = copy.deepcopy(teacher).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -279,7 +336,7 @@ def optimize_masks(teacher: nn.Module, loader: Iterable, cfg: ANPSettings, *,
     optim = OptimConfig(name="sgd", lr=cfg.mask_lr, momentum=0.9, weight_decay=0.0,
                         nesterov=False, schedule="constant")
     with masks.attach():
-        history = fit(masks.mask_params(), anp_step(model, masks, cfg, generator),
+        history = fit(masks.mask_params(), anp_step(model, masks, cfg, generator, flips),
                       _Iterations(loader, cfg.iterations), 1, optim, train_modules=[model],
                       device=device, amp=amp, after_step=masks.clip_, progress=progress,
                       desc="ANP masks")
@@ -342,9 +399,11 @@ def anp_defense(teacher: nn.Module, ctx: DefenseContext,
             raise DataError("ANP max_acc_drop needs a validation part, but no class of the "
                             "clean subset has 2 or more images")
     loader = dataclasses.replace(ctx, clean=mask_data).loader(cfg.batch_size)
+    flips = PerturbedFlips(len(ctx.clean.classes), math.ceil(cfg.iterations / FLIP_BLOCKS),
+                           ctx.device)
     started = time.perf_counter()
     masks, history = optimize_masks(teacher, loader, cfg, device=ctx.device, amp=ctx.amp,
-                                    seed=ctx.seed, progress=ctx.progress)
+                                    seed=ctx.seed, progress=ctx.progress, flips=flips)
     mask_seconds = time.perf_counter() - started
     threshold = cfg.threshold
     if cfg.max_acc_drop is not None:
@@ -363,6 +422,8 @@ def anp_defense(teacher: nn.Module, ctx: DefenseContext,
         "skipped_layers": skipped,
         "mask_stats": mask_stats(masks),
         "mask_seconds": mask_seconds,
+        "perturbed_flips": flips.counts(),
+        "perturbed_flip_class": flip_summary(flips.counts()),
         "masks": {name: m.tolist() for name, m in masks.items()},
         "history": [h.as_dict() for h in history],
     }
