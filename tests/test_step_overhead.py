@@ -24,6 +24,10 @@ def test_robustkd_step_is_fkd_from_a_pruned_copy_and_prints_ratios(monkeypatch, 
         assert line["bare_img_s"] > 0 and line["loop_img_s"] > 0
         assert line["ratio"] == pytest.approx(line["loop_img_s"] / line["bare_img_s"],
                                               rel=0.01)
+        # the whole call adds the run's setup to the same epoch: never faster than the epoch
+        assert 0 < line["call_img_s"] <= line["loop_img_s"]
+        assert line["call_ratio"] == pytest.approx(line["call_img_s"] / line["bare_img_s"],
+                                                   rel=0.01)
 
 
 def test_a_preset_whose_step_is_not_fkd_is_refused(monkeypatch):

@@ -59,6 +59,26 @@ def test_pruned_robustkd_is_the_anp_defence_then_fkd(digits_teacher_run, tmp_pat
             == baseline["defense"]["cleaned_teacher_metrics"])
 
 
+def test_the_pruned_teacher_is_measured_once(digits_teacher_run, tmp_path, monkeypatch):
+    import robustkd.defenses.registry as registry
+    import robustkd.defenses.robustkd_transform as transform
+
+    calls = []
+    for module in (registry, transform):
+        real = module.evaluate_model
+
+        def counting(model, *args, _real=real, **kw):
+            calls.append(id(model))
+            return _real(model, *args, **kw)
+
+        monkeypatch.setattr(module, "evaluate_model", counting)
+    done = _distill(digits_teacher_run, tmp_path / "once", method="robustkd",
+                    robustkd={"preset": "anp-prune", "prune_iterations": ITERATIONS})
+    assert len(calls) == 1  # the report's evaluation of the pruned teacher, not a second one
+    assert (done["robustkd"]["detoxified_teacher_metrics"]
+            == done["robustkd"]["prune"]["cleaned_teacher_metrics"])
+
+
 def test_detox_from_reuses_the_pruned_teacher(digits_teacher_run, tmp_path):
     options = {"preset": "anp-prune", "prune_iterations": ITERATIONS}
     _distill(digits_teacher_run, tmp_path / "first", method="robustkd", robustkd=options)

@@ -89,10 +89,16 @@ class Detoxification:
                    {**(masks.config() if masks is not None else {}), "config": cfg.as_dict(),
                     "teacher": str(s.get("teacher"))})
         loop, run = ctx.loop, ctx.run
-        replace = masks.replacements() if masks is not None else {}
-        with tap(teacher, replace=replace):
-            detoxed = evaluate_model(teacher, ctx.test, loop.mean, loop.std,
-                                     trigger=run.trigger, target=run.target, device=loop.device)
+        measured = pruning.get("cleaned_teacher_metrics") if pruning is not None else None
+        if masks is None and measured is not None:
+            # nothing replaces the pruned teacher's outputs: the pruning measured this teacher
+            detoxed = measured
+        else:
+            replace = masks.replacements() if masks is not None else {}
+            with tap(teacher, replace=replace):
+                detoxed = evaluate_model(teacher, ctx.test, loop.mean, loop.std,
+                                         trigger=run.trigger, target=run.target,
+                                         device=loop.device)
         extras = {
             "robustkd": {**report, "config": cfg.as_dict(), "prune": pruning,
                          "detoxified_teacher_metrics": detoxed},
