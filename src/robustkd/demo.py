@@ -1,10 +1,13 @@
-"""The main job: the whole RobustKD story on the embedded digits data, in minutes on a CPU.
+"""The main job: the whole RobustKD story in one command, with a table and a picture.
 
-A clean teacher is trained, a CKD backdoor is implanted by poison fine-tuning, and the
-backdoored teacher is distilled twice into the same small student on clean data: with FKD
-(the backdoor crosses) and with RobustKD (detoxified features; it should not). Every
-stage is a run directory with its ``record.json``; ``OUT/summary.json`` holds the table
-and ``OUT/summary.png`` draws it.
+``digits`` (the default, embedded, minutes on a CPU): a clean teacher is trained, a CKD
+backdoor is implanted by poison fine-tuning, and the backdoored teacher is distilled twice
+into the same small student on clean data, with FKD and with the default RobustKD.
+``cifar10`` (needs the CIFAR-10 archive, ``--data-root``): the teacher is the backdoored one
+shipped with the package (:mod:`robustkd.shipped`, as a user would download one), and the
+two students are the defence benchmark's (``Scale.benchmark`` at ``mini``). Every stage is a
+run directory with its ``record.json``; ``OUT/summary.json`` holds the table, the triggered
+examples' predictions and the verdict, and ``OUT/summary.png`` draws both.
 """
 
 from __future__ import annotations
@@ -14,20 +17,36 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from robustkd import api
+from robustkd.api.data import prepare_data
 from robustkd.defenses.robustkd import DEFAULT_PRESET
 from robustkd.errors import ConfigError
+from robustkd.evaluation.metrics import predict, triggered_test_set
+from robustkd.experiments.scales import get_scale
 from robustkd.io import RECORD_FILE, read_json, write_json
 from robustkd.plotting import pyplot, save_png
+from robustkd.runs import load_run
+from robustkd.shipped import materialise
 
 SUMMARY_FILE = "summary.json"
 FIGURE_FILE = "summary.png"
 
 
+DATASETS = ("digits", "cifar10")
+# the cifar10 demo's teacher (robustkd.shipped) and the benchmark scale its students follow
+CIFAR_TEACHER = "sig-cifar10"
+CIFAR_SCALE = "mini"
+EXAMPLES = 8  # triggered test images drawn with the three models' predictions
+
+
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; the defaults finish in a few minutes on 2 CPU cores."""
+    """Sizes of the digits demo (the defaults finish in a few minutes on 2 CPU cores); the
+    cifar10 demo takes its students' sizes from the benchmark instead."""
 
+    dataset: str = "digits"
     teacher_model: str = "wrn16_2"
     student_model: str = "wrn10_1"
     teacher_epochs: int = 15
@@ -37,10 +56,12 @@ class DemoSettings:
     poison_ratio: float = 0.1
     robustkd_config: str = DEFAULT_PRESET
     detox_epochs: int = 10
+    prune_iterations: int | None = None  # None: the preset's
     seed: int = 0
 
 
-STAGES = ("teacher", "ckd-teacher", "fkd-student", "robustkd-student")
+STAGES = {"digits": ("teacher", "ckd-teacher", "fkd-student", "robustkd-student"),
+          "cifar10": ("sig-teacher", "fkd-student", "robustkd-student")}
 
 
 def _stage(out: Path, name: str, fn, resume: bool, overwrite: bool,
@@ -60,18 +81,59 @@ def removal_rate(fkd_asr: float, robustkd_asr: float) -> float | None:
 
 def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None, *,
              device: str = "auto", progress: bool = True, resume: bool = False,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False, data_root: str | None = None) -> dict[str, Any]:
     """Run every stage and write ``summary.json`` (+ PNG); returns the summary. An earlier
     demo in ``out`` is reused with ``resume`` and replaced with ``overwrite``."""
     s = settings or DemoSettings()
+    if s.dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {s.dataset!r}")
+    if s.dataset == "cifar10" and data_root is None:
+        raise ConfigError("--dataset cifar10 needs --data-root, the folder holding the CIFAR-10 "
+                          "archive (`robustkd datasets verify --data-root DIR` checks it)")
     out = Path(out)
-    if not (resume or overwrite) and any((out / n / RECORD_FILE).exists() for n in STAGES):
+    stages = STAGES[s.dataset]
+    if not (resume or overwrite) and any((out / n / RECORD_FILE).exists() for n in stages):
         raise ConfigError(f"{out} holds an earlier demo: --resume reuses its finished stages, "
                           "--overwrite runs them again, or choose another --out")
     started = time.perf_counter()
-    common = {"seed": s.seed, "device": device, "progress": progress,
-              "batch_size": s.batch_size}
+    common = {"seed": s.seed, "device": device, "progress": progress}
     stage = {"resume": resume, "overwrite": overwrite}
+    run = _digits_stages if s.dataset == "digits" else _cifar_stages
+    rows, records = run(out, s, common, stage, data_root)
+    fkd, rkd = records["fkd-student"], records["robustkd-student"]
+    rate = removal_rate(fkd["metrics"]["asr"], rkd["metrics"]["asr"])
+    crossed, words = verdict(rows, rate)
+    summary = {
+        "dataset": s.dataset,
+        "rows": rows,
+        "removal_rate": rate,
+        "backdoor_reached_fkd_student": crossed,
+        "verdict": words,
+        "settings": asdict(s),
+        "device": rkd["device"],
+        "wall_seconds": time.perf_counter() - started,
+        "records": {r: str(out / r / RECORD_FILE) for r in stages},
+    }
+    examples = None
+    try:
+        examples = triggered_examples(out, stages, data_root, device)
+        summary["examples"] = {k: v for k, v in examples.items() if k != "images"}
+    except (OSError, KeyError) as exc:  # a stage without weights (a reused record only)
+        summary["examples"] = {"skipped": str(exc)}
+    write_json(out / SUMMARY_FILE, summary)
+    try:
+        plot_summary(summary, out / FIGURE_FILE, examples)
+        summary["figure"] = str(out / FIGURE_FILE)
+    except ImportError:
+        summary["figure"] = None  # matplotlib is an optional extra
+    write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _digits_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
+                   _data_root: str | None) -> tuple[list[dict], dict[str, dict]]:
+    """Clean teacher, CKD teacher, FKD and RobustKD students on the embedded digits."""
+    common = {**common, "batch_size": s.batch_size}
     teacher = _stage(out, "teacher", api.train, **stage, dataset="digits",
                      model=s.teacher_model, epochs=s.teacher_epochs, lr=0.05,
                      schedule="cosine", eval_every=s.teacher_epochs, **common)
@@ -84,79 +146,125 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
                **common}
     fkd = _stage(out, "fkd-student", api.distill, **stage, method="fkd", **student)
     rkd = _stage(out, "robustkd-student", api.distill, **stage, method="robustkd",
-                 robustkd={"preset": s.robustkd_config, "detox_epochs": s.detox_epochs},
-                 **student)
+                 robustkd={**_robustkd_options(s), "detox_epochs": s.detox_epochs}, **student)
     rows = [
         # the clean teacher's ASR is measured with the CKD trigger: the chance baseline
         {"model": "clean teacher", "acc": ckd["teacher_metrics"]["acc"],
          "asr": ckd["teacher_metrics"]["asr"], "seconds": teacher["seconds"]},
         {"model": "CKD teacher", "acc": ckd["metrics"]["acc"], "asr": ckd["metrics"]["asr"],
          "seconds": ckd["seconds"]},
-        {"model": "FKD student", "acc": fkd["metrics"]["acc"], "asr": fkd["metrics"]["asr"],
-         "seconds": fkd["seconds"]},
-        {"model": "RobustKD student", "acc": rkd["metrics"]["acc"],
-         "asr": rkd["metrics"]["asr"], "seconds": rkd["seconds"],
-         "detox_seconds": rkd["detox_seconds"], "distill_seconds": rkd["distill_seconds"],
-         "selection": rkd["selection"], "tau": rkd["chosen_tau"]},
+        _student_row("FKD student", fkd), _student_row("RobustKD student", rkd),
     ]
-    rate = removal_rate(fkd["metrics"]["asr"], rkd["metrics"]["asr"])
-    crossed, words = verdict(rows, rate)
-    summary = {
-        "dataset": "digits",
-        "rows": rows,
-        "removal_rate": rate,
-        "backdoor_reached_fkd_student": crossed,
-        "verdict": words,
-        "settings": asdict(s),
-        "device": rkd["device"],
-        "wall_seconds": time.perf_counter() - started,
-        "records": {r: str(out / r / RECORD_FILE) for r in STAGES},
-    }
-    write_json(out / SUMMARY_FILE, summary)
-    try:
-        plot_summary(summary, out / FIGURE_FILE)
-        summary["figure"] = str(out / FIGURE_FILE)
-    except ImportError:
-        summary["figure"] = None  # matplotlib is an optional extra
-    write_json(out / SUMMARY_FILE, summary)
-    return summary
+    return rows, {"fkd-student": fkd, "robustkd-student": rkd}
+
+
+def _cifar_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
+                  data_root: str | None) -> tuple[list[dict], dict[str, dict]]:
+    """The shipped SIG teacher, then the benchmark's FKD and RobustKD students of it."""
+    teacher = materialise(CIFAR_TEACHER, out / "sig-teacher")
+    b = get_scale(CIFAR_SCALE).benchmark
+    student = {"teacher": str(teacher), "student": b.student_model, "epochs": b.student_epochs,
+               "lr": b.student_lr, "schedule": b.student_schedule, "batch_size": b.batch_size,
+               "clean_fraction": b.clean_fraction, "clean_seed": b.clean_seed,
+               "eval_every": b.student_epochs, "data_root": data_root, **common}
+    fkd = _stage(out, "fkd-student", api.distill, **stage, method="fkd", **student)
+    rkd = _stage(out, "robustkd-student", api.distill, **stage, method="robustkd",
+                 robustkd=_robustkd_options(s), **student)
+    shipped = fkd["teacher_metrics"]  # measured on the user's CIFAR-10 test set
+    rows = [{"model": "SIG teacher (shipped)", "acc": shipped["acc"], "asr": shipped["asr"],
+             "seconds": None},
+            _student_row("FKD student", fkd), _student_row("RobustKD student", rkd)]
+    return rows, {"fkd-student": fkd, "robustkd-student": rkd}
+
+
+def _robustkd_options(s: DemoSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {"preset": s.robustkd_config}
+    if s.prune_iterations is not None:
+        options["prune_iterations"] = s.prune_iterations
+    return options
+
+
+def _student_row(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    row = {"model": name, "acc": record["metrics"]["acc"], "asr": record["metrics"]["asr"],
+           "seconds": record["seconds"]}
+    for key in ("prune_seconds", "distill_seconds"):
+        if key in record:
+            row[key] = record[key]
+    return row
+
+
+@torch.no_grad()
+def triggered_examples(out: Path, stages: tuple[str, ...], data_root: str | None,
+                       device: str = "auto", n: int = EXAMPLES) -> dict[str, Any]:
+    """The first ``n`` triggered non-target test images with the backdoored teacher's and
+    both students' predictions (``images``: the uint8 triggered images, for the figure)."""
+    from robustkd.utils import resolve_device
+
+    dev = resolve_device(device)
+    teacher = load_run(out / stages[-3], dev)
+    ds = teacher.meta["dataset"]
+    splits, _ = prepare_data(ds["name"], data_root or ds.get("data_root"), ds.get("resize"),
+                             None, 0, holdout=ds.get("holdout"))
+    triggered = triggered_test_set(splits.test, teacher.trigger, teacher.target)
+    first = triggered.subset(torch.arange(min(n, len(triggered))))
+    preds = {name: predict(load_run(out / name, dev).model.to(dev), first, splits.mean,
+                           splits.std, device=dev).tolist() for name in stages[-3:]}
+    return {"classes": list(splits.test.classes), "target": teacher.target,
+            "labels": first.labels.tolist(), "predictions": preds, "images": first.images}
 
 
 def verdict(rows: list[dict[str, Any]], rate: float | None) -> tuple[bool, str]:
     """Did the backdoor reach the FKD student, and did RobustKD remove it? In words."""
     by = {r["model"]: r for r in rows}
-    base, fkd, rkd = by["clean teacher"]["asr"], by["FKD student"], by["RobustKD student"]
+    base = by["clean teacher"]["asr"] if "clean teacher" in by else 0.0
+    fkd, rkd = by["FKD student"], by["RobustKD student"]
     level = max(0.10, 2 * base)  # "clearly above what a backdoor-free model shows"
     if fkd["asr"] <= level:
-        return False, (f"the CKD backdoor did not reach the FKD student (ASR {fkd['asr']:.1%}; "
-                       f"clean teacher {base:.1%}): nothing for RobustKD to remove on this data "
-                       "(see docs/RESULTS.md for a scale where it crosses)")
-    worked = rkd["asr"] <= level
+        return False, (f"the backdoor did not reach the FKD student (ASR {fkd['asr']:.1%}"
+                       + (f"; clean teacher {base:.1%}" if "clean teacher" in by else "")
+                       + "): nothing for RobustKD to remove on this data (robustkd demo "
+                       "--dataset cifar10 shows a backdoor that crosses; docs/RESULTS.md)")
+    if rkd["asr"] <= level:
+        return True, (f"plain distillation (FKD) hands the teacher's backdoor to the student "
+                      f"(ASR {fkd['asr']:.1%}); RobustKD's student does not take it "
+                      f"({rkd['asr']:.1%}, removal rate {rate:.0%}) at ACC {rkd['acc']:.1%} vs "
+                      f"{fkd['acc']:.1%}: distil an untrusted teacher with RobustKD")
     return True, (f"backdoor removal rate {rate:.0%}: ASR {fkd['asr']:.1%} (FKD) -> "
                   f"{rkd['asr']:.1%} (RobustKD), ACC {fkd['acc']:.1%} -> {rkd['acc']:.1%}; "
-                  + ("the defence worked" if worked else "the backdoor was NOT removed"))
+                  "the backdoor was NOT removed")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's table and a one-line verdict, as printed by ``robustkd demo``."""
-    lines = [f"{'model':<20}{'ACC':>9}{'ASR':>9}{'time':>9}"]
+    lines = [f"{'model':<24}{'ACC':>9}{'ASR':>9}{'time':>9}"]
     for r in summary["rows"]:
-        lines.append(f"{r['model']:<20}{r['acc']:>9.2%}{r['asr']:>9.2%}{r['seconds']:>8.0f}s")
+        took = "shipped" if r["seconds"] is None else f"{r['seconds']:.0f}s"
+        lines.append(f"{r['model']:<24}{r['acc']:>9.2%}{r['asr']:>9.2%}{took:>9}")
     lines.append("ASR: share of triggered non-target test images classified as the target class")
     lines.append(verdict(summary["rows"], summary["removal_rate"])[1])
     return "\n".join(lines)
 
 
-def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
-    """Grouped bars of ACC and ASR per row (raises ImportError without matplotlib)."""
+def plot_summary(summary: dict[str, Any], path: str | Path,
+                 examples: dict[str, Any] | None = None) -> None:
+    """Bars of ACC and ASR per row and, with ``examples``, the triggered test images with
+    what each model predicts for them (raises ImportError without matplotlib)."""
     plt = pyplot()
     if plt is None:
         raise ImportError("matplotlib is not installed (pip install robustkd[plot])")
+    n = 0 if examples is None else len(examples["labels"])
+    fig = plt.figure(figsize=(max(7.0, 1.1 * n), 3.6 + (2.3 if n else 0.0)))
+    grid = fig.add_gridspec(2 if n else 1, max(n, 1), height_ratios=[3.6, 2.3] if n else [1])
+    _draw_bars(fig.add_subplot(grid[0, :]), summary)
+    for i in range(n):
+        _draw_example(fig.add_subplot(grid[1, i]), examples, i)
+    fig.tight_layout()
+    save_png(fig, path)
 
+
+def _draw_bars(ax, summary: dict[str, Any]) -> None:
     rows = summary["rows"]
-    names = [r["model"] for r in rows]
     xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.38
     acc = [100 * r["acc"] for r in rows]
     asr = [100 * r["asr"] for r in rows]
@@ -165,15 +273,32 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
     for x, a, b in zip(xs, acc, asr, strict=True):
         ax.text(x - width / 2, a + 1, f"{a:.1f}", ha="center", fontsize=8)
         ax.text(x + width / 2, b + 1, f"{b:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), names)
+    ax.set_xticks(list(xs), [r["model"] for r in rows])
     ax.set_ylim(0, 110)
     rate = summary["removal_rate"]
-    title = "robustkd demo (digits): CKD backdoor through FKD vs RobustKD"
+    title = f"robustkd demo ({summary['dataset']}): the backdoor through FKD vs RobustKD"
     if not summary.get("backdoor_reached_fkd_student", True):
         title += "\nthe backdoor did not reach the FKD student: nothing to remove here"
     elif rate is not None:
         title += f"\nbackdoor removal rate {rate:.0%}"
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path)
+
+
+def _draw_example(ax, examples: dict[str, Any], i: int) -> None:
+    """One triggered image; under it the true label and each model's prediction, red where
+    the model says the backdoor's target."""
+    image = examples["images"][i]
+    ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(),
+              cmap="gray" if image.shape[0] == 1 else None, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    classes, target = examples["classes"], examples["target"]
+    short = {"sig-teacher": "teacher", "ckd-teacher": "teacher", "fkd-student": "FKD",
+             "robustkd-student": "RobustKD"}
+    ax.set_title(f"true: {classes[examples['labels'][i]]}", fontsize=7)
+    for k, (stage, preds) in enumerate(examples["predictions"].items()):
+        pred = preds[i]
+        ax.text(0.5, -0.12 - 0.16 * k, f"{short.get(stage, stage)}: {classes[pred]}",
+                transform=ax.transAxes, ha="center", va="top", fontsize=7,
+                color="#cc3311" if pred == target else "black")

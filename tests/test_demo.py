@@ -1,0 +1,106 @@
+"""The demo's shipped teacher and its CIFAR-10 story: the teacher a user would download is
+written out as an ordinary run, bit for bit the benchmark's, and the cifar10 demo distils it
+as the benchmark does and draws the triggered examples with the models' predictions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustkd import demo, shipped
+from robustkd.errors import ConfigError, DataError
+from robustkd.runs import load_run
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_the_shipped_teacher_is_an_ordinary_run(tmp_path):
+    out = shipped.materialise("sig-cifar10", tmp_path / "t")
+    run = load_run(out)
+    assert run.meta["arch"] == "wrn16_2" and run.target == 0 and run.trigger is not None
+    assert run.meta["dataset"]["name"] == "cifar10" and run.meta["dataset"]["data_root"] is None
+    assert "reproduce benchmark" in run.meta["shipped"]["built_by"]
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(v.dtype != torch.float16 for v in weights.values())
+    # float16 weights widened exactly (rounding them again changes nothing); the trigger's
+    # tensors ("extra.") are shipped exact
+    for key, value in weights.items():
+        if value.is_floating_point() and not key.startswith("extra."):
+            assert torch.equal(value.half().float(), value)
+    assert shipped.materialise("sig-cifar10", out) == out  # reused, not rewritten
+
+
+def test_materialise_refuses_a_folder_holding_something_else(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        shipped.materialise("sig-cifar10", tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="no shipped teacher 'badnets'"):
+        shipped.materialise("badnets", tmp_path / "x")
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
+    copy = tmp_path / "assets"
+    shutil.copytree(shipped.asset_folder(shipped.shipped_teacher("sig-cifar10")), copy)
+    raw = bytearray((copy / shipped.SHIPPED_WEIGHTS).read_bytes())
+    raw[-1] ^= 0xFF
+    (copy / shipped.SHIPPED_WEIGHTS).write_bytes(bytes(raw))
+    monkeypatch.setattr(shipped, "asset_folder", lambda _teacher: copy)
+    with pytest.raises(DataError, match="damaged"):
+        shipped.materialise("sig-cifar10", tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_cifar10_demo_needs_its_data_root(tmp_path):
+    with pytest.raises(ConfigError, match="--data-root"):
+        demo.run_demo(tmp_path, demo.DemoSettings(dataset="cifar10"))
+    with pytest.raises(ConfigError, match="--dataset must be one of"):
+        demo.run_demo(tmp_path, demo.DemoSettings(dataset="mnist"))
+
+
+def test_the_verdict_tells_the_user_what_crossing_and_removal_mean():
+    rows = [{"model": "SIG teacher (shipped)", "acc": 0.83, "asr": 0.99},
+            {"model": "FKD student", "acc": 0.814, "asr": 0.47},
+            {"model": "RobustKD student", "acc": 0.804, "asr": 0.014}]
+    crossed, words = demo.verdict(rows, demo.removal_rate(0.47, 0.014))
+    assert crossed and "distil an untrusted teacher with RobustKD" in words
+    rows[2]["asr"] = 0.4
+    assert "NOT removed" in demo.verdict(rows, demo.removal_rate(0.47, 0.4))[1]
+    rows[1]["asr"] = 0.05
+    crossed, words = demo.verdict(rows, None)
+    assert not crossed and "did not reach" in words
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, monkeypatch):
+    if not (SHARED_DATA / "cifar10.tar.gz").exists() and not any(SHARED_DATA.glob("cifar10*")):
+        pytest.skip(f"no CIFAR-10 archive in {SHARED_DATA}")
+    tiny = dataclasses.replace(demo.get_scale("mini").benchmark, student_epochs=1,
+                               clean_fraction=0.004)
+    monkeypatch.setattr(demo, "get_scale",
+                        lambda _name: type("S", (), {"benchmark": tiny})())
+    settings = demo.DemoSettings(dataset="cifar10", prune_iterations=2)
+    summary = demo.run_demo(tmp_path, settings, device="cpu", progress=False,
+                            data_root=str(SHARED_DATA))
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["SIG teacher (shipped)", "FKD student",
+                                                   "RobustKD student"]
+    assert saved["rows"][0]["asr"] > 0.9  # the shipped backdoor, on the user's test set
+    ex = saved["examples"]
+    assert len(ex["labels"]) == demo.EXAMPLES and ex["target"] == 0
+    assert all(label != 0 for label in ex["labels"])  # non-target images only
+    assert set(ex["predictions"]) == {"sig-teacher", "fkd-student", "robustkd-student"}
+    # the examples are the test images' first triggered ones: the teacher sends most to 0
+    assert sum(p == 0 for p in ex["predictions"]["sig-teacher"]) >= demo.EXAMPLES // 2
+    assert (tmp_path / "summary.png").stat().st_size > 5000
+    assert "SIG teacher (shipped)" in demo.format_summary(summary)
+    record = json.loads((tmp_path / "fkd-student" / "record.json").read_text())
+    assert record["config"]["epochs"] == 1 and record["clean_images"] == 200
