@@ -260,8 +260,9 @@ class PerturbedFlips:
                                            device=self.device))
         self._steps += 1
         pred = logits.detach().argmax(1)
-        flipped = pred[pred != y]
-        self.blocks[-1] += torch.bincount(flipped, minlength=self.num_classes)[:self.num_classes]
+        # a scatter, not boolean indexing or bincount: both would wait for the device
+        counted = (pred != y) & (pred < self.num_classes)
+        self.blocks[-1].scatter_add_(0, pred.clamp(max=self.num_classes - 1), counted.long())
 
     def counts(self) -> list[list[int]]:
         return [b.cpu().tolist() for b in self.blocks]
