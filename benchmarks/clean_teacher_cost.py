@@ -17,20 +17,24 @@ import json
 
 import torch
 
-from robustkd.api.data import prepare_data
+from robustkd.api.data import run_data
 from robustkd.defenses.registry import DefenseContext, defend_teacher
 from robustkd.defenses.robustkd import robustkd_config
 from robustkd.evaluation.metrics import evaluate_model
+from robustkd.experiments.scales import get_scale
 from robustkd.runs import load_teacher
 from robustkd.utils import describe_device, resolve_device
+
+# the benchmark's defender subset (the default of --clean-fraction/--clean-seed)
+BENCH = get_scale("mini").benchmark
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="a teacher run directory")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--clean-fraction", type=float, default=0.2)
-    p.add_argument("--clean-seed", type=int, default=0)
+    p.add_argument("--clean-fraction", type=float, default=BENCH.clean_fraction)
+    p.add_argument("--clean-seed", type=int, default=BENCH.clean_seed)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default=None, help="RobustKD preset (default: the default)")
@@ -46,10 +50,7 @@ def main() -> None:
         raise SystemExit(f"clean_teacher_cost: preset {preset!r} prunes nothing")
     device = resolve_device(args.device)
     parent = load_teacher(args.teacher, device, "--teacher", False)
-    ds = parent.meta["dataset"]
-    splits, clean = prepare_data(ds["name"], args.data_root or ds.get("data_root"),
-                                 ds.get("resize"), args.clean_fraction, args.clean_seed,
-                                 holdout=ds.get("holdout"))
+    splits, clean = run_data(parent.meta, args.data_root, args.clean_fraction, args.clean_seed)
     ctx = DefenseContext(clean=clean, mean=splits.mean, std=splits.std,
                          augment=splits.augment, device=device, seed=args.seed,
                          test=splits.test, progress=False)

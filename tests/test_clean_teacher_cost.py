@@ -30,3 +30,16 @@ def test_reports_the_pruning_of_the_default_on_a_teacher_run(monkeypatch, capsys
 def test_a_preset_that_prunes_nothing_is_refused(monkeypatch, capsys, digits_teacher_run):
     with pytest.raises(SystemExit, match="prunes nothing"):
         run(monkeypatch, capsys, "--teacher", str(digits_teacher_run), "--preset", "paper")
+
+
+def test_the_detection_probe_reads_anps_perturbed_flips(monkeypatch, capsys, digits_teacher_run,
+                                                        tmp_path):
+    monkeypatch.setattr(sys, "argv", ["anp_detection_probe", "--teacher",
+                                      str(digits_teacher_run), "--prune-iterations", "10",
+                                      "--save", str(tmp_path / "det.jsonl")])
+    load_script("anp_detection_probe").main()
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["iterations"] == 10 and len(line["flips"]) == 10  # one block per batch
+    assert line["detected"]["first_block"]["class"] in range(10)
+    saved = [json.loads(x) for x in (tmp_path / "det.jsonl").read_text().splitlines()]
+    assert saved == [line]

@@ -15,8 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "robustkd"
 LAYERS = ("robustkd", "errors", "settings", "distributed", "utils", "io", "hub", "outputs",
           "plotting",
           "triggers", "data", "models", "evaluation", "training", "distill", "attacks",
-          "defenses", "runs", "shipped", "jobs", "api", "experiments", "demo", "cli_flags", "cli_legacy",
-          "cli",
+          "defenses", "runs", "shipped", "jobs", "api", "experiments", "demo", "cli_flags",
+          "cli_legacy", "cli",
           "__main__")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from robustkd import api
-from robustkd.api.data import prepare_data
+from robustkd.api.data import run_data
 from robustkd.defenses.robustkd import DEFAULT_PRESET
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import predict, triggered_test_set
@@ -202,9 +202,7 @@ def triggered_examples(out: Path, stages: tuple[str, ...], data_root: str | None
 
     dev = resolve_device(device)
     teacher = load_run(out / stages[-3], dev)
-    ds = teacher.meta["dataset"]
-    splits, _ = prepare_data(ds["name"], data_root or ds.get("data_root"), ds.get("resize"),
-                             None, 0, holdout=ds.get("holdout"))
+    splits, _ = run_data(teacher.meta, data_root)
     triggered = triggered_test_set(splits.test, teacher.trigger, teacher.target)
     first = triggered.subset(torch.arange(min(n, len(triggered))))
     preds = {name: predict(load_run(out / name, dev).model.to(dev), first, splits.mean,

@@ -36,6 +36,15 @@ def prepare_data(
     return splits, train
 
 
+def run_data(meta: dict[str, Any], data_root: str | None, train_fraction: float | None = None,
+             seed: int = 0) -> tuple[DatasetSplits, Any]:
+    """:func:`prepare_data` for the dataset a run was trained on, as its ``meta.json`` records
+    it (name, resize, holdout); ``data_root`` overrides the folder it was read from."""
+    ds = meta["dataset"]
+    return prepare_data(ds["name"], data_root or ds.get("data_root"), ds.get("resize"),
+                        train_fraction, seed, holdout=ds.get("holdout"))
+
+
 def streaming(dataset: str | None, stream: bool, parent_meta: dict | None = None) -> bool:
     """Whether a run streams its data from disk: asked for, the dataset is too big for memory
     (``imagenet``), or the run it continues from streamed (so a teacher's data pipeline,
