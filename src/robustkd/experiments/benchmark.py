@@ -71,6 +71,9 @@ BENCH_TEACHERS = (
     # a deep candidate: CKD poisoned three times as long, so that the defender's fine-tuning
     # (10 epochs at lr 0.01 on 20% of the data) is a smaller part of the teacher's training
     BenchTeacher("ckd-scratch-long", "ckd", schedule_factor=3),
+    # issue 15's adaptive attack (a): CKD plus the paper's low-variance term while poisoning,
+    # from scratch like CKD so the two differ only by the penalty
+    BenchTeacher("adaptive-ckd-scratch", "adaptive-ckd"),
 )
 
 
