@@ -4,6 +4,7 @@ training poisoned from scratch."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,12 @@ def run_attack(job: AttackJob) -> dict[str, Any]:
                         train_images=len(train_ds), train_fraction=data.train_fraction,
                         parent=str(job.teacher) if job.teacher else None, **extra)
 
-    done = train_run(run, net, poisoned, splits, optim, r, meta, history, channels_last=use_cl,
-                     trigger=trigger, target=job.target, desc=f"attack {job.attack}",
-                     extra_loss=extra_loss, trainable=trainable)
+    hooks = spec.training_hooks(ctx, net) if spec.training_hooks else nullcontext()
+    with hooks:
+        done = train_run(run, net, poisoned, splits, optim, r, meta, history,
+                         channels_last=use_cl, trigger=trigger, target=job.target,
+                         desc=f"attack {job.attack}", extra_loss=extra_loss,
+                         trainable=trainable)
     history[:] = [h.as_dict() for h in done]
     metrics = evaluate_model(net, splits.test, splits.mean, splits.std, trigger=trigger,
                              target=job.target, device=run.device)

@@ -7,6 +7,7 @@ from robustkd.attacks import (  # noqa: F401  (registers the attacks)
     ckd,
     htba,
     lba,
+    neuron_noise,
     sig,
 )
 from robustkd.attacks.poison import poison_dataset, select_poison_indices

@@ -4,6 +4,7 @@ dataclass that holds its defaults (the CLI flags are generated from it)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ BuildPoison = Callable[..., ImageDataset]
 BuildExtraLoss = Callable[[AttackContext, nn.Module, ImageDataset], "ExtraLoss | None"]
 # picks the submodule poison fine-tuning trains (None: the whole model)
 Trainable = Callable[[AttackContext, nn.Module], "nn.Module | None"]
+# a context entered around the poison training (hooks on the model, e.g. neuron noise)
+TrainingHooks = Callable[[AttackContext, nn.Module], AbstractContextManager]
 
 
 @dataclass
@@ -57,7 +60,9 @@ class AttackSpec:
 
     ``build_poison`` defaults to relabel-and-trigger; clean-label attacks (HTBA) replace it.
     ``extra_loss``, when set, adds a term to the fine-tuning loss (adaptive attacks);
-    ``trainable``, when set, may restrict fine-tuning to a submodule (HTBA's last layer).
+    ``trainable``, when set, may restrict fine-tuning to a submodule (HTBA's last layer);
+    ``training_hooks``, when set, is entered around the poison training (forward hooks that
+    change what the model computes while it learns, removed before it is saved).
     """
 
     name: str
@@ -67,6 +72,7 @@ class AttackSpec:
     build_poison: BuildPoison = relabel_poison
     extra_loss: BuildExtraLoss | None = None
     trainable: Trainable | None = None
+    training_hooks: TrainingHooks | None = None
     # the trigger is optimised on a clean model (from scratch: ``--trigger-teacher RUN``)
     needs_model: bool = False
 

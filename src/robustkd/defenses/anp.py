@@ -48,12 +48,12 @@ from robustkd.data.subsets import split_validation
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense
 from robustkd.errors import ConfigError, DataError
 from robustkd.evaluation.metrics import accuracy
+from robustkd.models.neurons import batchnorm_layers, perturbed_bn_output
 from robustkd.models.taps import resolve_modules
 from robustkd.settings import setting
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
 
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # fraction of each class of the clean data held out to choose the threshold (max_acc_drop)
 VAL_FRACTION = 0.1
 # thresholds tried by the blind choice: 0.05, 0.10, ..., 0.90 (the reference's pruning grid)
@@ -105,34 +105,6 @@ def _check_number(name: str, value: object, *, low: float, high: float | None = 
 def _check_int(name: str, value: object, *, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"ANP setting {name} must be an integer >= {low}, got {value!r}")
-
-
-def batchnorm_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
-    """The affine BatchNorm modules by name, and the names of non-affine ones (no gamma to
-    prune, so ANP leaves them alone)."""
-    found, skipped = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, BATCHNORMS):
-            if module.affine:
-                found[name] = module
-            else:
-                skipped.append(name)
-    return found, skipped
-
-
-def perturbed_bn_output(y: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor,
-                        shift: torch.Tensor | None = None) -> torch.Tensor:
-    """Turn a BN output ``y = gamma x_hat + beta`` into ``gamma scale x_hat + beta (1 +
-    shift)`` per channel (dim 1), with ``scale = m + delta`` and ``shift = xi``.
-
-    Written as ``y + (scale - 1)(y - beta) + shift beta`` so that the identity (scale 1, no
-    shift) returns ``y`` bit for bit, and it holds in train mode (batch statistics) too.
-    """
-    view = (1, -1) + (1,) * (y.dim() - 2)
-    out = y + (scale - 1).view(view) * (y - beta.view(view))
-    if shift is not None:
-        out = out + (shift * beta).view(view)
-    return out
 
 
 class NeuronMasks:

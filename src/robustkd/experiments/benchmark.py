@@ -74,6 +74,9 @@ BENCH_TEACHERS = (
     # issue 15's adaptive attack (a): CKD plus the paper's low-variance term while poisoning,
     # from scratch like CKD so the two differ only by the penalty
     BenchTeacher("adaptive-ckd-scratch", "adaptive-ckd"),
+    # issue 15's adaptive attack (b), against the default's ANP pruning: SIG as sig-scratch,
+    # poisoned under random BN-channel noise so that no few neurons carry the backdoor
+    BenchTeacher("sig-noise-scratch", "sig-neuron-noise", poison_ratio=0.8),
 )
 
 

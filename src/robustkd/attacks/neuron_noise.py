@@ -1,0 +1,80 @@
+"""SIG with neuron noise: an attacker who knows the default defence prunes neurons.
+
+ANP (the default preset's pruning) finds the few BatchNorm channels whose small
+multiplicative perturbation sends clean inputs to the target, and prunes them. This attacker
+poisons with SIG (clean-label, outside the blend family) while every BN channel's scale and
+shift are multiplied by fresh random factors ``1 + u``, ``u ~ U[-eps, eps]`` per channel and
+batch (ANP's own perturbation model and bound). Like dropout over channels, the noise makes
+the network spread what it learns, the backdoor included, over many channels and makes its
+predictions insensitive to perturbing any few of them: what ANP looks for. Evaluation (eval
+mode) runs without noise. The perturbations are random, not adversarial (an adversarial
+inner step, as ANP's own, would double the poisoning cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
+from robustkd.attacks.sig import SIGSettings, sig_poison, sinusoid
+from robustkd.errors import ConfigError
+from robustkd.models.neurons import batchnorm_layers, perturbed_bn_output
+from robustkd.settings import setting
+from robustkd.triggers import AdditiveTrigger, Trigger
+
+
+@dataclass(frozen=True)
+class NoisySIGSettings(SIGSettings):
+    eps: float = setting(0.4, "bound eps of the random multiplicative noise on every "
+                              "BN channel's scale and shift while poisoning (ANP's "
+                              "eps)", minimum=0.0, maximum=1.0)
+
+
+@contextmanager
+def neuron_noise(model: nn.Module, eps: float) -> Iterator[int]:
+    """While the block runs, every affine BN of ``model`` in train mode computes ``gamma (1 +
+    delta) x_hat + beta (1 + xi)`` with fresh ``delta, xi ~ U[-eps, eps]`` per channel and
+    forward pass; yields the number of noisy channels. Hooks are removed on exit."""
+    layers, _ = batchnorm_layers(model)
+    if not layers:
+        raise ConfigError(f"attack sig-neuron-noise needs affine BatchNorm layers; "
+                          f"{type(model).__name__} has none")
+
+    def hook(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        if not module.training or eps == 0:
+            return output
+        c, dev = module.num_features, output.device
+        delta = torch.empty(c, device=dev).uniform_(-eps, eps)
+        xi = torch.empty(c, device=dev).uniform_(-eps, eps)
+        return perturbed_bn_output(output, module.bias, 1 + delta, xi)
+
+    handles = [bn.register_forward_hook(hook) for bn in layers.values()]
+    try:
+        yield sum(bn.num_features for bn in layers.values())
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _build(ctx: AttackContext) -> Trigger:
+    s: NoisySIGSettings = ctx.settings
+    signal = sinusoid(ctx.splits.train.image_size, ctx.splits.train.channels, s.sig_delta,
+                      s.sig_frequency)
+    return AdditiveTrigger(signal, kind="sig", params={
+        "delta": s.sig_delta, "frequency": s.sig_frequency, "neuron_noise": s.eps})
+
+
+def _training_hooks(ctx: AttackContext, model: nn.Module):
+    return neuron_noise(model, ctx.settings.eps)
+
+
+register_attack(AttackSpec("sig-neuron-noise", _build, NoisySIGSettings,
+                           build_poison=sig_poison, training_hooks=_training_hooks,
+                           description="SIG poisoned under random BN-channel noise, so that "
+                                       "no few neurons carry it (an attacker who knows ANP "
+                                       "pruning)"))
