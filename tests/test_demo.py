@@ -63,6 +63,10 @@ def test_cifar10_demo_needs_its_data_root(tmp_path):
         demo.run_demo(tmp_path, demo.DemoSettings(dataset="cifar10"))
     with pytest.raises(ConfigError, match="--dataset must be one of"):
         demo.run_demo(tmp_path, demo.DemoSettings(dataset="mnist"))
+    # the digits demo's sizes are refused, not ignored, where the benchmark's apply
+    with pytest.raises(ConfigError, match="--student-epochs sizes the digits demo"):
+        demo.run_demo(tmp_path, demo.DemoSettings(dataset="cifar10", student_epochs=3),
+                      data_root=str(tmp_path))
 
 
 def test_the_verdict_tells_the_user_what_crossing_and_removal_mean():
@@ -104,3 +108,6 @@ def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, m
     assert "SIG teacher (shipped)" in demo.format_summary(summary)
     record = json.loads((tmp_path / "fkd-student" / "record.json").read_text())
     assert record["config"]["epochs"] == 1 and record["clean_images"] == 200
+    # the summary records the settings the students were distilled with
+    assert saved["settings"]["epochs"] == 1 and saved["settings"]["student"] == "wrn16_1"
+    assert saved["settings"]["robustkd"]["prune_iterations"] == 2
