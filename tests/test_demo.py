@@ -102,7 +102,8 @@ def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, m
     assert len(ex["labels"]) == demo.EXAMPLES and ex["target"] == 0
     assert all(label != 0 for label in ex["labels"])  # non-target images only
     assert set(ex["predictions"]) == {"sig-teacher", "fkd-student", "robustkd-student"}
-    # the examples are the test images' first triggered ones: the teacher sends most to 0
+    # the examples span the test set (several classes); the teacher sends most to 0
+    assert len(set(ex["labels"])) >= 4
     assert sum(p == 0 for p in ex["predictions"]["sig-teacher"]) >= demo.EXAMPLES // 2
     assert (tmp_path / "summary.png").stat().st_size > 5000
     assert "SIG teacher (shipped)" in demo.format_summary(summary)

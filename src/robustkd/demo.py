@@ -213,19 +213,21 @@ def _student_row(name: str, record: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def triggered_examples(out: Path, stages: tuple[str, ...], data_root: str | None,
                        device: str = "auto", n: int = EXAMPLES) -> dict[str, Any]:
-    """The first ``n`` triggered non-target test images with the backdoored teacher's and
-    both students' predictions (``images``: the uint8 triggered images, for the figure)."""
+    """``n`` triggered non-target test images, evenly spaced through the test set (an
+    ImageFolder's class order would otherwise give ``n`` of one class), with the backdoored
+    teacher's and both students' predictions (``images``: the uint8 triggered images)."""
     from robustkd.utils import resolve_device
 
     dev = resolve_device(device)
     teacher = load_run(out / stages[-3], dev)
     splits, _ = run_data(teacher.meta, data_root)
     triggered = triggered_test_set(splits.test, teacher.trigger, teacher.target)
-    first = triggered.subset(torch.arange(min(n, len(triggered))))
-    preds = {name: predict(load_run(out / name, dev).model.to(dev), first, splits.mean,
+    picks = torch.linspace(0, len(triggered) - 1, min(n, len(triggered))).round().long()
+    shown = triggered.subset(picks.unique())
+    preds = {name: predict(load_run(out / name, dev).model.to(dev), shown, splits.mean,
                            splits.std, device=dev).tolist() for name in stages[-3:]}
     return {"classes": list(splits.test.classes), "target": teacher.target,
-            "labels": first.labels.tolist(), "predictions": preds, "images": first.images}
+            "labels": shown.labels.tolist(), "predictions": preds, "images": shown.images}
 
 
 def verdict(rows: list[dict[str, Any]], rate: float | None) -> tuple[bool, str]:
