@@ -81,6 +81,10 @@ def main() -> None:
     nodes.sort(key=lambda n: gate[n.id][0].split("/")[0] not in GATE_FREE)
     counts = {"run": 0, "skipped": 0}
     for node in nodes:  # a parent another lane computes is waited for, not recomputed
+        missing = [p.id for p in node.parents.values() if not is_finished(out, p)]
+        if missing:  # visible, so a lane left waiting for a parent no lane was given shows why
+            print(f"{node.id} waits for {', '.join(missing)} (run by another lane, or add its "
+                  "column to --columns)", flush=True)
         while not all(is_finished(out, p) for p in node.parents.values()):
             time.sleep(30)
         column, fkd = gate[node.id]
