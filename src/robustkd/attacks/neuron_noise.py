@@ -21,16 +21,16 @@ import torch
 from torch import nn
 
 from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
-from robustkd.attacks.sig import SIGSettings, sig_poison, sinusoid
+from robustkd.attacks.sig import SIGSettings, build_sig_trigger, sig_poison
 from robustkd.errors import ConfigError
-from robustkd.models.neurons import batchnorm_layers, perturbed_bn_output
+from robustkd.models.neurons import ANP_EPS, batchnorm_layers, perturbed_bn_output
 from robustkd.settings import setting
-from robustkd.triggers import AdditiveTrigger, Trigger
+from robustkd.triggers import Trigger
 
 
 @dataclass(frozen=True)
 class NoisySIGSettings(SIGSettings):
-    eps: float = setting(0.4, "bound eps of the random multiplicative noise on every "
+    eps: float = setting(ANP_EPS, "bound eps of the random multiplicative noise on every "
                               "BN channel's scale and shift while poisoning (ANP's "
                               "eps)", minimum=0.0, maximum=1.0)
 
@@ -62,11 +62,9 @@ def neuron_noise(model: nn.Module, eps: float) -> Iterator[int]:
 
 
 def _build(ctx: AttackContext) -> Trigger:
-    s: NoisySIGSettings = ctx.settings
-    signal = sinusoid(ctx.splits.train.image_size, ctx.splits.train.channels, s.sig_delta,
-                      s.sig_frequency)
-    return AdditiveTrigger(signal, kind="sig", params={
-        "delta": s.sig_delta, "frequency": s.sig_frequency, "neuron_noise": s.eps})
+    trigger = build_sig_trigger(ctx)
+    trigger.params["neuron_noise"] = ctx.settings.eps
+    return trigger
 
 
 def _training_hooks(ctx: AttackContext, model: nn.Module):

@@ -43,7 +43,8 @@ def sinusoid(image_size: tuple[int, int], channels: int, delta: float,
     return row.expand(channels, h, w).clone()
 
 
-def _build(ctx: AttackContext) -> Trigger:
+def build_sig_trigger(ctx: AttackContext) -> Trigger:
+    """The additive sinusoid of ``ctx.settings`` (SIG's, or a subclass's)."""
     s: SIGSettings = ctx.settings
     delta, freq = s.sig_delta, s.sig_frequency
     signal = sinusoid(ctx.splits.train.image_size, ctx.splits.train.channels, delta, freq)
@@ -69,5 +70,5 @@ def sig_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, tar
                         name=f"{train.name}+sig", is_poison=is_poison)
 
 
-register_attack(AttackSpec("sig", _build, SIGSettings, build_poison=sig_poison,
+register_attack(AttackSpec("sig", build_sig_trigger, SIGSettings, build_poison=sig_poison,
                            description="clean-label sinusoidal signal (Barni et al. 2019)"))

@@ -48,7 +48,7 @@ from robustkd.data.subsets import split_validation
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense
 from robustkd.errors import ConfigError, DataError
 from robustkd.evaluation.metrics import accuracy
-from robustkd.models.neurons import batchnorm_layers, perturbed_bn_output
+from robustkd.models.neurons import ANP_EPS, batchnorm_layers, perturbed_bn_output
 from robustkd.models.taps import resolve_modules
 from robustkd.settings import setting
 from robustkd.training.loop import EpochResult, fit
@@ -66,7 +66,7 @@ FLIP_BLOCKS = 10
 class ANPSettings:
     """ANP's knobs (defaults: paper and reference code)."""
 
-    eps: float = setting(0.4, "bound of the multiplicative neuron perturbation", minimum=0.0)
+    eps: float = setting(ANP_EPS, "bound of the multiplicative neuron perturbation", minimum=0.0)
     steps: int = setting(1, "ascent steps on the perturbation per batch", minimum=1)
     alpha: float = setting(0.2, "weight of the natural loss (1 - alpha: perturbed loss)",
                            minimum=0.0, maximum=1.0)

@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# ANP's bound on the multiplicative neuron perturbation (paper and reference code): the
+# defence's default, and the default of the attack that trains under such noise
+ANP_EPS = 0.4
 
 
 def batchnorm_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
