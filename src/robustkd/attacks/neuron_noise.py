@@ -1,48 +1,45 @@
-"""SIG with neuron noise: an attacker who knows the default defence prunes neurons.
+"""Neuron-noise poisoning: an attacker who knows the default defence prunes neurons.
 
 ANP (the default preset's pruning) finds the few BatchNorm channels whose small
 multiplicative perturbation sends clean inputs to the target, and prunes them. This attacker
-poisons with SIG (clean-label, outside the blend family) while every BN channel's scale and
-shift are multiplied by fresh random factors ``1 + u``, ``u ~ U[-eps, eps]`` per channel and
-batch (ANP's own perturbation model and bound). Like dropout over channels, the noise makes
-the network spread what it learns, the backdoor included, over many channels and makes its
-predictions insensitive to perturbing any few of them: what ANP looks for. Evaluation (eval
-mode) runs without noise. The perturbations are random, not adversarial (an adversarial
-inner step, as ANP's own, would double the poisoning cost).
+poisons with a base attack (SIG, clean-label; Blended, poison-label) while every BN channel's
+scale and shift are multiplied by fresh random factors ``1 + u``, ``u ~ U[-eps, eps]`` per
+channel and batch (ANP's own perturbation model and bound). Like dropout over channels, the
+noise makes the network spread what it learns, the backdoor included, over many channels and
+makes its predictions insensitive to perturbing any few of them: what ANP looks for. The
+same spreading is a candidate for backdoors that cross feature distillation, which copies
+many channels at once. Evaluation (eval mode) runs without noise. The perturbations are
+random, not adversarial (an adversarial inner step, as ANP's own, would double the
+poisoning cost).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
-from robustkd.attacks.sig import SIGSettings, build_sig_trigger, sig_poison
+from robustkd.attacks import badnets, blended, sig  # noqa: F401  (the base attacks)
+from robustkd.attacks.registry import AttackContext, AttackSpec, get_attack, register_attack
 from robustkd.errors import ConfigError
 from robustkd.models.neurons import ANP_EPS, batchnorm_layers, perturbed_bn_output
 from robustkd.settings import setting
 from robustkd.triggers import Trigger
 
-
-@dataclass(frozen=True)
-class NoisySIGSettings(SIGSettings):
-    eps: float = setting(ANP_EPS, "bound eps of the random multiplicative noise on every "
-                              "BN channel's scale and shift while poisoning (ANP's "
-                              "eps)", minimum=0.0, maximum=1.0)
+SUFFIX = "-neuron-noise"
 
 
 @contextmanager
-def neuron_noise(model: nn.Module, eps: float) -> Iterator[int]:
+def neuron_noise(model: nn.Module, eps: float, attack: str = "sig" + SUFFIX) -> Iterator[int]:
     """While the block runs, every affine BN of ``model`` in train mode computes ``gamma (1 +
     delta) x_hat + beta (1 + xi)`` with fresh ``delta, xi ~ U[-eps, eps]`` per channel and
     forward pass; yields the number of noisy channels. Hooks are removed on exit."""
     layers, _ = batchnorm_layers(model)
     if not layers:
-        raise ConfigError(f"attack sig-neuron-noise needs affine BatchNorm layers; "
+        raise ConfigError(f"attack {attack} needs affine BatchNorm layers; "
                           f"{type(model).__name__} has none")
 
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
@@ -61,18 +58,39 @@ def neuron_noise(model: nn.Module, eps: float) -> Iterator[int]:
             handle.remove()
 
 
-def _build(ctx: AttackContext) -> Trigger:
-    trigger = build_sig_trigger(ctx)
-    trigger.params["neuron_noise"] = ctx.settings.eps
-    return trigger
+def noisy_settings(base: type) -> type:
+    """``base`` (an attack's settings dataclass) plus the noise bound ``eps``."""
+    cls = dataclasses.make_dataclass(
+        f"Noisy{base.__name__}",
+        [("eps", float, setting(ANP_EPS, "bound eps of the random multiplicative noise on "
+                                         "every BN channel's scale and shift while poisoning "
+                                         "(ANP's eps)", minimum=0.0, maximum=1.0))],
+        bases=(base,), frozen=True)
+    cls.__module__ = __name__
+    return cls
 
 
-def _training_hooks(ctx: AttackContext, model: nn.Module):
-    return neuron_noise(model, ctx.settings.eps)
+def with_neuron_noise(base_name: str) -> AttackSpec:
+    """Register ``<base_name>-neuron-noise``: the base attack's trigger and poisoned data,
+    trained under neuron noise (the trigger records the bound as ``neuron_noise``)."""
+    base = get_attack(base_name)
+    if base.training_hooks is not None:
+        raise ConfigError(f"attack {base_name} already has training hooks")
+    name = base_name + SUFFIX
+
+    def build(ctx: AttackContext) -> Trigger:
+        trigger = base.build_trigger(ctx)
+        trigger.params["neuron_noise"] = ctx.settings.eps
+        return trigger
+
+    def hooks(ctx: AttackContext, model: nn.Module):
+        return neuron_noise(model, ctx.settings.eps, name)
+
+    return register_attack(dataclasses.replace(
+        base, name=name, build_trigger=build, settings=noisy_settings(base.settings),
+        training_hooks=hooks,
+        description=f"{base_name} poisoned under random BN-channel noise, so that no few "
+                    f"neurons carry it (an attacker who knows ANP pruning)"))
 
 
-register_attack(AttackSpec("sig-neuron-noise", _build, NoisySIGSettings,
-                           build_poison=sig_poison, training_hooks=_training_hooks,
-                           description="SIG poisoned under random BN-channel noise, so that "
-                                       "no few neurons carry it (an attacker who knows ANP "
-                                       "pruning)"))
+NOISY_ATTACKS = tuple(with_neuron_noise(b) for b in ("sig", "blended", "badnets"))

@@ -77,6 +77,9 @@ BENCH_TEACHERS = (
     # issue 15's adaptive attack (b), against the default's ANP pruning: SIG as sig-scratch,
     # poisoned under random BN-channel noise so that no few neurons carry the backdoor
     BenchTeacher("sig-noise-scratch", "sig-neuron-noise", poison_ratio=0.8),
+    # does spreading the backdoor over channels carry it across FKD? Blended alone does not
+    # cross (1.2%); the same blend poisoned under neuron noise
+    BenchTeacher("blended-noise-scratch", "blended-neuron-noise", options={"alpha": 0.2}),
 )
 
 
