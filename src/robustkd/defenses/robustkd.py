@@ -60,6 +60,14 @@ class RobustKDConfig:
                          choices=PRUNE_CHOICES)
     prune_iterations: int | None = setting(None, "mask-optimisation batches of that pruning "
                                                  "(default: ANP's own)", minimum=1)
+    prune_student: str = setting("none", "prune the distilled student last: 'anp' removes its "
+                                         "BN channels by the same criterion (the student is "
+                                         "trained by the defender, so an attacker cannot make "
+                                         "its neurons robust; not in the paper)",
+                                 choices=PRUNE_CHOICES)
+    prune_student_iterations: int | None = setting(None, "mask-optimisation batches of the "
+                                                         "student's pruning (default: ANP's "
+                                                         "own)", minimum=1)
     masks: bool = setting(True, "train detoxification masks (false: FKD reads the teacher "
                                 "as it is and only the other steps act)")
     tau: float = setting(0.2, "mask threshold", above=0.0)
@@ -131,11 +139,16 @@ class RobustKDConfig:
         defence followed by FKD (tests/defenses/test_robustkd_prune.py checks the two give
         the same student bit for bit)."""
         return (self.prune != "none" and not self.masks and self.consistency == 0
-                and self.student_perturbation == 0)
+                and self.student_perturbation == 0 and self.prune_student == "none")
 
     def prune_options(self) -> dict[str, Any]:
-        """The settings of the pruning defence over its own defaults."""
+        """The settings of the teacher's pruning defence over its own defaults."""
         return {} if self.prune_iterations is None else {"iterations": self.prune_iterations}
+
+    def prune_student_options(self) -> dict[str, Any]:
+        """The settings of the student's pruning defence over its own defaults."""
+        return ({} if self.prune_student_iterations is None
+                else {"iterations": self.prune_student_iterations})
 
     def detox(self, tau: float) -> DetoxSettings:
         """The detoxification these settings train at threshold ``tau``."""
@@ -171,6 +184,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # issue 15's time budget; ANP's own 2000 cost more than the distillation): no masks,
     # no synthesis
     "anp-prune": {"prune": "anp", "prune_iterations": 150, "masks": False},
+    # the student pruned by the same criterion after FKD from the unpruned teacher: a backdoor
+    # made robust to neuron perturbation in the teacher is learnt by a student trained
+    # without that noise
+    "student-prune": {"prune_student": "anp", "prune_student_iterations": 150,
+                      "masks": False},
+    # both: the teacher's copy pruned before FKD, the student pruned after
+    "prune-both": {"prune": "anp", "prune_iterations": 150, "prune_student": "anp",
+                   "prune_student_iterations": 150, "masks": False},
 }
 
 
@@ -218,7 +239,8 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                  teacher_layers: Sequence[str] | None = None,
                  student_layers: Sequence[str] | None = None, student_factory=None,
                  reuse: SavedDetox | None = None,
-                 prune_dir: Path | None = None) -> dict[str, Any]:
+                 prune_dir: Path | None = None,
+                 student_prune_dir: Path | None = None) -> dict[str, Any]:
     """Detoxify (choosing tau as configured), then distil; returns masks, student, report.
 
     ``student_factory`` builds a fresh student per threshold in oracle mode. Models without
@@ -227,7 +249,9 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     with its triggers, the synthesis; with its pruned teacher, the pruning): a detoxified
     teacher saved by an earlier run serves another student. With ``prune`` set, every step
     reads a pruned copy (``report["teacher"]``), saved in ``prune_dir`` and reused from there
-    by a resumed run.
+    by a resumed run. With ``prune_student`` set, the distilled student is pruned last, in
+    place (its pruning's report is ``report["student_prune"]``, saved in
+    ``student_prune_dir``).
     """
     teacher, pruning = prune_teacher(teacher, clean, test, cfg, loop=loop, run=run,
                                      layers=teacher_layers, reuse=reuse, prune_dir=prune_dir)
@@ -284,6 +308,8 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                     **distill_kw)
     report.update(detox_seconds=detox_seconds, distill_seconds=time.perf_counter() - started,
                   masks=masks)
+    report["student_prune"] = prune_student(student, clean, test, cfg, loop=loop, run=run,
+                                            layers=student_layers, prune_dir=student_prune_dir)
     if perturbation is not None:
         report["student_perturbation"] = perturbation.summary()
     return report
@@ -305,6 +331,26 @@ def prune_teacher(teacher: nn.Module, clean: ImageDataset, test: ImageDataset | 
         prune_dir.mkdir(parents=True, exist_ok=True)
     return defend_teacher(cfg.prune, teacher, ctx, cfg.prune_options(), run_dir=prune_dir,
                           resume=run.resume)
+
+
+def prune_student(student: nn.Module, clean: ImageDataset, test: ImageDataset | None,
+                  cfg: RobustKDConfig, *, loop: LoopSettings, run: DistillRun,
+                  layers: Sequence[str] | None = None,
+                  prune_dir: Path | None = None) -> dict[str, Any] | None:
+    """Prune the distilled ``student`` in place by the registered defence
+    ``cfg.prune_student`` on the same clean data (reused from a resumed ``prune_dir``);
+    returns the pruning's report (None without it)."""
+    if cfg.prune_student == "none":
+        return None
+    ctx = DefenseContext.for_run(clean, test, loop, run, layers)
+    if prune_dir is not None:
+        prune_dir.mkdir(parents=True, exist_ok=True)
+    pruned, report = defend_teacher(cfg.prune_student, student, ctx,
+                                    cfg.prune_student_options(), run_dir=prune_dir,
+                                    resume=run.resume)
+    student.load_state_dict(pruned.state_dict())
+    student.eval()
+    return report
 
 
 def synthesise(teacher: nn.Module, clean: ImageDataset, cfg: RobustKDConfig,

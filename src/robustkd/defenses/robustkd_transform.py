@@ -31,6 +31,7 @@ from robustkd.models.taps import tap
 DETOX_FILE = "detox.safetensors"
 DETOX_META = "detox.json"
 PRUNE_DIR = "prune"  # the pruned teacher's weights and report (registry.defend_teacher)
+STUDENT_PRUNE_DIR = "prune-student"  # the same for the student's pruning (resume only)
 
 
 def load_detox(run_dir: str | Path) -> tuple[DetoxMasks | None, SyntheticTriggers | None]:
@@ -78,8 +79,10 @@ class Detoxification:
             ctx.teacher, ctx.student, ctx.clean, ctx.test, cfg, loop=ctx.loop, run=ctx.run,
             fkd_options=s.get("options"), teacher_layers=s.get("teacher_layers"),
             student_layers=s.get("student_layers"), student_factory=ctx.new_student,
-            reuse=reuse, prune_dir=ctx.run_dir / PRUNE_DIR)
+            reuse=reuse, prune_dir=ctx.run_dir / PRUNE_DIR,
+            student_prune_dir=ctx.run_dir / STUDENT_PRUNE_DIR)
         teacher, pruning = report.pop("teacher"), report.pop("prune")
+        student_pruning = report.pop("student_prune", None)  # the oracle selection: none
         masks = report.pop("masks")
         synthetic = report.pop("synthetic_triggers")
         save_tensors(ctx.run_dir / DETOX_FILE,
@@ -105,13 +108,20 @@ class Detoxification:
             **{k: report[k] for k in ("selection", "chosen_tau", "detox_seconds",
                                       "distill_seconds")},
             "prune_seconds": pruning["seconds"] if pruning is not None else 0.0,
+            "student_prune_seconds": (student_pruning["seconds"]
+                                      if student_pruning is not None else 0.0),
         }
-        message = None
+        extras["robustkd"]["student_prune"] = student_pruning
+        notes = []
         if pruning is not None:
-            message = (f"pruned {pruning.get('pruned')} of {pruning.get('channels')} teacher "
-                       f"channels ({cfg.prune}); pruned teacher "
-                       f"{pruning['cleaned_teacher_metrics']}")
-        return Transformed(teacher, extras, message)
+            notes.append(f"pruned {pruning.get('pruned')} of {pruning.get('channels')} teacher "
+                         f"channels ({cfg.prune}); pruned teacher "
+                         f"{pruning['cleaned_teacher_metrics']}")
+        if student_pruning is not None:
+            notes.append(f"pruned {student_pruning.get('pruned')} of "
+                         f"{student_pruning.get('channels')} student channels "
+                         f"({cfg.prune_student})")
+        return Transformed(teacher, extras, "; ".join(notes) or None)
 
 
 def saved_pruning(teacher: nn.Module, run_dir: str | Path, cfg: RobustKDConfig
