@@ -6,7 +6,9 @@ its BN channels by ANP's criterion on the defender's clean subset. This probe lo
 finished ``distill`` run, prunes a copy of its student with the preset's settings on the
 benchmark's defender subset (the run's own, by default), and prints one JSON line per
 student: its record's ACC / ASR / R-ACC, the pruned copy's, channels pruned, seconds. The
-settings are the preset's, fixed before any run; the test set only measures.
+settings are the preset's, fixed before any run; the test set only measures. With the
+run's own seed and defender subset, the pruned copy is the student the preset would have
+saved (tests/defenses/test_robustkd_student_prune.py checks it bit for bit).
 
     OMP_NUM_THREADS=1 python benchmarks/student_prune_probe.py --data-root ../shared/data \\
         --student runs/bench/runs/<fkd student run> --save runs/sp.jsonl
@@ -42,19 +44,20 @@ def probe(student_dir: str, args: argparse.Namespace) -> dict:
                          "student")
     device = resolve_device(args.device)
     run = load_teacher(student_dir, device, "--student", False)
+    record = read_json(Path(student_dir) / RECORD_FILE)
+    seed = record["seed"] if args.seed is None else args.seed
     splits, clean = run_data(run.meta, args.data_root, args.clean_fraction, args.clean_seed)
     ctx = DefenseContext(clean=clean, mean=splits.mean, std=splits.std,
-                         augment=splits.augment, device=device, seed=args.seed,
+                         augment=splits.augment, device=device, seed=seed,
                          test=splits.test, trigger=run.trigger, target=run.target,
                          progress=False)
     _, report = defend_teacher(cfg.prune_student, run.model, ctx,
                                cfg.prune_student_options())
-    before = read_json(Path(student_dir) / RECORD_FILE)["metrics"]
-    return {"student": Path(student_dir).name, "before": before,
+    return {"student": Path(student_dir).name, "before": record["metrics"],
             "after": report["cleaned_teacher_metrics"], "pruned": report["pruned"],
             "channels": report["channels"], "iterations": report["settings"]["iterations"],
             "clean_images": len(clean), "seconds": round(report["seconds"], 1),
-            "seed": args.seed, "device": describe_device(device),
+            "seed": seed, "device": describe_device(device),
             "threads": torch.get_num_threads()}
 
 
@@ -65,7 +68,9 @@ def main() -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--clean-fraction", type=float, default=BENCH.clean_fraction)
     p.add_argument("--clean-seed", type=int, default=BENCH.clean_seed)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the mask optimisation (default: the student run's, as the "
+                        "student-prune preset would use)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="student-prune")
     p.add_argument("--iterations", type=int, default=None,

@@ -66,6 +66,9 @@ def test_the_student_is_fkd_then_pruned_in_place(digits_teacher_run, tmp_path):
 def test_the_probe_prunes_a_finished_student(digits_teacher_run, tmp_path, monkeypatch,
                                              capsys):
     _distill(digits_teacher_run, tmp_path / "fkd", method="fkd")
+    preset = _distill(digits_teacher_run, tmp_path / "sp", method="robustkd",
+                      robustkd={"preset": "student-prune",
+                                "prune_student_iterations": ITERATIONS})
     monkeypatch.setattr(sys, "argv", ["student_prune_probe", "--student",
                                       str(tmp_path / "fkd"), "--iterations", "3",
                                       "--clean-fraction", "0.1",
@@ -74,6 +77,10 @@ def test_the_probe_prunes_a_finished_student(digits_teacher_run, tmp_path, monke
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["iterations"] == 3 and 0 <= line["pruned"] <= line["channels"]
     assert set(line["after"]) >= {"acc"} and line["before"]["acc"] > 0
+    # the run's seed and data: what the preset saves, from plain FKD's student
+    assert line["seed"] == 3
+    assert line["pruned"] == preset["robustkd"]["student_prune"]["pruned"]
+    assert line["after"] == preset["robustkd"]["student_prune"]["cleaned_teacher_metrics"]
     assert json.loads((tmp_path / "sp.jsonl").read_text()) == line
     monkeypatch.setattr(sys, "argv", ["student_prune_probe", "--student",
                                       str(tmp_path / "fkd"), "--preset", "anp-prune"])

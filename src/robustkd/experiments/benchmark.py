@@ -52,10 +52,12 @@ class BenchTeacher:
 # seed; the others run on the first seed only (2 CPU cores).
 BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
                  "robustkd-default", "robustkd-improved", "robustkd-student-uap",
-                 "robustkd-student-uap-small", "robustkd-student-uat", "anp-short")
+                 "robustkd-student-uap-small", "robustkd-student-uat", "anp-short",
+                 "robustkd-student-prune", "robustkd-prune-both")
 # (KD: on SIG's first seed logit distillation alone left 0.2%, so it needs its seeds too)
 BENCH_SEEDED = ("fkd", "kd", "finetune", "anp", "ibau", "robustkd-default",
-                "robustkd-student-uat", "anp-short")
+                "robustkd-student-uat", "anp-short", "robustkd-student-prune",
+                "robustkd-prune-both")
 
 
 BENCH_TEACHERS = (

@@ -46,6 +46,12 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     # keep the whole FKD signal)
     Recipe("robustkd-student-uat", "RobustKD (student UAT)", "robustkd",
            {"preset": "student-uat"}),
+    # the student pruned by ANP's criterion after FKD (the attacker cannot shape the
+    # student's neurons), alone and after the default's teacher pruning
+    Recipe("robustkd-student-prune", "RobustKD (student pruned)", "robustkd",
+           {"preset": "student-prune"}),
+    Recipe("robustkd-prune-both", "RobustKD (teacher and student pruned)", "robustkd",
+           {"preset": "prune-both"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
