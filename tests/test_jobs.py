@@ -16,7 +16,8 @@ from robustkd.jobs import JOBS, DistillJob, EvaluateJob, TrainJob, read_config, 
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 API = {"train": api.train, "attack": api.attack, "distill": api.distill,
-       "evaluate": api.evaluate, "scan": api.scan, "import": api.import_weights}
+       "evaluate": api.evaluate, "scan": api.scan, "import": api.import_weights,
+       "defend": api.defend}
 
 
 @pytest.mark.parametrize("command", sorted(JOBS))

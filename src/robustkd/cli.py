@@ -13,7 +13,16 @@ from robustkd import cli_legacy as legacy
 from robustkd.cli_flags import add_job_flags, job_from_args
 from robustkd.cli_legacy import add_legacy_flags
 from robustkd.errors import ConfigError, RobustKDError, UnsafeCheckpointError
-from robustkd.jobs import AttackJob, DistillJob, EvaluateJob, ImportJob, ScanJob, TrainJob, to_yaml
+from robustkd.jobs import (
+    AttackJob,
+    DefendJob,
+    DistillJob,
+    EvaluateJob,
+    ImportJob,
+    ScanJob,
+    TrainJob,
+    to_yaml,
+)
 from robustkd.settings import add_entry_flags, entry_options
 
 
@@ -104,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     legacy.add_defense_set(p)
     p.add_argument("--robustkd-config", dest="robustkd_preset", default=None,
                    help=argparse.SUPPRESS)
+
+    p = sub.add_parser("defend", help="clean a finished model with a defence, as a new run",
+                       description="Run a defence (ANP pruning, fine-tuning, NAD, I-BAU) on a "
+                                   "copy of a finished model - a downloaded teacher, or a "
+                                   "student already distilled - on the defender's clean data, "
+                                   "and write the cleaned model to OUT with its ACC (and ASR "
+                                   "when the run's or its teacher's trigger is known) before "
+                                   "and after. The run itself is never modified.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "example:\n  robustkd defend --run runs/student --defense anp "
+                           "--anp-iterations 150 --clean-fraction 0.2 --out runs/student-anp"))
+    add_job_flags(p, DefendJob, required=("run", "out"), choices={"defense": TEACHER_DEFENSES})
+    p.set_defaults(_defense_flags=add_entry_flags(
+        p, {name: d.settings for name, d in sorted(TEACHER_DEFENSES.items())},
+        choose="--defense"))
 
     p = sub.add_parser("evaluate", help="ACC / ASR / feature variance of a run",
                        description="Evaluate a run directory on its dataset's test split.")
@@ -296,6 +320,16 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
     return _run_job(args, api.distill, extra)
 
 
+def _cmd_defend(args: argparse.Namespace) -> dict | int:
+    from robustkd import api
+    from robustkd.defenses.registry import get_teacher_defense, make_settings
+
+    defense = _chosen(args, "defense")
+    options = entry_options(args, args._defense_flags, defense, choose="--defense")
+    make_settings(get_teacher_defense(defense), options)  # checked before anything loads
+    return _run_job(args, api.defend, {"options": options or None})
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> dict | int:
     from robustkd import api
 
@@ -393,6 +427,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "attack": _cmd_attack, "evaluate": _cmd_evaluate,
+            "defend": _cmd_defend,
             "import": _cmd_import, "distill": _cmd_distill, "scan": _cmd_scan,
             "models": _cmd_models, "datasets": _cmd_datasets, "demo": _cmd_demo,
             "reproduce": _cmd_reproduce, "report": _cmd_report}

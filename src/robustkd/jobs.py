@@ -361,6 +361,29 @@ class ScanJob(Job):
 
 
 @dataclass(frozen=True)
+class DefendJob(Job):
+    """``robustkd defend``: a finished model (a teacher, or a student already distilled)
+    cleaned by a registered defence on the defender's clean data, as a new run."""
+
+    command: ClassVar[str] = "defend"
+    PARTS: ClassVar[tuple[str, ...]] = ("runtime",)
+    OMIT: ClassVar[tuple[str, ...]] = ("compile",)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run",)
+
+    runtime: RuntimeSpec = _nested(RuntimeSpec())
+    run: str = setting("", "run directory of the model to clean", metavar="RUN_DIR")
+    defense: str = setting("anp", "defence to run", metavar="NAME")
+    options: dict[str, Any] | None = None
+    data_root: str | None = setting(None, "data folder (default: the run's)", metavar="DIR")
+    clean_fraction: float | None = setting(None, "per-class fraction of the clean training "
+                                                 "set the defender holds (default: all)",
+                                           above=0.0, maximum=1.0)
+    clean_seed: int | None = setting(None, "seed choosing the defender's clean images "
+                                           "(default: --seed)", minimum=0)
+    out: str = setting("runs/defended", "run directory to write", metavar="DIR")
+
+
+@dataclass(frozen=True)
 class ImportJob(Job):
     """``robustkd import``: an external weights file as a run directory."""
 
@@ -380,7 +403,8 @@ class ImportJob(Job):
 
 
 JOBS: dict[str, type[Job]] = {j.command: j for j in (TrainJob, AttackJob, DistillJob,
-                                                      EvaluateJob, ScanJob, ImportJob)}
+                                                      EvaluateJob, ScanJob, ImportJob,
+                                                      DefendJob)}
 
 
 def from_job(job: type[Job]) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:

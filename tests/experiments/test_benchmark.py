@@ -35,10 +35,14 @@ def test_benchmark_fixes_teachers_and_clean_data_and_seeds_only_students():
     students = [n for n in nodes if n.kind == "distill"]
     assert {s.params["clean_seed"] for s in students} == {0}
     assert {s.params["clean_fraction"] for s in students} == {0.2}
+    def reads(node, teacher) -> bool:  # a student of teacher, or a cleaned one
+        parent = node.parents.get("teacher") or node.parents.get("run")
+        return parent is teacher or (parent is not None and reads(parent, teacher))
+
     for teacher in teachers:
         seeds = {}
         for c in cells:
-            if c.node.kind == "distill" and c.node.parents["teacher"] is teacher:
+            if c.node.kind in ("distill", "defend") and reads(c.node, teacher):
                 seeds.setdefault(c.column.split("/")[0], set()).add(c.seed)
         assert {m for m, v in seeds.items() if v == {0, 1, 2}} == set(BENCH_SEEDED)
         assert all(v == {0} for m, v in seeds.items() if m not in BENCH_SEEDED)
@@ -69,10 +73,12 @@ def test_an_unknown_benchmark_teacher_or_method_fails_before_running(tmp_path):
 def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "bench"
     args = dict(scale="smoke", out=out, attacks=["ckd-scratch", "badnets-scratch"],
-                methods=["ce", "fkd"], seeds=2, device="cpu", progress=False, log=lambda m: None)
+                methods=["ce", "fkd", "robustkd-student-prune"], seeds=2, device="cpu",
+                progress=False, log=lambda m: None)
     first = reproduce(["benchmark"], **args)
-    # clean teacher, one CE student; per teacher: itself, floor, CE under its trigger, 2 FKD
-    assert first["run"] == first["total"] == 1 + 1 + 2 * (1 + 1 + 1 + 2)
+    # clean teacher, one CE student; per teacher: itself, floor, CE under its trigger, 2 FKD,
+    # and each FKD student pruned (the student-prune column)
+    assert first["run"] == first["total"] == 1 + 1 + 2 * (1 + 1 + 1 + 2 + 2)
     again = reproduce(["benchmark"], **args)
     assert again["run"] == 0 and again["skipped"] == first["total"]
     records = load_records(out)
@@ -94,6 +100,10 @@ def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
     fkd_rows = [line for line in text.splitlines() if line.startswith("| FKD | 2/2 |")]
     assert fkd_rows and all(line.endswith("| 1.00 |") for line in fkd_rows)  # x FKD time
     assert (out / "benchmark-ckd-scratch.png").stat().st_size > 1000
+    pruned = records[run_of[("robustkd-student-prune/ckd-scratch", 1)]]
+    assert pruned["command"] == "defend" and pruned["config"]["seed"] == 1
+    # its time counts the FKD student it cleaned
+    assert pruned["parent_seconds"] == pytest.approx(s1["seconds"])
 
 
 def test_criteria_marks_met_failed_and_missing():
@@ -209,3 +219,28 @@ def test_a_robustkd_column_that_only_prunes_shares_the_baselines_runs():
     assert planner.twin(bench_recipe("fkd"), ["anp-short"]).name == "fkd"
     smoke = get_scale("smoke")  # the smoke sizes prune 5 batches, anp-short still 150
     assert BenchPlanner(smoke, smoke.benchmark).twin(pruning, ["anp-short"]) is pruning
+
+
+def test_a_column_that_prunes_the_student_last_cleans_another_columns_student():
+    cells = plan(["benchmark"], "mini", seeds=3)["benchmark"]
+    by = {(c.column, c.seed): c.node for c in cells}
+    for seed in (0, 1, 2):
+        later = by[("robustkd-student-prune/sig-scratch", seed)]
+        assert later.kind == "defend" and later.parents["run"] is by[("fkd/sig-scratch", seed)]
+        assert later.params == {"defense": "anp", "options": {"iterations": 150},
+                                "clean_fraction": 0.2, "clean_seed": 0, "seed": seed}
+        both = by[("robustkd-prune-both/sig-scratch", seed)]
+        # after the default's teacher pruning: its student (the anp-short runs) is cleaned
+        assert both.parents["run"] is by[("anp-short/sig-scratch", seed)]
+        assert both.parents["run"] is by[("robustkd-default/sig-scratch", seed)]
+    from robustkd.experiments.benchmark import BenchPlanner
+    from robustkd.experiments.scales import get_scale
+    from robustkd.experiments.specs import Recipe
+
+    scale = get_scale("mini")
+    planner = BenchPlanner(scale, scale.benchmark)
+    masked = Recipe("m", "masks then pruned", "robustkd",
+                    {"preset": "student-prune", "masks": True})
+    assert planner.pruned_later(masked, ["fkd"]) is None  # its FKD is not plain FKD
+    assert planner.pruned_later(Recipe("s", "s", "robustkd", {"preset": "student-prune"}),
+                                ["anp-short"]) is None  # no FKD column to clean

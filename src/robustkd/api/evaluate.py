@@ -47,7 +47,7 @@ def run_evaluate(job: EvaluateJob) -> dict[str, Any]:
         run.config.pop("workers")  # in-memory records keep their former config
         splits = load_dataset(name, data_root, image_size=ds_meta.get("resize"))
     check_model_fits(model.model, splits, "model")
-    trigger, target, trigger_from = _trigger(job, model, run.device)
+    trigger, target, trigger_from = measured_trigger(model, run.device, job.trigger_from)
     extra: dict[str, Any] = {"trigger_from": str(trigger_from) if trigger_from else None}
     if is_unfinished(model.meta):
         log(f"warning: {job.run} is an unfinished run ({model.meta['epochs_done']} "
@@ -69,11 +69,11 @@ def run_evaluate(job: EvaluateJob) -> dict[str, Any]:
     return run.record(metrics, model_dir=str(job.run), **extra)
 
 
-def _trigger(job: EvaluateJob, model: LoadedRun,
-             device: torch.device) -> tuple[Any, int | None, str | None]:
+def measured_trigger(model: LoadedRun, device: torch.device | str,
+                     trigger_from: str | None = None) -> tuple[Any, int | None, str | None]:
     """The trigger ASR is measured with: ``trigger_from``'s, else the run's own, else (a
-    student) its teacher's, if any."""
-    trigger, target, trigger_from = model.trigger, model.target, job.trigger_from
+    student) its teacher's, if any; with the run it was read from."""
+    trigger, target = model.trigger, model.target
     if trigger_from is None and trigger is None:
         trigger_from = _distilled_from(model.meta)
     if trigger_from is not None:

@@ -10,6 +10,7 @@ falls to) as an ``evaluate`` node.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +193,43 @@ class BenchPlanner(Planner):
         return recipe
 
 
+    def pruned_later(self, recipe: Recipe, among: list[str]) -> tuple[Recipe, dict] | None:
+        """For a RobustKD configuration whose last step prunes the student and whose other
+        steps are those of a column among ``among`` (plain FKD, or a teacher pruning then
+        FKD): that column's recipe and the ``defend`` parameters of the student's pruning.
+        Its cell then cleans that column's student of the same seed (``robustkd defend``,
+        the same computation: tests/defenses/test_robustkd_student_prune.py) instead of
+        distilling it again. None for any other configuration."""
+        b = self.sizes
+        own = method_params(recipe, b.detox_epochs, b.robustkd_sizes, b.defense_sizes)
+        if "robustkd" not in own:
+            return None
+        cfg = robustkd_config(dict(own["robustkd"]))
+        if cfg.prune_student == "none":
+            return None
+        before = dataclasses.replace(cfg, prune_student="none", prune_student_iterations=None)
+        if before.masks or before.consistency or before.student_perturbation:
+            return None
+        if before.prune == "none":
+            base = bench_recipe("fkd") if "fkd" in among else None
+        else:
+            base = self.twin(Recipe(recipe.name, recipe.label, "robustkd", {
+                **own["robustkd"], "prune_student": "none", "prune_student_iterations": None}),
+                among)
+            base = None if base.method == "robustkd" else base
+        if base is None:
+            return None
+        return base, {"defense": cfg.prune_student, "options": cfg.prune_student_options(),
+                      "clean_fraction": b.clean_fraction, "clean_seed": b.clean_seed}
+
+    def cleaned_student(self, bad: RunNode, student: RunNode, recipe: Recipe,
+                        defend: dict[str, Any], seed: int) -> RunNode:
+        """``student`` (of teacher ``bad``) cleaned by ``robustkd defend`` with ``defend``'s
+        settings: the cell of ``recipe``."""
+        label = f"{bad.label}-{self.sizes.student_model}-{recipe.name}-s{seed}"
+        return self._node("defend", label, {**defend, "seed": seed}, {"run": student})
+
+
 def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = None,
                    methods: list[str] | None = None) -> list[Cell]:
     """Every cell of the benchmark at ``scale`` (rows: teachers; columns: methods)."""
@@ -219,8 +257,12 @@ def plan_benchmark(scale: Scale, seeds: list[int], teachers: list[str] | None = 
                           node=planner.floor(clean, bad)))
         for name in use_methods:
             recipe = planner.twin(bench_recipe(name), list(BENCH_METHODS))
+            later = planner.pruned_later(recipe, list(BENCH_METHODS))
             for seed in (seeds if name in BENCH_SEEDED else seeds[:1]):
-                if name in TEACHER_FREE:
+                if later is not None:
+                    student = planner.bench_student(bad, later[0], seed)
+                    node = planner.cleaned_student(bad, student, recipe, later[1], seed)
+                elif name in TEACHER_FREE:
                     student = planner.bench_student(clean, recipe, seed)
                     node = planner.under_trigger(student, bad, t.name)
                 else:

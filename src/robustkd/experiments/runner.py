@@ -113,6 +113,8 @@ def _call(node: RunNode, out: Path, data_root: str | None, device: str,
                           **({"data_root": data_root} if scratch else {}))
     if node.kind == "distill":
         return api.distill(**parents, **node.params, **common)
+    if node.kind == "defend":
+        return api.defend(**parents, **node.params, **common)
     raise ConfigError(f"unknown run kind {node.kind!r}")
 
 

@@ -128,7 +128,8 @@ SMOKE = Scale(
                          "trigger_images": 200},
         "htba": {"htba_steps": 5, "htba_poisons": 16, "patch_size": 4},
     },
-    robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200, "prune_iterations": 5},
+    robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200, "prune_iterations": 5,
+                    "prune_student_iterations": 5},
     defense_sizes={"finetune": {"epochs": 1}, "nad": {"teacher_epochs": 1, "epochs": 1}},
     scan_samples=50,
     benchmark=BenchSizes(
@@ -137,7 +138,8 @@ SMOKE = Scale(
         student_epochs=1, student_lr=0.05, detox_epochs=1,
         attack_options={"ckd": {"trigger_epochs": 1, "trigger_images": 200},
                         "lba": {"trigger_epochs": 1, "trigger_images": 200}},
-        robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200, "prune_iterations": 5},
+        robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200, "prune_iterations": 5,
+                        "prune_student_iterations": 5},
         defense_sizes={"finetune": {"epochs": 1}, "nad": {"teacher_epochs": 1, "epochs": 1},
                        "anp": {"iterations": 5}, "ibau": {"rounds": 1}}),
 )
