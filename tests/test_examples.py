@@ -11,7 +11,7 @@ from robustkd.cli import main
 from robustkd.jobs import JOBS, read_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-ORDER = ("train", "attack", "distill", "evaluate", "scan", "import")
+ORDER = ("train", "attack", "distill", "evaluate", "scan", "import", "defend")
 SHORT = {"train": ["--epochs", "2"], "attack": ["--epochs", "1"],
          "distill": ["--epochs", "1", "--robustkd-detox-epochs", "1",
                      "--robustkd-inversion-epochs", "1"]}
@@ -29,7 +29,7 @@ def test_the_examples_run_in_order(tmp_path, monkeypatch, capsys):
     for name in ORDER:
         argv = [name, "--config", str(EXAMPLES / f"{name}.yaml"), "--device", "cpu",
                 *SHORT.get(name, [])]
-        if name in ("train", "attack", "distill"):
+        if name in ("train", "attack", "distill", "defend"):
             argv.append("--no-progress")
         assert main(argv) == 0, capsys.readouterr().err
     student = json.loads(Path("runs/example/student/record.json").read_text())
@@ -39,3 +39,6 @@ def test_the_examples_run_in_order(tmp_path, monkeypatch, capsys):
     assert "asr" in json.loads(Path("runs/example/student/evaluation/record.json")
                                .read_text())["metrics"]
     assert Path("runs/example/imported/model.safetensors").exists()
+    defended = json.loads(Path("runs/example/student-defended/record.json").read_text())
+    assert defended["defense"]["settings"]["iterations"] == 20
+    assert "asr" in defended["parent_metrics"]  # the student's teacher's trigger
