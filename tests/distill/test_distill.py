@@ -166,3 +166,39 @@ def test_distill_student_runs_compiled(digits):
         run=DistillRun(epochs=2, optim=OptimConfig(lr=0.05)))
     assert len(history) == 2 and history[-1].loss < history[0].loss
     assert not distiller._taps  # hooks removed after the run, compiled or not
+
+
+def test_fkd_feature_share_matches_features_first_then_learns_from_logits(digits):
+    """``feature_share`` 0.5: the first half of the run's steps is FKD's loss, the rest is
+    KD's, and the step count survives in the distiller's state (resume)."""
+    from robustkd.distill.kd import KDSettings
+    from robustkd.distill.losses import kd_loss
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    train = digits.train.subset(torch.arange(128))
+    _, d = distill_student(
+        teacher, student, train, None, teacher_layers=["bn1", "bn2"],
+        student_layers=["bn1", "bn2"], options={"feature_share": 0.5},
+        loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=32, progress=False,
+                          amp=False),
+        run=DistillRun(epochs=2, optim=OptimConfig(lr=0.05)))
+    assert d.total_steps == 8 and int(d.steps_done) == 8
+    assert "steps_done" in d.state_dict()
+    x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
+    student.eval()
+    with frozen_teacher(teacher, "train"), closing(d):
+        d.steps_done.zero_()  # step 0 of 8: features
+        first, stats = d.loss(x, y)
+        assert stats["feat_loss"] > 0
+        d.steps_done.fill_(4)  # step 4 of 8: the logit phase, exactly KD's loss
+        late, stats = d.loss(x, y)
+        kd = KDSettings()
+        with torch.no_grad():
+            expected = kd_loss(student(x), teacher(x), y, kd.temperature, kd.alpha)
+        assert float(stats["feat_loss"]) == 0.0
+        assert late.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert int(d.steps_done) == 5
+    with pytest.raises(ConfigError, match="feature_share"):
+        build_distiller("fkd", teacher, student, teacher_layers=["bn1"],
+                        student_layers=["bn1"], options={"feature_share": 0.0})

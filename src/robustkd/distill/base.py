@@ -57,6 +57,9 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", setup.teacher)
         object.__setattr__(self, "student", setup.student)
         object.__setattr__(self, "_taps", {})
+        # optimizer steps of the whole run, set by the loop before training (a method whose
+        # loss changes along the schedule reads it)
+        self.total_steps: int | None = None
 
     def taps(self, model: nn.Module, capture: Sequence[str] = (),
              replace: Mapping[str, Replacement] | None = None) -> PersistentTap:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkd.distill.base import Distiller, register_method
-from robustkd.distill.losses import bn_margin, empirical_margin, fkd_feature_loss
+from robustkd.distill.kd import KDSettings
+from robustkd.distill.losses import bn_margin, empirical_margin, fkd_feature_loss, kd_loss
 from robustkd.errors import ConfigError
 from robustkd.models.taps import resolve_modules, tap
 from robustkd.settings import setting
@@ -56,6 +57,10 @@ class FKDSettings:
     input_noise: float = setting(0.0, "salt-and-pepper noise on this fraction of the "
                                       "student's input pixels (the RobustKD authors' "
                                       "undocumented trick)", minimum=0.0, maximum=1.0)
+    feature_share: float = setting(1.0, "share of the run's steps with the feature loss; "
+                                        "the rest learns from the teacher's logits and the "
+                                        "labels (KD with its default temperature and alpha; "
+                                        "not in FKD)", above=0.0, maximum=1.0)
 
 
 @register_method
@@ -77,6 +82,8 @@ class FeatureDistillation(Distiller):
         self.s_names = [layer.prerelu for layer in setup.student_layers]
         self.connectors = nn.ModuleList()
         self.register_buffer("_margins_ready", torch.zeros((), dtype=torch.bool))
+        # steps taken (kept in the resume state), for feature_share < 1
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def teacher_mode(self) -> str:
         return self.options["teacher_bn"]
@@ -120,7 +127,21 @@ class FeatureDistillation(Distiller):
     def margins(self) -> list[torch.Tensor]:
         return [getattr(self, f"margin{i}") for i in range(len(self.t_names))]
 
+    def in_feature_phase(self) -> bool:
+        """Whether this step still matches features (always, unless ``feature_share`` < 1);
+        counts the step."""
+        if self.options["feature_share"] >= 1.0:
+            return True
+        if self.total_steps is None:
+            raise ConfigError("FKD's feature_share needs the run's length: distil with "
+                              "distill_student")
+        step = int(self.steps_done)
+        self.steps_done += 1
+        return step < round(self.options["feature_share"] * self.total_steps)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor):
+        if not self.in_feature_phase():
+            return self.logit_loss(x, y)
         _, t_feats = self.teacher_forward(x, self.t_names)
         x_student = x if self.setup.student_input is None else self.setup.student_input(x)
         x_student = salt_and_pepper(x_student, self.options["input_noise"])
@@ -147,3 +168,13 @@ class FeatureDistillation(Distiller):
         loss = ce + self.options["beta"] * feat
         return loss, {"train_acc": (logits.argmax(1) == y).sum(),
                       "feat_loss": feat.detach() * x.shape[0]}
+
+    def logit_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """After the feature phase: KD from the teacher's logits (KD's own defaults)."""
+        t_logits, _ = self.teacher_forward(x)
+        x_student = salt_and_pepper(x, self.options["input_noise"])
+        logits = self.student(x_student)
+        kd = KDSettings()
+        loss = kd_loss(logits, t_logits, y, kd.temperature, kd.alpha)
+        return loss, {"train_acc": (logits.argmax(1) == y).sum(),
+                      "feat_loss": torch.zeros((), device=x.device)}

@@ -101,6 +101,7 @@ def distill_student(
                                      workers=0)))[0]
         distiller.prepare(probe)
         distiller.to(device)
+        distiller.total_steps = epochs * len(loader)
 
         def epoch_end(result: EpochResult) -> None:
             if test is not None and eval_every and (result.epoch % eval_every == 0

@@ -54,11 +54,11 @@ class BenchTeacher:
 BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
                  "robustkd-default", "robustkd-improved", "robustkd-student-uap",
                  "robustkd-student-uap-small", "robustkd-student-uat", "anp-short",
-                 "robustkd-student-prune", "robustkd-prune-both")
+                 "robustkd-student-prune", "robustkd-prune-both", "robustkd-feature-warmup")
 # (KD: on SIG's first seed logit distillation alone left 0.2%, so it needs its seeds too)
 BENCH_SEEDED = ("fkd", "kd", "finetune", "anp", "ibau", "robustkd-default",
                 "robustkd-student-uat", "anp-short", "robustkd-student-prune",
-                "robustkd-prune-both")
+                "robustkd-prune-both", "robustkd-feature-warmup")
 
 
 BENCH_TEACHERS = (
@@ -208,7 +208,8 @@ class BenchPlanner(Planner):
         if cfg.prune_student == "none":
             return None
         before = dataclasses.replace(cfg, prune_student="none", prune_student_iterations=None)
-        if before.masks or before.consistency or before.student_perturbation:
+        if (before.masks or before.consistency or before.student_perturbation
+                or before.feature_share < 1.0):
             return None
         if before.prune == "none":
             base = bench_recipe("fkd") if "fkd" in among else None

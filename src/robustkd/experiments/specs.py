@@ -52,6 +52,9 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
            {"preset": "student-prune"}),
     Recipe("robustkd-prune-both", "RobustKD (teacher and student pruned)", "robustkd",
            {"preset": "prune-both"}),
+    # FKD's feature loss for the first half of the steps, then logit KD
+    Recipe("robustkd-feature-warmup", "RobustKD (feature warm-up, then KD)", "robustkd",
+           {"preset": "feature-warmup"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
