@@ -322,11 +322,10 @@ def _cmd_distill(args: argparse.Namespace) -> dict:
 
 def _cmd_defend(args: argparse.Namespace) -> dict | int:
     from robustkd import api
-    from robustkd.defenses.registry import get_teacher_defense, make_settings
 
     defense = _chosen(args, "defense")
     options = entry_options(args, args._defense_flags, defense, choose="--defense")
-    make_settings(get_teacher_defense(defense), options)  # checked before anything loads
+    # the API checks the defence's settings first, before anything loads
     return _run_job(args, api.defend, {"options": options or None})
 
 

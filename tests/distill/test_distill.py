@@ -187,11 +187,14 @@ def test_fkd_feature_share_matches_features_first_then_learns_from_logits(digits
     assert "steps_done" in d.state_dict()
     x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
     student.eval()
+    def resume_at(step: int) -> None:  # as a resumed run loads its state
+        d.load_state_dict({**d.state_dict(), "steps_done": torch.tensor(step)})
+
     with frozen_teacher(teacher, "train"), closing(d):
-        d.steps_done.zero_()  # step 0 of 8: features
+        resume_at(0)  # step 0 of 8: features
         first, stats = d.loss(x, y)
         assert stats["feat_loss"] > 0
-        d.steps_done.fill_(4)  # step 4 of 8: the logit phase, exactly KD's loss
+        resume_at(4)  # step 4 of 8: the logit phase, exactly KD's loss
         late, stats = d.loss(x, y)
         kd = KDSettings()
         with torch.no_grad():

@@ -84,6 +84,7 @@ class FeatureDistillation(Distiller):
         self.register_buffer("_margins_ready", torch.zeros((), dtype=torch.bool))
         # steps taken (kept in the resume state), for feature_share < 1
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._step: int | None = None  # its host-side copy
 
     def teacher_mode(self) -> str:
         return self.options["teacher_bn"]
@@ -127,6 +128,10 @@ class FeatureDistillation(Distiller):
     def margins(self) -> list[torch.Tensor]:
         return [getattr(self, f"margin{i}") for i in range(len(self.t_names))]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._step = None  # a resumed count: read it again at the next step
+
     def in_feature_phase(self) -> bool:
         """Whether this step still matches features (always, unless ``feature_share`` < 1);
         counts the step."""
@@ -135,8 +140,10 @@ class FeatureDistillation(Distiller):
         if self.total_steps is None:
             raise ConfigError("FKD's feature_share needs the run's length: distil with "
                               "distill_student")
-        step = int(self.steps_done)
-        self.steps_done += 1
+        if self._step is None:  # read once (a resumed run's count), not each step
+            self._step = int(self.steps_done)
+        step, self._step = self._step, self._step + 1
+        self.steps_done.fill_(self._step)  # no host sync: the state a resume reads
         return step < round(self.options["feature_share"] * self.total_steps)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor):

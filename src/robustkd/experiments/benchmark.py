@@ -192,7 +192,6 @@ class BenchPlanner(Planner):
                 return other
         return recipe
 
-
     def pruned_later(self, recipe: Recipe, among: list[str]) -> tuple[Recipe, dict] | None:
         """For a RobustKD configuration whose last step prunes the student and whose other
         steps are those of a column among ``among`` (plain FKD, or a teacher pruning then
@@ -208,8 +207,7 @@ class BenchPlanner(Planner):
         if cfg.prune_student == "none":
             return None
         before = dataclasses.replace(cfg, prune_student="none", prune_student_iterations=None)
-        if (before.masks or before.consistency or before.student_perturbation
-                or before.feature_share < 1.0):
+        if not before.distils_plainly():
             return None
         if before.prune == "none":
             base = bench_recipe("fkd") if "fkd" in among else None
