@@ -97,7 +97,7 @@ def test_every_stored_record_loads_as_a_job_and_keeps_its_run_id():
         n = nodes[node_id]
         label = n["id"].rsplit("-", 1)[0]
         return RunNode(n["kind"], label, n["params"],
-                       {k: rebuild(p) for k, p in n["parents"].items()})
+                       {k: rebuild(p) for k, p in n["parents"].items()}, n.get("revision", 1))
 
     checked = [i for i, n in nodes.items() if all(p in nodes for p in n["parents"].values())]
     assert len(checked) > 40

@@ -189,7 +189,7 @@ def test_ibau_defence_cleans_a_copy_and_reports():
     used = report["settings_used"]
     assert used["inner_steps"] == 2 and used["batches_per_round"] == 3
     assert used["perturbed_per_batch"] == [1]  # int(16 * 0.01) = 0, raised to one
-    assert used["hypergrad_iterations"] == 5 and used["lr"] == 0.001
+    assert used["hypergrad_iterations"] == 5 and used["lr"] == 0.0001
     assert report["history"][0]["perturbation_norm"] == report["perturbation_norm"]
     assert report["cleaned_teacher_metrics"] is None  # no test set given, none used
 

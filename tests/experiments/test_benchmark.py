@@ -202,6 +202,23 @@ def test_a_recipes_defence_options_override_the_scales_sizes():
     assert params["anp-short"]["defense"] == "anp"
 
 
+def test_a_defences_revision_names_new_runs_and_keeps_every_other_id():
+    from robustkd.defenses.registry import TEACHER_DEFENSES
+    from robustkd.experiments.plan import RunNode
+
+    cells = plan(["benchmark"], "mini", seeds=1)["benchmark"]
+    nodes = {c.column: c.node for c in cells if c.column.endswith("/sig-scratch")}
+    ibau, anp = nodes["ibau/sig-scratch"], nodes["anp/sig-scratch"]
+    assert TEACHER_DEFENSES["ibau"].revision == ibau.revision == 2
+    assert ibau.spec()["revision"] == 2 and "revision" not in anp.spec()
+    # the same parameters at revision 1 are another run (the records of before the fix)
+    old = RunNode(ibau.kind, ibau.label, ibau.params, ibau.parents)
+    assert old.id != ibau.id and old.label == ibau.label
+    # revision 1 leaves the identity as it was before revisions existed
+    same = RunNode(anp.kind, anp.label, anp.params, anp.parents, 1)
+    assert same.id == anp.id
+
+
 def test_a_robustkd_column_that_only_prunes_shares_the_baselines_runs():
     from robustkd.experiments.benchmark import BenchPlanner, bench_recipe
     from robustkd.experiments.scales import get_scale

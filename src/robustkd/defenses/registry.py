@@ -94,17 +94,20 @@ class TeacherDefense:
     settings: type
     run: DefenseFn
     help: str = ""
+    # raised when a fix changes what the defence computes under the same settings, so
+    # benchmark plans name new runs instead of taking the old records for current ones
+    revision: int = 1
 
 
 TEACHER_DEFENSES: dict[str, TeacherDefense] = {}
 
 
-def register_teacher_defense(name: str, settings: type,
-                             help: str = "") -> Callable[[DefenseFn], DefenseFn]:
+def register_teacher_defense(name: str, settings: type, help: str = "",
+                             revision: int = 1) -> Callable[[DefenseFn], DefenseFn]:
     """Decorator: register ``fn(teacher, ctx, settings) -> (cleaned_copy, details)``."""
 
     def deco(fn: DefenseFn) -> DefenseFn:
-        TEACHER_DEFENSES[name] = TeacherDefense(name, settings, fn, help)
+        TEACHER_DEFENSES[name] = TeacherDefense(name, settings, fn, help, revision)
         return fn
 
     return deco

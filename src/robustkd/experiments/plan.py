@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from robustkd.defenses.registry import get_teacher_defense
 from robustkd.defenses.robustkd import DEFAULT_PRESET, PRESETS, robustkd_config
 from robustkd.errors import ConfigError
 from robustkd.experiments.scales import DataScale, Scale
@@ -31,18 +32,24 @@ class RunNode:
     label: str
     params: dict[str, Any]
     parents: dict[str, RunNode] = field(default_factory=dict)
+    # bumped with the computation behind unchanged parameters (a defence's default fixed):
+    # part of the identity only from 2 on, so every earlier id stays what it was
+    revision: int = 1
 
     def __post_init__(self) -> None:
         identity = {"kind": self.kind, "params": self.params,
                     "parents": {k: p.id for k, p in sorted(self.parents.items())}}
+        if self.revision > 1:
+            identity["revision"] = self.revision
         blob = json.dumps(identity, sort_keys=True, default=str).encode()
         self.digest = hashlib.sha1(blob).hexdigest()[:10]
         self.id = f"{self.label}-{self.digest}"
 
     def spec(self) -> dict[str, Any]:
         """What is stored beside the run (``node.json``) and in every result line."""
-        return {"id": self.id, "kind": self.kind, "params": self.params,
+        spec = {"id": self.id, "kind": self.kind, "params": self.params,
                 "parents": {k: p.id for k, p in self.parents.items()}}
+        return spec if self.revision == 1 else {**spec, "revision": self.revision}
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,9 @@ class Planner:
 
     def _node(self, kind: str, label: str, params: dict[str, Any],
               parents: dict[str, RunNode] | None = None) -> RunNode:
-        node = RunNode(kind, label, params, parents or {})
+        defense = params.get("defense")
+        revision = get_teacher_defense(defense).revision if defense else 1
+        node = RunNode(kind, label, params, parents or {}, revision)
         return self._nodes.setdefault(node.id, node)
 
     def clean_teacher(self, dataset: str, model: str, seed: int) -> RunNode:
