@@ -217,6 +217,12 @@ def test_a_defences_revision_names_new_runs_and_keeps_every_other_id():
     # revision 1 leaves the identity as it was before revisions existed
     same = RunNode(anp.kind, anp.label, anp.params, anp.parents, 1)
     assert same.id == anp.id
+    # a RobustKD run that prunes with a defence carries that defence's revision too
+    from robustkd.experiments.plan import defence_revision
+    assert defence_revision({"robustkd": {"prune": "ibau"}}) == 2
+    assert defence_revision({"robustkd": {"prune_student": "ibau", "prune": "none"}}) == 2
+    assert defence_revision({"robustkd": {"prune": "anp"}, "defense": "finetune"}) == 1
+    assert defence_revision({"method": "fkd"}) == 1
 
 
 def test_a_robustkd_column_that_only_prunes_shares_the_baselines_runs():

@@ -76,9 +76,7 @@ class Planner:
 
     def _node(self, kind: str, label: str, params: dict[str, Any],
               parents: dict[str, RunNode] | None = None) -> RunNode:
-        defense = params.get("defense")
-        revision = get_teacher_defense(defense).revision if defense else 1
-        node = RunNode(kind, label, params, parents or {}, revision)
+        node = RunNode(kind, label, params, parents or {}, defence_revision(params))
         return self._nodes.setdefault(node.id, node)
 
     def clean_teacher(self, dataset: str, model: str, seed: int) -> RunNode:
@@ -125,6 +123,15 @@ class Planner:
         while node.kind != "train":
             node = node.parents["teacher"]
         return self.scale.for_dataset(node.params["dataset"])
+
+
+def defence_revision(params: dict[str, Any]) -> int:
+    """The highest revision among the teacher defences a run's parameters make it run: its
+    ``defense``, or a RobustKD configuration's teacher or student pruning (1 with none)."""
+    robustkd = params.get("robustkd") or {}
+    names = [params.get("defense"), robustkd.get("prune"), robustkd.get("prune_student")]
+    return max((get_teacher_defense(n).revision for n in names if n and n != "none"),
+               default=1)
 
 
 def method_params(method: Recipe, detox_epochs: int, robustkd_sizes: dict[str, Any],
