@@ -148,6 +148,25 @@ def test_defend_teacher_runs_anp_end_to_end():
     assert blind["threshold"] == (max(ok) if ok else 0.0)
 
 
+def test_finetune_epochs_fine_tune_the_pruned_copy_and_keep_its_channels_pruned():
+    ds = _tiny_data()
+    teacher = _trained_tiny(ds)
+    ctx = DefenseContext(clean=ds, mean=(0.3,), std=(0.3,), amp=False, progress=False)
+    options = {"iterations": 20, "batch_size": 32, "threshold": 0.99}
+    plain, plain_report = defend_teacher("anp", teacher, ctx, options)
+    tuned, report = defend_teacher("anp", teacher, ctx, {**options, "finetune_epochs": 2})
+    assert report["settings"]["finetune_epochs"] == 2 and len(report["finetune_history"]) == 2
+    assert plain_report["finetune_history"] == [] and report["masks"] == plain_report["masks"]
+    assert report["pruned"] == plain_report["pruned"] > 0
+    for name, values in report["masks"].items():
+        pruned = torch.tensor(values) < 0.99
+        weight = getattr(tuned, name).weight.detach()
+        assert torch.all(weight[pruned] == 0), name  # held at zero through every step
+        assert not torch.equal(weight[~pruned], getattr(plain, name).weight.detach()[~pruned])
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        ANPSettings(finetune_epochs=-1)
+
+
 def test_anp_drives_down_the_mask_of_a_planted_fragile_channel():
     """Channels 0-3 carry the class; channel 4 is a dormant 'backdoor' (bias -3, weight 10 to
     class 0): silent on clean data, firing under a +-0.4 perturbation. Only it should go."""
@@ -179,7 +198,7 @@ def test_anp_drives_down_the_mask_of_a_planted_fragile_channel():
 @pytest.mark.parametrize("setting,value", [
     ("eps", -0.1), ("steps", 0), ("steps", 1.5), ("alpha", 1.5), ("mask_lr", 0.0),
     ("iterations", 0), ("batch_size", 0), ("threshold", 1.2), ("max_acc_drop", -0.01),
-    ("eps", float("nan")),
+    ("eps", float("nan")), ("finetune_epochs", 1.5),
 ])
 def test_invalid_settings_name_the_setting(setting, value):
     with pytest.raises(ConfigError, match=setting):

@@ -9,6 +9,7 @@ accuracy survives; how much of the backdoor survives too is what the baseline me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -35,17 +36,26 @@ class FinetuneSettings:
 
 
 def finetune_copy(teacher: nn.Module, ctx: DefenseContext, *, epochs: int,
-                  optim: OptimConfig, batch_size: int,
-                  desc: str = "fine-tune teacher") -> tuple[nn.Module, list[EpochResult]]:
+                  optim: OptimConfig, batch_size: int, desc: str = "fine-tune teacher",
+                  after_step: Callable[[nn.Module], None] | None = None
+                  ) -> tuple[nn.Module, list[EpochResult]]:
     """Cross-entropy fine-tuning of a *copy* of ``teacher`` on ``ctx.clean`` (BN in train
-    mode, as ordinary fine-tuning); the original is left unchanged."""
+    mode, as ordinary fine-tuning); the original is left unchanged. ``after_step`` is called
+    with the copy after every optimiser step (e.g. to hold pruned channels at zero)."""
     if epochs < 0:
         raise ConfigError(f"fine-tuning epochs must be >= 0, got {epochs}")
     model = trainable_copy(teacher)
+    hook = None if after_step is None else (lambda: after_step(model))
     history = fit(model.parameters(), classification_step(model), ctx.loader(batch_size),
                   epochs, optim, train_modules=[model], device=ctx.device, amp=ctx.amp,
-                  progress=ctx.progress, desc=desc)
+                  progress=ctx.progress, desc=desc, after_step=hook)
     return model.eval(), history
+
+
+def finetune_optim(cfg: FinetuneSettings) -> OptimConfig:
+    """The optimiser of a fine-tuning with settings ``cfg``."""
+    return OptimConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, schedule=cfg.schedule)
 
 
 @register_teacher_defense("finetune", FinetuneSettings,
@@ -53,8 +63,7 @@ def finetune_copy(teacher: nn.Module, ctx: DefenseContext, *, epochs: int,
 def finetune_defense(teacher: nn.Module, ctx: DefenseContext,
                      cfg: FinetuneSettings) -> tuple[nn.Module, dict]:
     """The fine-tuned copy, with the fine-tuning history for the record."""
-    optim = OptimConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, schedule=cfg.schedule)
+    optim = finetune_optim(cfg)
     model, history = finetune_copy(teacher, ctx, epochs=cfg.epochs, optim=optim,
                                    batch_size=cfg.batch_size)
     return model, {"history": [h.as_dict() for h in history]}

@@ -54,11 +54,12 @@ class BenchTeacher:
 BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
                  "robustkd-default", "robustkd-improved", "robustkd-student-uap",
                  "robustkd-student-uap-small", "robustkd-student-uat", "anp-short",
-                 "robustkd-student-prune", "robustkd-prune-both", "robustkd-feature-warmup")
+                 "robustkd-student-prune", "robustkd-prune-both", "robustkd-feature-warmup",
+                 "robustkd-anp-prune-ft")
 # (KD: on SIG's first seed logit distillation alone left 0.2%, so it needs its seeds too)
 BENCH_SEEDED = ("fkd", "kd", "finetune", "anp", "ibau", "robustkd-default",
                 "robustkd-student-uat", "anp-short", "robustkd-student-prune",
-                "robustkd-prune-both", "robustkd-feature-warmup")
+                "robustkd-prune-both", "robustkd-feature-warmup", "robustkd-anp-prune-ft")
 
 
 BENCH_TEACHERS = (
