@@ -55,8 +55,10 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     # FKD's feature loss for the first half of the steps, then logit KD
     Recipe("robustkd-feature-warmup", "RobustKD (feature warm-up, then KD)", "robustkd",
            {"preset": "feature-warmup"}),
-    # ANP's masks pruned as far as held-out clean accuracy allows, then fine-tuned with the
-    # pruned channels held at zero
+    # ANP's masks pruned as far as held-out clean accuracy allows, alone and then fine-tuned
+    # with the pruned channels held at zero
+    Recipe("robustkd-anp-prune-acc", "RobustKD (ANP pruning to an accuracy bound)",
+           "robustkd", {"preset": "anp-prune-acc"}),
     Recipe("robustkd-anp-prune-ft", "RobustKD (ANP pruning to an accuracy bound + "
            "fine-tuning)", "robustkd", {"preset": "anp-prune-ft"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
