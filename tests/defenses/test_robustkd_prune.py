@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from robustkd import api
-from robustkd.defenses.robustkd import PRESETS, robustkd_config
+from robustkd.defenses.robustkd import PRESETS, PRUNE_BATCHES, robustkd_config
 from robustkd.defenses.robustkd_transform import PRUNE_DIR
 from robustkd.errors import ConfigError
 
@@ -30,6 +30,29 @@ def test_the_preset_prunes_with_anp_and_trains_no_masks():
     assert (cfg.prune, cfg.masks, cfg.consistency) == ("anp", False, 0.0)
     assert cfg.prune_options() == {"iterations": PRESETS["anp-prune"]["prune_iterations"]}
     assert robustkd_config({"preset": "paper"}).prune == "none"  # the paper prunes nothing
+
+
+def test_the_accuracy_bound_presets_pass_their_pruning_settings_to_anp():
+    acc = robustkd_config({"preset": "anp-prune-acc"})
+    assert acc.prune_options() == {"iterations": PRUNE_BATCHES, "max_acc_drop": 0.1}
+    ft = robustkd_config({"preset": "anp-prune-ft"})
+    assert ft.prune_options() == {"iterations": PRUNE_BATCHES, "max_acc_drop": 0.1,
+                                  "finetune_epochs": 5}
+    with pytest.raises(ConfigError, match="prune_max_acc_drop"):
+        robustkd_config({"prune": "anp", "prune_max_acc_drop": 1.5})
+
+
+def test_a_bounded_pruning_chooses_its_threshold_and_fine_tunes(digits_teacher_run, tmp_path):
+    rec = _distill(digits_teacher_run, tmp_path / "rkd", method="robustkd",
+                   robustkd={"preset": "anp-prune-ft", "prune_iterations": ITERATIONS,
+                             "prune_finetune_epochs": 1})
+    report = rec["robustkd"]["prune"]
+    assert report["threshold_choice"] == "max_acc_drop"
+    search = report["threshold_search"]
+    ok = [c["threshold"] for c in search["candidates"]
+          if c["val_acc"] >= search["val_acc_unpruned"] - 0.1 - 1e-12]
+    assert report["threshold"] == (max(ok) if ok else 0.0)
+    assert len(report["finetune_history"]) == 1
 
 
 def test_an_unknown_pruning_names_the_flag_and_choices():
