@@ -2,11 +2,11 @@
 
 ANP's paper prunes the channels whose mask ends below 0.2; BackdoorBench prunes by the largest
 threshold (up to 0.9) that keeps clean accuracy within a bound. This probe reads the masks of
-a finished ANP run (``defense.json``, or ``prune/defense.json`` of a RobustKD run that pruned),
-prunes the teacher at every threshold of ANP's grid and prints one JSON line per threshold:
-channels pruned, accuracy on a held-out part of the defender's clean subset (what a blind rule
-may read), and the test ACC / ASR / R-ACC on a per-class share of the test set (diagnosis
-only: nothing may be chosen with them).
+a finished ANP run (``defense.json``, ``prune/defense.json`` of a RobustKD run that pruned, or
+the defence in ``record.json``), prunes the teacher at every threshold of ANP's grid and
+prints one JSON line per threshold: channels pruned, accuracy on a held-out part of the
+defender's clean subset (what a blind rule may read), and the test ACC / ASR / R-ACC on a
+per-class share of the test set (diagnosis only: nothing may be chosen with them).
 
     OMP_NUM_THREADS=1 python benchmarks/anp_prune_curve.py --data-root ../shared/data \\
         --run runs/bench/runs/<teacher>-wrn16_1-anp-short-s0-<id> \\
@@ -34,14 +34,19 @@ BENCH = get_scale("mini").benchmark
 
 
 def saved_masks(run: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    for name in ("defense.json", "prune/defense.json"):
-        path = run / name
-        if path.is_file():
-            report = json.loads(path.read_text())
-            if report.get("name") == "anp" and report.get("masks"):
-                masks = {k: torch.tensor(v) for k, v in report["masks"].items()}
-                return masks, report
-    raise SystemExit(f"anp_prune_curve: --run {run} has no ANP masks (defense.json)")
+    """The ANP masks a finished run saved: its defence report, or (a run restored from its
+    record only) the record's ``defense``."""
+    reports = [run / "defense.json", run / "prune" / "defense.json"]
+    for path in [*reports, run / "record.json"]:
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        if path.name == "record.json":
+            report = report.get("defense") or {}
+        if report.get("name") == "anp" and report.get("masks"):
+            return {k: torch.tensor(v) for k, v in report["masks"].items()}, report
+    raise SystemExit(f"anp_prune_curve: --run {run} has no ANP masks (defense.json or the "
+                     "record's defence)")
 
 
 def main() -> None:
