@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from tests.bench_scripts import load_script
 
@@ -43,3 +44,31 @@ def test_the_detection_probe_reads_anps_perturbed_flips(monkeypatch, capsys, dig
     assert line["detected"]["first_block"]["class"] in range(10)
     saved = [json.loads(x) for x in (tmp_path / "det.jsonl").read_text().splitlines()]
     assert saved == [line]
+
+
+def test_the_prune_curve_prunes_saved_masks_at_every_threshold(monkeypatch, capsys,
+                                                               digits_teacher_run, tmp_path):
+    from robustkd.defenses.anp import THRESHOLD_GRID
+    from robustkd.models.neurons import batchnorm_layers
+    from robustkd.runs import load_run
+
+    bns, _ = batchnorm_layers(load_run(digits_teacher_run).model)
+    masks = {name: torch.linspace(0.0, 1.0, bn.num_features).tolist() for name, bn in bns.items()}
+    run = tmp_path / "anp-run"
+    run.mkdir()
+    (run / "record.json").write_text(json.dumps({"defense": {
+        "name": "anp", "masks": masks, "settings": {"iterations": 7}}}))
+    monkeypatch.setattr(sys, "argv", ["anp_prune_curve", "--run", str(run), "--teacher",
+                                      str(digits_teacher_run), "--test-share", "0.1"])
+    load_script("anp_prune_curve").main()
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["threshold"] for x in lines] == [0.0, *THRESHOLD_GRID]
+    for line in lines:
+        expected = sum(sum(v < line["threshold"] for v in values) for values in masks.values())
+        assert line["pruned"] == expected and line["mask_iterations"] == 7
+    assert lines[0]["pruned"] == 0 and lines[-1]["pruned"] > lines[1]["pruned"]
+    assert all(0.0 <= x["val_acc"] <= 1.0 and 0.0 <= x["test_acc"] <= 1.0 for x in lines)
+    assert lines[0]["val_images"] > 0 and 0 < lines[0]["test_images"] < 1438
+    (run / "record.json").write_text(json.dumps({"defense": {"name": "nad"}}))
+    with pytest.raises(SystemExit, match="no ANP masks"):
+        load_script("anp_prune_curve").main()
