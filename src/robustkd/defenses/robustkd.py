@@ -209,8 +209,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # no masks, no synthesis
     "anp-prune": {"prune": "anp", "prune_iterations": PRUNE_BATCHES, "masks": False},
     # a candidate: the same masks, pruned as far as held-out clean accuracy allows (at most
-    # 10 points; BackdoorBench allows 10%): ANP at 0.2 left a 1.5x stronger sinusoid whole,
-    # and a student keeps most of its accuracy under a weaker teacher (docs/RESULTS.md)
+    # 10 points; BackdoorBench allows 10%): ANP at 0.2 left a 1.5x stronger sinusoid whole.
+    # Measured in docs/RESULTS.md (session 19): its pruned teachers lose the backdoor, their
+    # FKD students do not
     "anp-prune-acc": {"prune": "anp", "prune_iterations": PRUNE_BATCHES,
                       "prune_max_acc_drop": 0.1, "masks": False},
     # the same, then Fine-Pruning's recovery: a few epochs of fine-tuning with the pruned
