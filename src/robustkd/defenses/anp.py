@@ -348,13 +348,20 @@ def prune_by_masks(teacher: nn.Module, masks: Mapping[str, torch.Tensor],
 
 def hold_pruned(selected: Mapping[str, torch.Tensor]):
     """A function that sets the BN weight of the ``selected`` channels of a model to 0: it
-    prunes them, and called after every fine-tuning step it keeps them pruned."""
+    prunes them, and called after every fine-tuning step it keeps them pruned. The modules
+    and the selections on their device are found once per model, and ``masked_fill_`` needs
+    no host sync, so the per-step call stays cheap on a GPU."""
+    bound: dict[str, Any] = {}
+
     def zero(model: nn.Module) -> None:
-        modules = resolve_modules(model, selected)
+        if bound.get("model") is not model:
+            modules = resolve_modules(model, selected)
+            bound["model"] = model
+            bound["targets"] = [(modules[name].weight, sel.to(modules[name].weight.device))
+                                for name, sel in selected.items()]
         with torch.no_grad():
-            for name, sel in selected.items():
-                weight = modules[name].weight
-                weight[sel.to(weight.device)] = 0.0
+            for weight, sel in bound["targets"]:
+                weight.masked_fill_(sel, 0.0)
     return zero
 
 
