@@ -1,9 +1,9 @@
 """Defences: RobustKD feature detoxification, and the teacher-cleaning baselines
-(fine-tuning, NAD, ANP, I-BAU) registered by name for ``robustkd distill --defense``; both
+(fine-tuning, FST, NAD, ANP, I-BAU) registered by name for ``robustkd distill --defense``; both
 reach the distill command as teacher transforms (:mod:`robustkd.defenses.transforms`)."""
 
 # importing them registers the defences and RobustKD's transform
-from robustkd.defenses import anp, finetune, ibau, nad, robustkd_transform  # noqa: F401
+from robustkd.defenses import anp, finetune, fst, ibau, nad, robustkd_transform  # noqa: F401
 from robustkd.defenses.registry import (
     TEACHER_DEFENSES,
     DefenseContext,

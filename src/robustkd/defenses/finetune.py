@@ -17,7 +17,7 @@ from torch import nn
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.errors import ConfigError
 from robustkd.settings import setting
-from robustkd.training.classifier import classification_step
+from robustkd.training.classifier import ExtraLoss, classification_step
 from robustkd.training.loop import EpochResult, fit
 from robustkd.training.optim import OptimConfig
 
@@ -35,21 +35,33 @@ class FinetuneSettings:
     batch_size: int = setting(64, "batch size", minimum=1)
 
 
+def finetune_model(model: nn.Module, ctx: DefenseContext, *, epochs: int,
+                   optim: OptimConfig, batch_size: int, desc: str = "fine-tune teacher",
+                   after_step: Callable[[nn.Module], None] | None = None,
+                   extra_loss: ExtraLoss | None = None) -> list[EpochResult]:
+    """Cross-entropy fine-tuning of ``model`` itself on ``ctx.clean`` (BN in train mode, as
+    ordinary fine-tuning). ``after_step`` is called with the model after every optimiser step
+    (e.g. to hold pruned channels at zero); ``extra_loss`` is added to the cross-entropy."""
+    if epochs < 0:
+        raise ConfigError(f"fine-tuning epochs must be >= 0, got {epochs}")
+    hook = None if after_step is None else (lambda: after_step(model))
+    history = fit(model.parameters(), classification_step(model, extra_loss),
+                  ctx.loader(batch_size), epochs, optim, train_modules=[model],
+                  device=ctx.device, amp=ctx.amp, progress=ctx.progress, desc=desc,
+                  after_step=hook)
+    model.eval()
+    return history
+
+
 def finetune_copy(teacher: nn.Module, ctx: DefenseContext, *, epochs: int,
                   optim: OptimConfig, batch_size: int, desc: str = "fine-tune teacher",
                   after_step: Callable[[nn.Module], None] | None = None
                   ) -> tuple[nn.Module, list[EpochResult]]:
-    """Cross-entropy fine-tuning of a *copy* of ``teacher`` on ``ctx.clean`` (BN in train
-    mode, as ordinary fine-tuning); the original is left unchanged. ``after_step`` is called
-    with the copy after every optimiser step (e.g. to hold pruned channels at zero)."""
-    if epochs < 0:
-        raise ConfigError(f"fine-tuning epochs must be >= 0, got {epochs}")
+    """:func:`finetune_model` on a *copy* of ``teacher``; the original is left unchanged."""
     model = trainable_copy(teacher)
-    hook = None if after_step is None else (lambda: after_step(model))
-    history = fit(model.parameters(), classification_step(model), ctx.loader(batch_size),
-                  epochs, optim, train_modules=[model], device=ctx.device, amp=ctx.amp,
-                  progress=ctx.progress, desc=desc, after_step=hook)
-    return model.eval(), history
+    history = finetune_model(model, ctx, epochs=epochs, optim=optim, batch_size=batch_size,
+                             desc=desc, after_step=after_step)
+    return model, history
 
 
 def finetune_optim(cfg: FinetuneSettings) -> OptimConfig:

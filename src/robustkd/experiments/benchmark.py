@@ -51,13 +51,13 @@ class BenchTeacher:
 
 # Methods compared (all blind: no trigger, target or test data), and those that get every
 # seed; the others run on the first seed only (2 CPU cores).
-BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "nad", "anp", "ibau", "robustkd",
+BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "fst", "nad", "anp", "ibau", "robustkd",
                  "robustkd-default", "robustkd-improved", "robustkd-student-uap",
                  "robustkd-student-uap-small", "robustkd-student-uat", "anp-short",
                  "robustkd-student-prune", "robustkd-prune-both", "robustkd-feature-warmup",
                  "robustkd-anp-prune-acc", "robustkd-anp-prune-ft")
 # (KD: on SIG's first seed logit distillation alone left 0.2%, so it needs its seeds too)
-BENCH_SEEDED = ("fkd", "kd", "finetune", "anp", "ibau", "robustkd-default",
+BENCH_SEEDED = ("fkd", "kd", "finetune", "fst", "anp", "ibau", "robustkd-default",
                 "robustkd-student-uat", "anp-short", "robustkd-student-prune",
                 "robustkd-prune-both", "robustkd-feature-warmup",
                 "robustkd-anp-prune-acc", "robustkd-anp-prune-ft")

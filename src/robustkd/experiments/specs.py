@@ -67,6 +67,8 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "oracle"}),
     Recipe("finetune", "fine-tuning + FKD", "fkd", defense="finetune"),
     Recipe("nad", "NAD + FKD", "fkd", defense="nad"),
+    # fine-tuning that shifts the features (a new classifier turned away from the old one)
+    Recipe("fst", "FST + FKD", "fkd", defense="fst"),
     Recipe("anp", "ANP + FKD", "fkd", defense="anp"),
     # ANP's masks within issue 15's time budget (1.5x FKD): 150 mask batches, not 500
     Recipe("anp-short", "ANP (150 iterations) + FKD", "fkd", defense="anp",

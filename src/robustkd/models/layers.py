@@ -57,3 +57,12 @@ def frozen_teacher(teacher: nn.Module, mode: str):
             if count is not None:
                 m.num_batches_tracked.copy_(count)
         teacher.train(was_training)
+
+
+def classifier_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's classifier: its last ``nn.Linear`` (name and module), the layer every
+    built-in model ends with and the usual head of a downloaded one."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier")
+    return linears[-1]

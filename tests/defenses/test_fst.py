@@ -1,0 +1,80 @@
+"""Feature Shift Tuning: the head penalty's value and gradient, the norm it keeps, and what
+the tuning does to a copy of a real (digits) teacher."""
+
+import pytest
+import torch
+from torch import nn
+
+from robustkd.data import per_class_subset
+from robustkd.defenses import DefenseContext, defend_teacher
+from robustkd.defenses.fst import FSTSettings, alignment_penalty, keep_norm, reinit_linear
+from robustkd.errors import ConfigError
+from robustkd.models.layers import classifier_layer
+
+
+def test_alignment_penalty_golden_value_and_gradient():
+    w = torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True)
+    w0 = torch.tensor([[2.0, 1.0], [-4.0, 1.0]])
+    # alpha * sum(w * w0) = 0.2 * (2 - 2 - 2 + 3)
+    value = alignment_penalty(w, w0, 0.2)
+    assert value.item() == pytest.approx(0.2)
+    value.backward()
+    assert torch.allclose(w.grad, 0.2 * w0)  # descent turns W away from W_orig
+
+
+def test_keep_norm_restores_the_original_norm():
+    layer = nn.Linear(4, 3)
+    norm = layer.weight.detach().norm().clone()
+    with torch.no_grad():
+        layer.weight.mul_(0.1)
+    keep_norm(layer, norm)
+    assert layer.weight.norm().item() == pytest.approx(norm.item(), rel=1e-6)
+
+
+def test_reinit_draws_within_the_fan_in_bound_and_is_seeded():
+    a, b = nn.Linear(16, 10), nn.Linear(16, 10)
+    reinit_linear(a, torch.Generator().manual_seed(3))
+    reinit_linear(b, torch.Generator().manual_seed(3))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert a.weight.abs().max() <= 0.25 and a.bias.abs().max() <= 0.25  # 1/sqrt(16)
+    assert a.weight.std() > 0.1  # spread over the interval, not left at zero
+
+
+def test_classifier_layer_is_the_last_linear():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert classifier_layer(model)[0] == "2"
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        classifier_layer(nn.Sequential(nn.Conv2d(1, 1, 1)))
+
+
+def test_fst_moves_the_features_of_a_copy_and_turns_its_head_away(digits, digits_teacher):
+    before = {k: v.clone() for k, v in digits_teacher.state_dict().items()}
+    name, head = classifier_layer(digits_teacher)
+    w0 = head.weight.detach().clone()
+    clean = per_class_subset(digits.train, fraction=0.2, seed=0)
+    ctx = DefenseContext(clean=clean, mean=digits.mean, std=digits.std, augment=digits.augment,
+                         progress=False, test=digits.test)
+    tuned, report = defend_teacher("fst", digits_teacher, ctx, {"epochs": 5, "batch_size": 32})
+    for key, value in digits_teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"original teacher {key} changed"
+    new = dict(tuned.named_modules())[name].weight.detach()
+    assert new.norm().item() == pytest.approx(w0.norm().item(), rel=1e-4)
+    cosine = (new * w0).sum() / (new.norm() * w0.norm())
+    assert cosine < 0.5, f"the tuned head still reads the old features (cos {cosine:.2f})"
+    moved = [k for k, v in tuned.state_dict().items()
+             if v.is_floating_point() and "running" not in k and k.rsplit(".", 1)[0] != name
+             and not torch.equal(v, before[k])]
+    assert len(moved) > 10  # the feature extractor itself was tuned
+    assert report["classifier"] == name and len(report["history"]) == 5
+    assert report["settings"]["alpha"] == 0.2 and report["settings"]["schedule"] == "cosine"
+    # a new head on shifted features still classifies the clean digits
+    assert report["cleaned_teacher_metrics"]["acc"] > 0.8
+
+
+def test_fst_settings_are_checked_where_they_enter(digits, digits_teacher):
+    ctx = DefenseContext(clean=per_class_subset(digits.train, fraction=0.1, seed=0),
+                         mean=digits.mean, std=digits.std, progress=False)
+    for bad in ({"alpha": -0.1}, {"lr": 0.0}, {"schedule": "linear"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            defend_teacher("fst", digits_teacher, ctx, bad)
+    assert FSTSettings().epochs == 10 and FSTSettings().weight_decay == 0.0
