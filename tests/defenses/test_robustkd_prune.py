@@ -142,3 +142,26 @@ def test_the_python_api_prunes_a_copy_and_leaves_the_users_teacher(digits):
     assert report["prune"]["name"] == "anp" and report["teacher"] is not teacher
     assert report["masks"] is None  # the default trains no masks
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_the_fst_preset_is_the_fst_defence_then_fkd(digits_teacher_run, tmp_path, capsys):
+    cfg = robustkd_config({"preset": "fst"})
+    assert (cfg.prune, cfg.masks, cfg.prune_options()) == ("fst", False, {})
+    assert cfg.only_prunes()
+    tuned = _distill(digits_teacher_run, tmp_path / "rkd", method="robustkd",
+                     robustkd={"preset": "fst"})
+    baseline = _distill(digits_teacher_run, tmp_path / "fst", method="fkd", defense="fst")
+    assert tuned["robustkd"]["prune"]["name"] == "fst"
+    a, b = _student(tmp_path / "rkd"), _student(tmp_path / "fst")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert tuned["metrics"] == baseline["metrics"]
+    printed = capsys.readouterr()
+    assert "teacher copy cleaned by fst: {'acc'" in printed.out + printed.err
+
+
+def test_anp_only_settings_are_refused_with_another_teacher_defence():
+    with pytest.raises(ConfigError, match=r"--robustkd-prune-iterations\) applies to prune "
+                                          r"'anp', not 'fst'"):
+        robustkd_config({"preset": "fst", "prune_iterations": 10})
+    with pytest.raises(ConfigError, match="prune_student"):
+        robustkd_config({"prune_student": "fst"})  # the student is pruned, not tuned

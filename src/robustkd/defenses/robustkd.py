@@ -41,12 +41,16 @@ from robustkd.defenses.threshold import (  # noqa: F401  (select_*: their old ho
 from robustkd.distill.run import DistillRun, distill_student
 from robustkd.errors import ConfigError
 from robustkd.models.layers import layers_of
-from robustkd.settings import make_settings, setting
+from robustkd.settings import flag_name, make_settings, setting
 from robustkd.training.loop_settings import LoopSettings
 
 LAYER_CHOICES = ("all", "last", "last2")
-# teacher defences RobustKD may run on a copy of the teacher before its other steps
-PRUNE_CHOICES = ("none", "anp")
+# teacher defences RobustKD may run on a copy of the teacher before its other steps, and
+# on the student after distillation
+PRUNE_CHOICES = ("none", "anp", "fst")
+STUDENT_PRUNE_CHOICES = ("none", "anp")
+# the settings of the teacher's pruning that only ANP has
+ANP_ONLY = ("prune_iterations", "prune_max_acc_drop", "prune_finetune_epochs")
 INVERSION_CLASSES = ("all", "suspects")
 
 
@@ -54,9 +58,11 @@ INVERSION_CLASSES = ("all", "suspects")
 class RobustKDConfig:
     """Every knob of the defence; the defaults are the paper's literal reading (``paper``)."""
 
-    prune: str = setting("none", "prune the teacher copy first: 'anp' removes the BN channels "
+    prune: str = setting("none", "clean the teacher copy first: 'anp' prunes the BN channels "
                                  "whose adversarial perturbation flips predictions "
-                                 "(ANP's criterion, defenses/anp.py; not in the paper)",
+                                 "(ANP's criterion, defenses/anp.py), 'fst' tunes it with "
+                                 "a new classifier so its features shift (defenses/fst.py); "
+                                 "not in the paper",
                          choices=PRUNE_CHOICES)
     prune_iterations: int | None = setting(None, "mask-optimisation batches of that pruning "
                                                  "(default: ANP's own)", minimum=1)
@@ -72,7 +78,7 @@ class RobustKDConfig:
                                          "BN channels by the same criterion (the student is "
                                          "trained by the defender, so an attacker cannot make "
                                          "its neurons robust; not in the paper)",
-                                 choices=PRUNE_CHOICES)
+                                 choices=STUDENT_PRUNE_CHOICES)
     prune_student_iterations: int | None = setting(None, "mask-optimisation batches of the "
                                                          "student's pruning (default: ANP's "
                                                          "own)", minimum=1)
@@ -218,6 +224,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # channels held at zero
     "anp-prune-ft": {"prune": "anp", "prune_iterations": PRUNE_BATCHES,
                      "prune_max_acc_drop": 0.1, "prune_finetune_epochs": 5, "masks": False},
+    # a candidate: feature shift tuning of the teacher copy (defenses/fst.py: a new classifier
+    # turned away from the old one, so the features an FKD student matches must move), then
+    # FKD; the pruned teachers of ``anp-prune-acc`` had clean predictions but still handed
+    # their backdoor to the student through their features (docs/RESULTS.md, session 19)
+    "fst": {"prune": "fst", "masks": False},
     # the student pruned by the same criterion after FKD from the unpruned teacher: a backdoor
     # made robust to neuron perturbation in the teacher is learnt by a student trained
     # without that noise
@@ -248,6 +259,11 @@ def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
         raise ConfigError(f"unknown robustkd configuration {name!r}; available: {sorted(PRESETS)}")
     cfg = make_settings(RobustKDConfig, {**PRESETS[name], **options}, "robustkd",
                         flags="robustkd")
+    if cfg.prune != "anp":
+        for key in ANP_ONLY:
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "
+                                  f"prune 'anp', not {cfg.prune!r}")
     cfg.extra = {**cfg.extra, "preset": name}
     return cfg
 

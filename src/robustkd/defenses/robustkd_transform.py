@@ -113,9 +113,12 @@ class Detoxification:
         }
         extras["robustkd"]["student_prune"] = student_pruning
         notes = []
-        if pruning is not None:
+        if pruning is not None and "pruned" in pruning:
             notes.append(f"pruned {pruning.get('pruned')} of {pruning.get('channels')} teacher "
                          f"channels ({cfg.prune}); pruned teacher "
+                         f"{pruning['cleaned_teacher_metrics']}")
+        elif pruning is not None:
+            notes.append(f"teacher copy cleaned by {cfg.prune}: "
                          f"{pruning['cleaned_teacher_metrics']}")
         if student_pruning is not None:
             notes.append(f"pruned {student_pruning.get('pruned')} of "

@@ -61,6 +61,8 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
            "robustkd", {"preset": "anp-prune-acc"}),
     Recipe("robustkd-anp-prune-ft", "RobustKD (ANP pruning to an accuracy bound + "
            "fine-tuning)", "robustkd", {"preset": "anp-prune-ft"}),
+    # feature shift tuning of the teacher copy, then FKD (shares the `fst` column's runs)
+    Recipe("robustkd-fst", "RobustKD (feature shift tuning)", "robustkd", {"preset": "fst"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
