@@ -96,6 +96,9 @@ BENCH_TEACHERS = (
                  options={"toxic_fraction": 0.2, "trigger_epochs": 20, "mask_max": 0.15}),
     # SIG crosses on some seeds only: the same clean-label signal at 1.5x the amplitude
     BenchTeacher("sig-strong-scratch", "sig", poison_ratio=0.8, options={"sig_delta": 60.0}),
+    # a deep candidate: fine-tuning left SIG's teacher at 38-64% ASR and its students at
+    # 2-13% (delta 40: 1.6, delta 60: 8.6 on three seeds); the amplitude raised again
+    BenchTeacher("sig-80-scratch", "sig", poison_ratio=0.8, options={"sig_delta": 80.0}),
 )
 
 
