@@ -259,7 +259,7 @@ def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
         raise ConfigError(f"unknown robustkd configuration {name!r}; available: {sorted(PRESETS)}")
     cfg = make_settings(RobustKDConfig, {**PRESETS[name], **options}, "robustkd",
                         flags="robustkd")
-    if cfg.prune != "anp":
+    if cfg.prune not in ("anp", "none"):  # without a pruning they are inert, as ever
         for key in ANP_ONLY:
             if getattr(cfg, key) is not None:
                 raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "
