@@ -36,7 +36,7 @@ from robustkd.attacks.registry import AttackContext, AttackSpec, register_attack
 from robustkd.data.dataset import ImageDataset
 from robustkd.data.loader import augment_batch, check_augment, normalize
 from robustkd.errors import ConfigError
-from robustkd.models.layers import frozen_teacher, layers_of
+from robustkd.models.layers import classifier_layer, frozen_teacher, layers_of
 from robustkd.models.taps import tap
 from robustkd.settings import setting
 from robustkd.triggers import RandomPatchTrigger, Trigger, random_patch_trigger
@@ -277,11 +277,10 @@ def classifier_head(ctx: AttackContext, model: nn.Module) -> nn.Module | None:
     """The module HTBA fine-tuning trains: the last ``nn.Linear`` (``head``), or all."""
     if ctx.settings.htba_finetune == "all":
         return None
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier to fine-tune; "
-                          "use --htba-finetune all")
-    return linears[-1]
+    try:
+        return classifier_layer(model)[1]
+    except ConfigError as err:
+        raise ConfigError(f"{err} to fine-tune; use --htba-finetune all") from None
 
 
 def _build(ctx: AttackContext) -> Trigger:

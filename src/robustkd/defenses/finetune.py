@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -64,10 +65,12 @@ def finetune_copy(teacher: nn.Module, ctx: DefenseContext, *, epochs: int,
     return model, history
 
 
-def finetune_optim(cfg: FinetuneSettings) -> OptimConfig:
-    """The optimiser of a fine-tuning with settings ``cfg``."""
+def finetune_optim(cfg: Any, *, nesterov: bool = True) -> OptimConfig:
+    """The SGD optimiser of a tuning with settings ``cfg`` (any settings with ``lr``,
+    ``momentum``, ``weight_decay`` and ``schedule``: fine-tuning's, FST's)."""
     return OptimConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, schedule=cfg.schedule)
+                       weight_decay=cfg.weight_decay, nesterov=nesterov,
+                       schedule=cfg.schedule)
 
 
 @register_teacher_defense("finetune", FinetuneSettings,

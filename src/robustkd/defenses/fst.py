@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from robustkd.defenses.finetune import finetune_model
+from robustkd.defenses.finetune import finetune_model, finetune_optim
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.models.layers import classifier_layer
 from robustkd.settings import setting
 from robustkd.training.classifier import ExtraLoss
-from robustkd.training.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,8 @@ def fst_defense(teacher: nn.Module, ctx: DefenseContext,
     extra = ExtraLoss(lambda _f, _logits, _y, _idx: alignment_penalty(head.weight, original,
                                                                       cfg.alpha),
                       name="fst_penalty")
-    optim = OptimConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, nesterov=False, schedule=cfg.schedule)
-    history = finetune_model(model, ctx, epochs=cfg.epochs, optim=optim,
+    history = finetune_model(model, ctx, epochs=cfg.epochs,
+                             optim=finetune_optim(cfg, nesterov=False),
                              batch_size=cfg.batch_size, desc="feature shift tuning",
                              after_step=lambda m: keep_norm(head, norm), extra_loss=extra)
     return model, {"classifier": name, "history": [h.as_dict() for h in history]}

@@ -51,6 +51,12 @@ PRUNE_CHOICES = ("none", "anp", "fst")
 STUDENT_PRUNE_CHOICES = ("none", "anp")
 # the settings of the teacher's pruning that only ANP has
 ANP_ONLY = ("prune_iterations", "prune_max_acc_drop", "prune_finetune_epochs")
+
+
+def takes_anp_settings(prune: str) -> bool:
+    """Whether ANP's pruning settings may be given with this teacher defence: with ANP, or
+    with none (then they are inert, as they always were)."""
+    return prune in ("anp", "none")
 INVERSION_CLASSES = ("all", "suspects")
 
 
@@ -259,7 +265,7 @@ def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
         raise ConfigError(f"unknown robustkd configuration {name!r}; available: {sorted(PRESETS)}")
     cfg = make_settings(RobustKDConfig, {**PRESETS[name], **options}, "robustkd",
                         flags="robustkd")
-    if cfg.prune not in ("anp", "none"):  # without a pruning they are inert, as ever
+    if not takes_anp_settings(cfg.prune):
         for key in ANP_ONLY:
             if getattr(cfg, key) is not None:
                 raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from robustkd.defenses.registry import get_teacher_defense
-from robustkd.defenses.robustkd import ANP_ONLY, DEFAULT_PRESET, PRESETS, robustkd_config
+from robustkd.defenses.robustkd import (
+    ANP_ONLY,
+    DEFAULT_PRESET,
+    PRESETS,
+    robustkd_config,
+    takes_anp_settings,
+)
 from robustkd.errors import ConfigError
 from robustkd.experiments.scales import DataScale, Scale
 from robustkd.experiments.specs import STAND_INS, Recipe, Study, get_recipe
@@ -143,7 +149,7 @@ def method_params(method: Recipe, detox_epochs: int, robustkd_sizes: dict[str, A
         # stale record (the literal "paper" preset is empty and keeps its ids)
         preset = PRESETS.get(method.robustkd.get("preset", DEFAULT_PRESET), {})
         own = {**preset, **method.robustkd}
-        if own.get("prune", "none") not in ("anp", "none"):
+        if not takes_anp_settings(own.get("prune", "none")):
             # a scale's sizes of ANP's pruning do not apply to another teacher defence
             robustkd_sizes = {k: v for k, v in robustkd_sizes.items() if k not in ANP_ONLY}
         params["robustkd"] = {**own, "detox_epochs": detox_epochs, **robustkd_sizes}
