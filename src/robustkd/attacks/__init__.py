@@ -5,6 +5,7 @@ from robustkd.attacks import (  # noqa: F401  (registers the attacks)
     badnets,
     blended,
     ckd,
+    clean_label,
     htba,
     lba,
     neuron_noise,

@@ -51,3 +51,23 @@ def poison_dataset(ds: ImageDataset, trigger: Trigger, target: int, ratio: float
                         is_poison=is_poison)
 
 
+
+
+def poison_target_class(ds: ImageDataset, trigger: Trigger, target: int, ratio: float,
+                        seed: int = 0, tag: str = "clean-label") -> ImageDataset:
+    """Clean-label poisoning: trigger ``ratio`` of the *target class's* images in place of
+    the originals and keep every label, so the model learns the trigger as a feature of the
+    target class and label inspection finds nothing."""
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"--poison-ratio must be in (0, 1] for {tag}, got {ratio}")
+    members = torch.nonzero(ds.labels == target).flatten()
+    if not len(members):
+        raise ConfigError(f"{tag} poisons target-class images; class {target} has none")
+    gen = torch.Generator().manual_seed(seed)
+    count = max(1, round(ratio * len(members)))
+    index = torch.sort(members[torch.randperm(len(members), generator=gen)[:count]]).values
+    images, is_poison = ds.images.clone(), ds.is_poison.clone()
+    images[index] = trigger.apply_uint8(ds.images[index])
+    is_poison[index] = True
+    return ImageDataset(images, ds.labels.clone(), list(ds.classes), name=f"{ds.name}+{tag}",
+                        is_poison=is_poison)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from robustkd.attacks.poison import poison_target_class
 from robustkd.attacks.registry import AttackContext, AttackSpec, TriggerSettings, register_attack
 from robustkd.data.dataset import ImageDataset
 from robustkd.errors import ConfigError
@@ -55,19 +56,7 @@ def sig_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, tar
                ratio: float, keep_originals: bool = True, seed: int = 0) -> ImageDataset:
     """Add the signal to ``ratio`` of the target class's images in place of the originals;
     labels unchanged (clean-label, so ``keep_originals`` does not apply)."""
-    if not 0.0 < ratio <= 1.0:
-        raise ConfigError(f"--poison-ratio must be in (0, 1] for sig, got {ratio}")
-    members = torch.nonzero(train.labels == target).flatten()
-    if not len(members):
-        raise ConfigError(f"sig poisons target-class images; class {target} has none")
-    gen = torch.Generator().manual_seed(seed)
-    count = max(1, round(ratio * len(members)))
-    index = torch.sort(members[torch.randperm(len(members), generator=gen)[:count]]).values
-    images, is_poison = train.images.clone(), train.is_poison.clone()
-    images[index] = trigger.apply_uint8(train.images[index])
-    is_poison[index] = True
-    return ImageDataset(images, train.labels.clone(), list(train.classes),
-                        name=f"{train.name}+sig", is_poison=is_poison)
+    return poison_target_class(train, trigger, target, ratio, seed=seed, tag="sig")
 
 
 register_attack(AttackSpec("sig", build_sig_trigger, SIGSettings, build_poison=sig_poison,

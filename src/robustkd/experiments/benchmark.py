@@ -99,6 +99,10 @@ BENCH_TEACHERS = (
     # a deep candidate: fine-tuning left SIG's teacher at 38-64% ASR and its students at
     # 2-13% (delta 40: 1.6, delta 60: 8.6 on three seeds); the amplitude raised again
     BenchTeacher("sig-80-scratch", "sig", poison_ratio=0.8, options={"sig_delta": 80.0}),
+    # a third family: Blended's noise pattern (which does not cross poison-label, 1.2%)
+    # poisoned clean-label as SIG is, 80% of the target class's images
+    BenchTeacher("blended-cl-scratch", "blended-clean-label", poison_ratio=0.8,
+                 options={"alpha": 0.2}),
 )
 
 
