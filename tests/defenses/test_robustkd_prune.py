@@ -165,3 +165,37 @@ def test_anp_only_settings_are_refused_with_another_teacher_defence():
         robustkd_config({"preset": "fst", "prune_iterations": 10})
     with pytest.raises(ConfigError, match="prune_student"):
         robustkd_config({"prune_student": "fst"})  # the student is pruned, not tuned
+
+
+@pytest.mark.parametrize("logit_teacher", ["original", "defended"])
+def test_the_logit_term_reads_the_original_or_the_tuned_teacher(digits, monkeypatch,
+                                                                logit_teacher):
+    """``fst-logits``: FKD's features from the FST-tuned copy, KD's soft targets from the
+    teacher the user gave (or, ``defended``, from the tuned copy's own logits)."""
+    import robustkd.defenses.robustkd as rkd
+    from robustkd.data.subsets import per_class_subset
+    from robustkd.distill import DistillRun
+    from robustkd.training.loop_settings import LoopSettings
+    from robustkd.training.optim import OptimConfig
+    from tests.toy_models import TinyNet
+
+    cfg = robustkd_config({"preset": "fst-logits", "logit_teacher": logit_teacher})
+    assert (cfg.prune, cfg.masks, cfg.logit_weight) == ("fst", False, 1.0)
+    assert not cfg.only_prunes()  # not the same runs as the fst column
+    seen = {}
+
+    def record(teacher, student, clean, test, **kw):
+        seen.update(kw, feature_teacher=teacher)
+
+    monkeypatch.setattr(rkd, "distill_student", record)
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    rkd.run_robustkd(teacher, student, per_class_subset(digits.train, per_class=10), None, cfg,
+                     loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=32,
+                                       progress=False),
+                     run=DistillRun(epochs=1, optim=OptimConfig(lr=0.05)),
+                     teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
+    assert seen["feature_teacher"] is not teacher  # FKD reads the tuned copy
+    assert seen["options"] == {"logit_weight": 1.0}
+    expected = teacher if logit_teacher == "original" else None
+    assert seen["logit_teacher"] is expected

@@ -205,3 +205,40 @@ def test_fkd_feature_share_matches_features_first_then_learns_from_logits(digits
     with pytest.raises(ConfigError, match="feature_share"):
         build_distiller("fkd", teacher, student, teacher_layers=["bn1"],
                         student_layers=["bn1"], options={"feature_share": 0.0})
+
+
+def test_fkd_logit_term_reads_the_logit_teacher(digits):
+    """``logit_weight`` adds KD's soft-target term to FKD's loss; with a ``logit_teacher``
+    the term reads that model (in eval mode), not the feature teacher."""
+    from robustkd.distill.kd import KDSettings
+    from robustkd.distill.losses import soft_target_loss
+
+    torch.manual_seed(0)
+    teacher, other, student = TinyNet(width=16), TinyNet(width=16), TinyNet(width=8)
+    x = (digits.train.images[:32].float() / 255 - 0.5) / 0.25
+    y = digits.train.labels[:32]
+    layers = {"teacher_layers": ["bn1", "bn2"], "student_layers": ["bn1", "bn2"]}
+    plain = build_distiller("fkd", teacher, student, **layers)
+    own = build_distiller("fkd", teacher, student, options={"logit_weight": 0.5}, **layers)
+    read_other = build_distiller("fkd", teacher, student, options={"logit_weight": 0.5},
+                                 logit_teacher=other, **layers)
+    temperature = KDSettings().temperature
+    student.eval()  # the same student output for every loss
+    with frozen_teacher(teacher, "train"), frozen_teacher(other, "eval"):
+        for d in (plain, own, read_other):
+            d.prepare(x)
+            d.load_state_dict(plain.state_dict())  # the same connectors
+        base, _ = plain.loss(x, y)
+        with torch.no_grad():
+            s_logits, t_logits, o_logits = student(x), teacher(x), other(x)
+        mine, _ = own.loss(x, y)
+        theirs, _ = read_other.loss(x, y)
+    for d in (plain, own, read_other):
+        d.close()
+    expected_own = base + 0.5 * soft_target_loss(s_logits, t_logits, temperature)
+    expected_other = base + 0.5 * soft_target_loss(s_logits, o_logits, temperature)
+    assert mine.item() == pytest.approx(expected_own.item(), rel=1e-5)
+    assert theirs.item() == pytest.approx(expected_other.item(), rel=1e-5)
+    assert abs(theirs.item() - mine.item()) > 1e-3  # a different model's logits
+    with pytest.raises(ConfigError, match="logit_weight"):
+        build_distiller("fkd", teacher, student, options={"logit_weight": -1.0}, **layers)

@@ -13,6 +13,7 @@ from robustkd.distill.losses import (
     kd_loss,
     margin_relu,
     partial_l2,
+    soft_target_loss,
     stage_weights,
 )
 
@@ -69,3 +70,9 @@ def test_stage_weights_and_weighted_sum():
     t = [torch.zeros(1, 1, 1, 1) + 3, torch.zeros(1, 1, 1, 1) + 5]
     m = [torch.tensor([-1.0]), torch.tensor([-1.0])]
     assert fkd_feature_loss(s, t, m).item() == pytest.approx(0.5 * 4 + 1.0 * 9)
+
+
+def test_soft_target_loss_is_kd_without_its_label_term():
+    s, t, y = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.5]]), torch.tensor([1])
+    assert soft_target_loss(s, t, 3.0).item() == pytest.approx(kd_loss(s, t, y, 3.0, 1.0).item())
+    assert soft_target_loss(t, t, 3.0).item() == pytest.approx(0.0, abs=1e-7)

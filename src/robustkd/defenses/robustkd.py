@@ -92,6 +92,13 @@ class RobustKDConfig:
                                         "feature loss; the rest learns from the teacher's "
                                         "logits (KD) and the labels (not in the paper)",
                                    above=0.0, maximum=1.0)
+    logit_weight: float = setting(0.0, "weight of a KD soft-target term added to FKD's loss "
+                                       "(not in the paper; 0 = off)", minimum=0.0)
+    logit_teacher: str = setting("defended", "whose logits that term reads: the teacher "
+                                             "copy the other steps read, or the original "
+                                             "teacher (logit KD from a backdoored teacher "
+                                             "carried little of its backdoor)",
+                                 choices=("defended", "original"))
     masks: bool = setting(True, "train detoxification masks (false: FKD reads the teacher "
                                 "as it is and only the other steps act)")
     tau: float = setting(0.2, "mask threshold", above=0.0)
@@ -168,7 +175,7 @@ class RobustKDConfig:
         """Whether the distillation itself is plain FKD: no masks, no synthetic triggers,
         no student perturbation, the feature loss throughout (prunings aside)."""
         return (not self.masks and self.consistency == 0 and self.student_perturbation == 0
-                and self.feature_share == 1.0)
+                and self.feature_share == 1.0 and self.logit_weight == 0)
 
     def prune_options(self) -> dict[str, Any]:
         """The settings of the teacher's pruning defence over its own defaults."""
@@ -235,6 +242,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # FKD; the pruned teachers of ``anp-prune-acc`` had clean predictions but still handed
     # their backdoor to the student through their features (docs/RESULTS.md, session 19)
     "fst": {"prune": "fst", "masks": False},
+    # a candidate: the same, plus KD's soft targets from the *original* teacher's logits.
+    # FST cost 1.5 points of the student's accuracy against FKD; logit KD from a backdoored
+    # teacher carried little of SIG's or CKD's backdoor (docs/RESULTS.md, session 20)
+    "fst-logits": {"prune": "fst", "masks": False, "logit_weight": 1.0,
+                   "logit_teacher": "original"},
     # the student pruned by the same criterion after FKD from the unpruned teacher: a backdoor
     # made robust to neuron perturbation in the teacher is learnt by a student trained
     # without that noise
@@ -313,6 +325,7 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     place (its pruning's report is ``report["student_prune"]``, saved in
     ``student_prune_dir``).
     """
+    original = teacher
     teacher, pruning = prune_teacher(teacher, clean, test, cfg, loop=loop, run=run,
                                      layers=teacher_layers, reuse=reuse, prune_dir=prune_dir)
     names = detox_layer_names(teacher, cfg.layers, teacher_layers)
@@ -334,8 +347,13 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
     student_input = compose(consistent, perturbation)
     if cfg.feature_share < 1.0:
         fkd_options = {**(fkd_options or {}), "feature_share": cfg.feature_share}
+    if cfg.logit_weight > 0:
+        fkd_options = {**(fkd_options or {}), "logit_weight": cfg.logit_weight}
+    logit_teacher = (original if cfg.logit_teacher == "original" and original is not teacher
+                     else None)
     distill_kw = dict(method="fkd", loop=loop, options=fkd_options, student_input=student_input,
-                      teacher_layers=teacher_layers, student_layers=student_layers)
+                      teacher_layers=teacher_layers, student_layers=student_layers,
+                      logit_teacher=logit_teacher)
     detox_seconds = distill_seconds = 0.0
     masks: DetoxMasks | None
     if reuse is not None and reuse.masks is not None:

@@ -23,7 +23,8 @@ class DistillSetup:
     inside every teacher forward pass (RobustKD's detox masks are such replacements).
     ``student_input`` (e.g. synthetic triggers) changes only what the student sees; it may
     also append rows (perturbed copies of the batch's first rows), which FKD trains on their
-    labels alone.
+    labels alone. ``logit_teacher``, when set, is the model a method's logit term reads
+    instead of the teacher (frozen in eval mode; ``teacher_replace`` does not apply to it).
     """
 
     teacher: nn.Module
@@ -34,6 +35,7 @@ class DistillSetup:
     teacher_replace: Mapping[str, Replacement] = field(default_factory=dict)
     # transforms the (normalised) batch the student sees; the teacher sees the original
     student_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+    logit_teacher: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,15 @@ class Distiller(nn.Module):
         with torch.no_grad(), taps.recording() as t:
             logits = self.teacher(x)
         return logits, t
+
+    def logit_teacher_forward(self, x: torch.Tensor, teacher_logits: torch.Tensor
+                              ) -> torch.Tensor:
+        """The logits a logit term reads: ``teacher_logits`` (already computed), or those of
+        ``setup.logit_teacher`` when one is given."""
+        if self.setup.logit_teacher is None:
+            return teacher_logits
+        with torch.no_grad():
+            return self.setup.logit_teacher(x)
 
 
 METHODS: dict[str, type[Distiller]] = {}

@@ -17,7 +17,13 @@ from torch import nn
 
 from robustkd.distill.base import Distiller, register_method
 from robustkd.distill.kd import KDSettings
-from robustkd.distill.losses import bn_margin, empirical_margin, fkd_feature_loss, kd_loss
+from robustkd.distill.losses import (
+    bn_margin,
+    empirical_margin,
+    fkd_feature_loss,
+    kd_loss,
+    soft_target_loss,
+)
 from robustkd.errors import ConfigError
 from robustkd.models.taps import resolve_modules, tap
 from robustkd.settings import setting
@@ -61,6 +67,9 @@ class FKDSettings:
                                         "the rest learns from the teacher's logits and the "
                                         "labels (KD with its default temperature and alpha; "
                                         "not in FKD)", above=0.0, maximum=1.0)
+    logit_weight: float = setting(0.0, "weight of KD's soft-target term (T^2 KL at KD's "
+                                       "temperature) on the logit teacher's outputs, added "
+                                       "to the loss (not in FKD)", minimum=0.0)
 
 
 @register_method
@@ -149,7 +158,7 @@ class FeatureDistillation(Distiller):
     def loss(self, x: torch.Tensor, y: torch.Tensor):
         if not self.in_feature_phase():
             return self.logit_loss(x, y)
-        _, t_feats = self.teacher_forward(x, self.t_names)
+        t_logits, t_feats = self.teacher_forward(x, self.t_names)
         x_student = x if self.setup.student_input is None else self.setup.student_input(x)
         x_student = salt_and_pepper(x_student, self.options["input_noise"])
         n, extra = x.shape[0], x_student.shape[0] - x.shape[0]
@@ -173,15 +182,20 @@ class FeatureDistillation(Distiller):
         if extra:  # appended rows copy the first ones: their labels, no teacher features
             ce = ce + F.cross_entropy(all_logits[n:], y[:extra])
         loss = ce + self.options["beta"] * feat
+        if self.options["logit_weight"] > 0:
+            soft = soft_target_loss(logits, self.logit_teacher_forward(x, t_logits),
+                                    KDSettings().temperature)
+            loss = loss + self.options["logit_weight"] * soft
         return loss, {"train_acc": (logits.argmax(1) == y).sum(),
                       "feat_loss": feat.detach() * x.shape[0]}
 
     def logit_loss(self, x: torch.Tensor, y: torch.Tensor):
-        """After the feature phase: KD from the teacher's logits (KD's own defaults)."""
+        """After the feature phase: KD from the (logit) teacher's logits (KD's defaults)."""
         t_logits, _ = self.teacher_forward(x)
         x_student = salt_and_pepper(x, self.options["input_noise"])
         logits = self.student(x_student)
         kd = KDSettings()
-        loss = kd_loss(logits, t_logits, y, kd.temperature, kd.alpha)
+        loss = kd_loss(logits, self.logit_teacher_forward(x, t_logits), y, kd.temperature,
+                       kd.alpha)
         return loss, {"train_acc": (logits.argmax(1) == y).sum(),
                       "feat_loss": torch.zeros((), device=x.device)}

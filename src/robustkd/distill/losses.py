@@ -12,11 +12,16 @@ import torch.nn.functional as F
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
     """Hinton KD: ``alpha * T^2 * KL(p_T || p_S) + (1 - alpha) * CE(z_S, y)`` (batch mean)."""
+    ce = F.cross_entropy(student_logits.float(), labels)
+    return alpha * soft_target_loss(student_logits, teacher_logits, temperature) + (1 - alpha) * ce
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     temperature: float = 4.0) -> torch.Tensor:
+    """KD's soft-target term ``T^2 * KL(p_T || p_S)`` at temperature ``T`` (batch mean)."""
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
-    ce = F.cross_entropy(student_logits.float(), labels)
-    return alpha * temperature**2 * kl + (1 - alpha) * ce
+    return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
 
 
 def partial_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

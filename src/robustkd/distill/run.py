@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,8 @@ def build_distiller(method: str, teacher: nn.Module, student: nn.Module, *,
                     student_layers: Sequence[str] | None = None,
                     options: Mapping[str, Any] | None = None,
                     teacher_replace: Mapping[str, Replacement] | None = None,
-                    student_input: Callable[[torch.Tensor], torch.Tensor] | None = None
-                    ) -> Distiller:
+                    student_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    logit_teacher: nn.Module | None = None) -> Distiller:
     cls = get_method(method)
     needs_layers = method not in ("ce", "kd")
     setup = DistillSetup(
@@ -41,7 +41,7 @@ def build_distiller(method: str, teacher: nn.Module, student: nn.Module, *,
         teacher_layers=layers_of(teacher, teacher_layers) if needs_layers else [],
         student_layers=layers_of(student, student_layers) if needs_layers else [],
         options=dict(options or {}), teacher_replace=dict(teacher_replace or {}),
-        student_input=student_input)
+        student_input=student_input, logit_teacher=logit_teacher)
     return cls(setup)
 
 
@@ -74,13 +74,15 @@ def distill_student(
     options: Mapping[str, Any] | None = None,
     teacher_replace: Mapping[str, Replacement] | None = None,
     student_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    logit_teacher: nn.Module | None = None,
 ) -> tuple[list[EpochResult], Distiller]:
     """Distil ``teacher`` into ``student`` on ``train`` (the defender's clean data).
 
     The teacher is frozen (and left unchanged); ``teacher_replace`` stays active in its
     forward passes. Each evaluated epoch records the student's test ACC and, when a trigger
-    is known, its ASR. ``train``/``test`` may be streamed from disk (decoded by the loop's
-    ``workers`` processes; their own transform replaces ``augment``).
+    is known, its ASR. ``logit_teacher`` (frozen in eval mode) is the model a method's logit
+    term reads instead of the teacher. ``train``/``test`` may be streamed from disk
+    (decoded by the loop's ``workers`` processes; their own transform replaces ``augment``).
     """
     mean, std, batch_size, seed, workers = (loop.mean, loop.std, loop.batch_size, loop.seed,
                                             loop.workers)
@@ -88,12 +90,15 @@ def distill_student(
     device = torch.device(loop.device)
     distiller = build_distiller(method, teacher, student, teacher_layers=teacher_layers,
                                 student_layers=student_layers, options=options,
-                                teacher_replace=teacher_replace, student_input=student_input)
+                                teacher_replace=teacher_replace, student_input=student_input,
+                                logit_teacher=logit_teacher)
     loader = loader_for(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
                         augment=loop.augment, drop_last=len(train) > batch_size, seed=seed,
                         channels_last=loop.channels_last, workers=workers)
     # the distiller's hooks live for the run and are removed with it
-    with frozen_teacher(teacher, distiller.teacher_mode()), closing(distiller):
+    logits_frozen = (frozen_teacher(logit_teacher, "eval") if logit_teacher is not None
+                     else nullcontext())
+    with frozen_teacher(teacher, distiller.teacher_mode()), logits_frozen, closing(distiller):
         # one batch to size connectors/margins: decoded in this process (workers=0) rather
         # than by a pool that would prefetch several batches only to be thrown away
         probe = next(iter(loader_for(train, min(batch_size, len(train)), device=device,

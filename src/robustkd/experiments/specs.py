@@ -63,6 +63,9 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
            "fine-tuning)", "robustkd", {"preset": "anp-prune-ft"}),
     # feature shift tuning of the teacher copy, then FKD (shares the `fst` column's runs)
     Recipe("robustkd-fst", "RobustKD (feature shift tuning)", "robustkd", {"preset": "fst"}),
+    # the same, plus KD's soft targets from the original teacher's logits
+    Recipe("robustkd-fst-logits", "RobustKD (FST + the original teacher's logits)",
+           "robustkd", {"preset": "fst-logits"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
