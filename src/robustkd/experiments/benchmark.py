@@ -108,6 +108,11 @@ BENCH_TEACHERS = (
     # a deep candidate: what fine-tuning + FKD leaves grew with SIG's amplitude (delta 40:
     # 1.6%, 60: 8.6% over three seeds, 80: 16.2% on seed 0); delta 120 extrapolates to 30
     BenchTeacher("sig-120-scratch", "sig", poison_ratio=0.8, options={"sig_delta": 120.0}),
+    # blended-cl did not cross either (2.4%): the noise pattern, not the poisoning, is what
+    # fails. Blended's stripes are periodic at about SIG's frequency; poison-label as
+    # Blended, at a blend weight whose contrast (77/255) is near SIG delta 40's (80/255)
+    BenchTeacher("blended-stripes-scratch", "blended",
+                 options={"alpha": 0.3, "blend_pattern": "stripes"}),
 )
 
 
