@@ -242,3 +242,25 @@ def test_fkd_logit_term_reads_the_logit_teacher(digits):
     assert abs(theirs.item() - mine.item()) > 1e-3  # a different model's logits
     with pytest.raises(ConfigError, match="logit_weight"):
         build_distiller("fkd", teacher, student, options={"logit_weight": -1.0}, **layers)
+
+
+def test_kd_reads_the_logit_teacher_when_one_is_given(digits):
+    """Every logit term reads ``logit_teacher``: Hinton KD's loss is KD against that model's
+    logits (in eval mode), not the teacher's."""
+    from robustkd.distill.kd import KDSettings
+    from robustkd.distill.losses import kd_loss
+
+    torch.manual_seed(0)
+    teacher, other, student = TinyNet(width=16), TinyNet(width=16), TinyNet(width=8)
+    x = (digits.train.images[:32].float() / 255 - 0.5) / 0.25
+    y = digits.train.labels[:32]
+    d = build_distiller("kd", teacher, student, logit_teacher=other)
+    student.eval()
+    kd = KDSettings()
+    with frozen_teacher(teacher, "eval"), frozen_teacher(other, "eval"), closing(d):
+        loss, _ = d.loss(x, y)
+        with torch.no_grad():
+            expected = kd_loss(student(x), other(x), y, kd.temperature, kd.alpha)
+            from_teacher = kd_loss(student(x), teacher(x), y, kd.temperature, kd.alpha)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - from_teacher.item()) > 1e-3

@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 
 from robustkd.attacks import badnets, blended  # noqa: F401  (the base attacks)
-from robustkd.attacks.poison import poison_target_class
-from robustkd.attacks.registry import AttackContext, AttackSpec, get_attack, register_attack
-from robustkd.data.dataset import ImageDataset
+from robustkd.attacks.registry import (
+    AttackSpec,
+    clean_label_poison,
+    get_attack,
+    register_attack,
+)
 from robustkd.errors import ConfigError
-from robustkd.triggers import Trigger
 
 SUFFIX = "-clean-label"
 
@@ -29,13 +31,8 @@ def with_clean_label(base_name: str) -> AttackSpec:
     if base.build_poison is not AttackSpec.build_poison:
         raise ConfigError(f"attack {base_name} already poisons its own way")
     name = base_name + SUFFIX
-
-    def poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, target: int,
-               ratio: float, keep_originals: bool = True, seed: int = 0) -> ImageDataset:
-        return poison_target_class(train, trigger, target, ratio, seed=seed, tag=name)
-
     return register_attack(dataclasses.replace(
-        base, name=name, build_poison=poison,
+        base, name=name, build_poison=clean_label_poison(name),
         description=f"{base_name}'s trigger on a share of the target class's images, labels "
                     f"kept (clean-label, poisoned as SIG)"))
 

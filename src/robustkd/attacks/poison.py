@@ -51,8 +51,6 @@ def poison_dataset(ds: ImageDataset, trigger: Trigger, target: int, ratio: float
                         is_poison=is_poison)
 
 
-
-
 def poison_target_class(ds: ImageDataset, trigger: Trigger, target: int, ratio: float,
                         seed: int = 0, tag: str = "clean-label") -> ImageDataset:
     """Clean-label poisoning: trigger ``ratio`` of the *target class's* images in place of

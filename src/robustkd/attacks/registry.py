@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from robustkd.attacks.poison import poison_dataset
+from robustkd.attacks.poison import poison_dataset, poison_target_class
 from robustkd.data.dataset import DatasetSplits, ImageDataset
 from robustkd.errors import ConfigError
 from robustkd.settings import make_settings, setting
@@ -52,6 +52,17 @@ BuildExtraLoss = Callable[[AttackContext, nn.Module, ImageDataset], "ExtraLoss |
 Trainable = Callable[[AttackContext, nn.Module], "nn.Module | None"]
 # a context entered around the poison training (hooks on the model, e.g. neuron noise)
 TrainingHooks = Callable[[AttackContext, nn.Module], AbstractContextManager]
+
+
+def clean_label_poison(tag: str) -> BuildPoison:
+    """Clean-label poisoning (SIG's, and every ``<base>-clean-label``): ``ratio`` of the target
+    class's images triggered in place, labels kept (``keep_originals`` does not apply)."""
+
+    def poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, target: int,
+               ratio: float, keep_originals: bool = True, seed: int = 0) -> ImageDataset:
+        return poison_target_class(train, trigger, target, ratio, seed=seed, tag=tag)
+
+    return poison
 
 
 @dataclass

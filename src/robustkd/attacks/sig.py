@@ -16,9 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from robustkd.attacks.poison import poison_target_class
-from robustkd.attacks.registry import AttackContext, AttackSpec, TriggerSettings, register_attack
-from robustkd.data.dataset import ImageDataset
+from robustkd.attacks.registry import (
+    AttackContext,
+    AttackSpec,
+    TriggerSettings,
+    clean_label_poison,
+    register_attack,
+)
 from robustkd.errors import ConfigError
 from robustkd.settings import setting
 from robustkd.triggers import AdditiveTrigger, Trigger
@@ -52,11 +56,8 @@ def build_sig_trigger(ctx: AttackContext) -> Trigger:
     return AdditiveTrigger(signal, kind="sig", params={"delta": delta, "frequency": freq})
 
 
-def sig_poison(ctx: AttackContext, trigger: Trigger, train: ImageDataset, *, target: int,
-               ratio: float, keep_originals: bool = True, seed: int = 0) -> ImageDataset:
-    """Add the signal to ``ratio`` of the target class's images in place of the originals;
-    labels unchanged (clean-label, so ``keep_originals`` does not apply)."""
-    return poison_target_class(train, trigger, target, ratio, seed=seed, tag="sig")
+# the signal on ``ratio`` of the target class's images in place of the originals, labels kept
+sig_poison = clean_label_poison("sig")
 
 
 register_attack(AttackSpec("sig", build_sig_trigger, SIGSettings, build_poison=sig_poison,

@@ -51,13 +51,13 @@ PRUNE_CHOICES = ("none", "anp", "fst")
 STUDENT_PRUNE_CHOICES = ("none", "anp")
 # the settings of the teacher's pruning that only ANP has
 ANP_ONLY = ("prune_iterations", "prune_max_acc_drop", "prune_finetune_epochs")
+INVERSION_CLASSES = ("all", "suspects")
 
 
 def takes_anp_settings(prune: str) -> bool:
     """Whether ANP's pruning settings may be given with this teacher defence: with ANP, or
     with none (then they are inert, as they always were)."""
     return prune in ("anp", "none")
-INVERSION_CLASSES = ("all", "suspects")
 
 
 @dataclass

@@ -96,14 +96,14 @@ class Distiller(nn.Module):
             logits = self.teacher(x)
         return logits, t
 
-    def logit_teacher_forward(self, x: torch.Tensor, teacher_logits: torch.Tensor
-                              ) -> torch.Tensor:
-        """The logits a logit term reads: ``teacher_logits`` (already computed), or those of
-        ``setup.logit_teacher`` when one is given."""
-        if self.setup.logit_teacher is None:
-            return teacher_logits
-        with torch.no_grad():
-            return self.setup.logit_teacher(x)
+    def logit_teacher_forward(self, x: torch.Tensor,
+                              teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits a logit term reads: those of ``setup.logit_teacher`` when one is given,
+        else the teacher's (``teacher_logits`` when the step already computed them)."""
+        if self.setup.logit_teacher is not None:
+            with torch.no_grad():
+                return self.setup.logit_teacher(x)
+        return teacher_logits if teacher_logits is not None else self.teacher_forward(x)[0]
 
 
 METHODS: dict[str, type[Distiller]] = {}

@@ -191,11 +191,10 @@ class FeatureDistillation(Distiller):
 
     def logit_loss(self, x: torch.Tensor, y: torch.Tensor):
         """After the feature phase: KD from the (logit) teacher's logits (KD's defaults)."""
-        t_logits, _ = self.teacher_forward(x)
+        t_logits = self.logit_teacher_forward(x)
         x_student = salt_and_pepper(x, self.options["input_noise"])
         logits = self.student(x_student)
         kd = KDSettings()
-        loss = kd_loss(logits, self.logit_teacher_forward(x, t_logits), y, kd.temperature,
-                       kd.alpha)
+        loss = kd_loss(logits, t_logits, y, kd.temperature, kd.alpha)
         return loss, {"train_acc": (logits.argmax(1) == y).sum(),
                       "feat_loss": torch.zeros((), device=x.device)}

@@ -24,7 +24,7 @@ class HintonKD(Distiller):
     settings = KDSettings
 
     def loss(self, x: torch.Tensor, y: torch.Tensor):
-        t_logits, _ = self.teacher_forward(x)
+        t_logits = self.logit_teacher_forward(x)
         s_logits = self.student(x)
         loss = kd_loss(s_logits, t_logits, y, self.options["temperature"], self.options["alpha"])
         return loss, {"train_acc": (s_logits.argmax(1) == y).sum()}
