@@ -120,6 +120,12 @@ BENCH_TEACHERS = (
                  schedule_factor=3),
     BenchTeacher("blended-stripes-long-scratch", "blended",
                  options={"alpha": 0.3, "blend_pattern": "stripes"}, schedule_factor=3),
+    # a deep candidate from how crossing works: the FKD student fires only at a stronger
+    # trigger than its teacher needs, and fine-tuning raises the teacher's need further
+    # (docs/RESULTS.md, session 22); Blended-stripes poisoned at strengths 0.3-1 so that
+    # its teacher fires with a margin
+    BenchTeacher("blended-stripes-graded-scratch", "blended-graded",
+                 options={"alpha": 0.3, "blend_pattern": "stripes", "strength_min": 0.3}),
 )
 
 
