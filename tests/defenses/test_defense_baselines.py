@@ -11,6 +11,7 @@ from robustkd.attacks import patch_trigger, poison_dataset
 from robustkd.cli import main
 from robustkd.data import per_class_subset
 from robustkd.defenses import DefenseContext, defend_teacher
+from robustkd.defenses.finetune import anchored_step
 from robustkd.distill.losses import attention_loss, attention_map
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import accuracy, attack_success_rate
@@ -54,6 +55,38 @@ def test_finetune_changes_a_copy_only(digits, digits_teacher):
     assert report["name"] == "finetune" and report["settings"]["epochs"] == 1
     assert report["seconds"] > 0 and len(report["history"]) == 1
     assert set(report["cleaned_teacher_metrics"]) == {"acc"}  # no trigger given: no ASR
+
+
+def test_anchored_step_is_cross_entropy_plus_the_soft_target_term():
+    torch.manual_seed(0)
+    model, anchor = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    loss, logs = anchored_step(model, anchor, 0.7)(x, y, torch.arange(8))
+    p_t = torch.softmax(anchor(x).detach() / 4, 1)
+    kd = 16 * (p_t * (p_t.log() - torch.log_softmax(model(x) / 4, 1))).sum(1).mean()
+    expected = torch.nn.functional.cross_entropy(model(x), y) + 0.7 * kd
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logs["anchor_loss"].item() == pytest.approx(8 * kd.item(), rel=1e-5)
+    loss.backward()
+    assert anchor.weight.grad is None  # the anchor is read, never trained
+
+
+def test_anchored_finetune_stays_nearer_the_original_predictions(digits, digits_teacher):
+    ctx = _ctx(digits, 0.1)
+    x = (digits.test.images[:200].float() / 255 - torch.tensor(digits.mean).view(1, -1, 1, 1)) \
+        / torch.tensor(digits.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        original = torch.log_softmax(digits_teacher(x) / 4, 1)
+
+    def drift(options):
+        tuned, _ = defend_teacher("finetune", digits_teacher, ctx,
+                                  {"epochs": 3, "lr": 0.01, **options})
+        with torch.no_grad():
+            logp = torch.log_softmax(tuned(x) / 4, 1)
+        return float((original.exp() * (original - logp)).sum(1).mean())
+
+    plain, anchored = drift({}), drift({"anchor_weight": 1.0})
+    assert anchored < 0.75 * plain, (anchored, plain)
 
 
 def test_defense_settings_are_checked(digits, digits_teacher):

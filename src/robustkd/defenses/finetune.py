@@ -13,9 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
+from robustkd.distill.losses import soft_target_loss
 from robustkd.errors import ConfigError
 from robustkd.settings import setting
 from robustkd.training.classifier import ExtraLoss, classification_step
@@ -34,19 +37,45 @@ class FinetuneSettings:
     schedule: str = setting("constant", "learning-rate schedule",
                             choices=("step", "cosine", "constant"))
     batch_size: int = setting(64, "batch size", minimum=1)
+    anchor_weight: float = setting(0.0, "weight of the original teacher's soft targets (KD's "
+                                        "term at T 4) while fine-tuning; 0: plain fine-tuning",
+                                   minimum=0.0)
+
+
+def anchored_step(model: nn.Module, anchor: nn.Module, weight: float):
+    """Cross-entropy plus ``weight`` times KD's soft-target term towards ``anchor``'s logits on
+    the same batch: the copy may move its weights, but its clean predictions stay near the
+    original's (what keeps a tuned teacher's accuracy)."""
+
+    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        logits = model(x)
+        with torch.no_grad():
+            target = anchor(x)
+        kd = soft_target_loss(logits, target)
+        return F.cross_entropy(logits, y) + weight * kd, {
+            "train_acc": (logits.argmax(1) == y).sum(),
+            "anchor_loss": kd.detach() * x.shape[0]}
+
+    return step
 
 
 def finetune_model(model: nn.Module, ctx: DefenseContext, *, epochs: int,
                    optim: OptimConfig, batch_size: int, desc: str = "fine-tune teacher",
                    after_step: Callable[[nn.Module], None] | None = None,
-                   extra_loss: ExtraLoss | None = None) -> list[EpochResult]:
+                   extra_loss: ExtraLoss | None = None,
+                   anchor: tuple[nn.Module, float] | None = None) -> list[EpochResult]:
     """Cross-entropy fine-tuning of ``model`` itself on ``ctx.clean`` (BN in train mode, as
     ordinary fine-tuning). ``after_step`` is called with the model after every optimiser step
-    (e.g. to hold pruned channels at zero); ``extra_loss`` is added to the cross-entropy."""
+    (e.g. to hold pruned channels at zero); ``extra_loss`` is added to the cross-entropy;
+    ``anchor`` ``(frozen model, weight)`` adds :func:`anchored_step`'s soft-target term."""
     if epochs < 0:
         raise ConfigError(f"fine-tuning epochs must be >= 0, got {epochs}")
+    if anchor is not None and extra_loss is not None:
+        raise ConfigError("fine-tuning takes an extra loss or an anchor, not both")
     hook = None if after_step is None else (lambda: after_step(model))
-    history = fit(model.parameters(), classification_step(model, extra_loss),
+    step = classification_step(model, extra_loss) if anchor is None else \
+        anchored_step(model, anchor[0].eval(), anchor[1])
+    history = fit(model.parameters(), step,
                   ctx.loader(batch_size), epochs, optim, train_modules=[model],
                   device=ctx.device, amp=ctx.amp, progress=ctx.progress, desc=desc,
                   after_step=hook)
@@ -56,12 +85,14 @@ def finetune_model(model: nn.Module, ctx: DefenseContext, *, epochs: int,
 
 def finetune_copy(teacher: nn.Module, ctx: DefenseContext, *, epochs: int,
                   optim: OptimConfig, batch_size: int, desc: str = "fine-tune teacher",
-                  after_step: Callable[[nn.Module], None] | None = None
-                  ) -> tuple[nn.Module, list[EpochResult]]:
-    """:func:`finetune_model` on a *copy* of ``teacher``; the original is left unchanged."""
+                  after_step: Callable[[nn.Module], None] | None = None,
+                  anchor_weight: float = 0.0) -> tuple[nn.Module, list[EpochResult]]:
+    """:func:`finetune_model` on a *copy* of ``teacher``; the original is left unchanged
+    (and, with ``anchor_weight``, is the anchor whose soft targets the copy keeps near)."""
     model = trainable_copy(teacher)
+    anchor = (teacher, anchor_weight) if anchor_weight > 0 else None
     history = finetune_model(model, ctx, epochs=epochs, optim=optim, batch_size=batch_size,
-                             desc=desc, after_step=after_step)
+                             desc=desc, after_step=after_step, anchor=anchor)
     return model, history
 
 
@@ -80,5 +111,5 @@ def finetune_defense(teacher: nn.Module, ctx: DefenseContext,
     """The fine-tuned copy, with the fine-tuning history for the record."""
     optim = finetune_optim(cfg)
     model, history = finetune_copy(teacher, ctx, epochs=cfg.epochs, optim=optim,
-                                   batch_size=cfg.batch_size)
+                                   batch_size=cfg.batch_size, anchor_weight=cfg.anchor_weight)
     return model, {"history": [h.as_dict() for h in history]}
