@@ -89,6 +89,17 @@ def test_anchored_finetune_stays_nearer_the_original_predictions(digits, digits_
     assert anchored < 0.75 * plain, (anchored, plain)
 
 
+def test_finetune_on_a_share_of_the_clean_images(digits, digits_teacher):
+    ctx = _ctx(digits, 0.2)
+    _, report = defend_teacher("finetune", digits_teacher, ctx,
+                               {"epochs": 1, "data_fraction": 0.5})
+    half = per_class_subset(ctx.clean, 0.5, seed=ctx.seed)
+    assert report["images"] == len(half) < len(ctx.clean)
+    assert len(half) - 64 < report["history"][0]["images"] <= len(half)  # drawn from the share
+    with pytest.raises(ConfigError, match="data.fraction"):
+        defend_teacher("finetune", digits_teacher, ctx, {"data_fraction": 0.0})
+
+
 def test_defense_settings_are_checked(digits, digits_teacher):
     with pytest.raises(ConfigError, match="no setting"):
         defend_teacher("finetune", digits_teacher, _ctx(digits), {"betas": (1.0,)})

@@ -10,13 +10,14 @@ accuracy survives; how much of the backdoor survives too is what the baseline me
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustkd.data.subsets import per_class_subset
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.distill.losses import soft_target_loss
 from robustkd.errors import ConfigError
@@ -40,6 +41,9 @@ class FinetuneSettings:
     anchor_weight: float = setting(0.0, "weight of the original teacher's soft targets (KD's "
                                         "term at T 4) while fine-tuning; 0: plain fine-tuning",
                                    minimum=0.0)
+    data_fraction: float = setting(1.0, "share of each class of the defender's images the "
+                                        "fine-tuning uses (the student still distils on all)",
+                                   above=0.0, maximum=1.0)
 
 
 def anchored_step(model: nn.Module, anchor: nn.Module, weight: float):
@@ -110,6 +114,9 @@ def finetune_defense(teacher: nn.Module, ctx: DefenseContext,
                      cfg: FinetuneSettings) -> tuple[nn.Module, dict]:
     """The fine-tuned copy, with the fine-tuning history for the record."""
     optim = finetune_optim(cfg)
+    if cfg.data_fraction < 1.0:
+        ctx = replace(ctx, clean=per_class_subset(ctx.clean, cfg.data_fraction,
+                                                 seed=ctx.seed))
     model, history = finetune_copy(teacher, ctx, epochs=cfg.epochs, optim=optim,
                                    batch_size=cfg.batch_size, anchor_weight=cfg.anchor_weight)
-    return model, {"history": [h.as_dict() for h in history]}
+    return model, {"history": [h.as_dict() for h in history], "images": len(ctx.clean)}
