@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from robustkd.api.data import run_data
+from robustkd.data.loader import normalize
 from robustkd.runs import load_run
 
 STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -32,7 +34,7 @@ STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 @torch.no_grad()
 def response(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tensor,
-             target: int, mean: torch.Tensor, std: torch.Tensor, batch: int = 500
+             target: int, mean: Sequence[float], std: Sequence[float], batch: int = 500
              ) -> list[float]:
     """ASR at every strength of :data:`STRENGTHS`."""
     model.eval()
@@ -42,7 +44,7 @@ def response(model: torch.nn.Module, images: torch.Tensor, triggered: torch.Tens
         for i in range(0, len(images), batch):
             x = images[i:i + batch]
             x = x + t * (triggered[i:i + batch] - x)
-            hits += int((model((x - mean) / std).argmax(1) == target).sum())
+            hits += int((model(normalize(x, mean, std)).argmax(1) == target).sum())
         out.append(hits / len(images))
     return out
 
@@ -76,8 +78,6 @@ def main() -> None:
     pick = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(args.seed))]
     images = splits.test.images[pick[:args.images]].float() / 255
     triggered = teacher.trigger.apply(images)
-    mean = torch.tensor(splits.mean).view(1, -1, 1, 1)
-    std = torch.tensor(splits.std).view(1, -1, 1, 1)
     models = [("teacher", args.teacher, teacher.model)]
     models += [("model", r, load_run(r, "cpu").model) for r in args.model]
     for r in args.defended:
@@ -85,7 +85,7 @@ def main() -> None:
         m.load_state_dict(load_file(str(Path(r) / "defended_teacher.safetensors")))
         models.append(("defended", r, m))
     for kind, run, model in models:
-        curve = response(model, images, triggered, teacher.target, mean, std)
+        curve = response(model, images, triggered, teacher.target, splits.mean, splits.std)
         print(json.dumps({"kind": kind, "run": Path(run).name, "images": len(images),
                           "strengths": list(STRENGTHS), "asr": [round(a, 3) for a in curve],
                           "t50": t50(curve)}), flush=True)

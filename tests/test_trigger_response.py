@@ -25,7 +25,7 @@ class Threshold(nn.Module):
 
 def test_response_steps_where_the_model_starts_to_fire():
     images, triggered = torch.zeros(10, 1, 4, 4), torch.ones(10, 1, 4, 4)
-    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    zero, one = (0.0,), (1.0,)
     curve = tr.response(Threshold(0.35), images, triggered, 1, zero, one, batch=3)
     assert curve == [0.0] * 4 + [1.0] * 7  # fires from t = 0.4 on
     assert tr.t50(curve) == pytest.approx(0.35)
