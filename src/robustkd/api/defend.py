@@ -18,6 +18,7 @@ from robustkd.api.evaluate import measured_trigger
 from robustkd.api.models import prepare_model
 from robustkd.defenses.registry import DefenseContext, defend_teacher, get_teacher_defense
 from robustkd.defenses.registry import make_settings as defense_settings
+from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.io import RECORD_FILE, read_json
 from robustkd.jobs import DefendJob, from_job
@@ -39,7 +40,12 @@ def defend(job: DefendJob) -> dict[str, Any]:
 def run_defend(job: DefendJob) -> dict[str, Any]:
     """:func:`defend` for a job already built."""
     r = job.runtime
-    defense_settings(get_teacher_defense(job.defense), job.options)  # checked where it enters
+    spec = get_teacher_defense(job.defense)
+    defense_settings(spec, job.options)  # checked where it enters
+    if not spec.standalone:
+        raise ConfigError(f"--defense {job.defense} makes a teacher tied to the defender's "
+                          f"images that only distillation can read: use robustkd distill "
+                          f"--defense {job.defense}")
     run = RunContext("defend", job_config(job), Path(job.out), r.seed)
     run.open(resume=r.resume, overwrite=r.overwrite, inputs={"--run": job.run})
     seed_everything(r.seed)

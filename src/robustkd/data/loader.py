@@ -241,16 +241,61 @@ class DeviceLoader(EpochBatches):
         self.epoch += 1
         return self._batches(epoch)
 
-    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        g = self._generator(epoch)
+    def _batch_rows(self, g: torch.Generator) -> list[torch.Tensor]:
+        """The rows of each batch of one pass, in order (CPU int64)."""
         order = self._order(g)
         n, bs = len(order), self.batch_size
         stop = (n // bs) * bs if self.drop_last else n
-        for start in range(0, stop, bs):
-            idx = order[start : start + bs]
+        return [order[start : start + bs] for start in range(0, stop, bs)]
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        g = self._generator(epoch)
+        for idx in self._batch_rows(g):
             idx_dev = idx.to(self.device, non_blocking=True)
             x = augment_batch(self.images.index_select(0, idx_dev), self.augment, g)
             x = (x - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels.index_select(0, idx_dev), idx
+
+
+class GroupedLoader(DeviceLoader):
+    """A :class:`DeviceLoader` whose every batch holds rows of one group only (``groups``:
+    one integer per row), in shuffled order: what a cross-fitted teacher needs, each batch
+    read by the copy that never trained on its group, with BN statistics over a whole batch.
+
+    Each group's rows are shuffled and cut into batches (``drop_last`` drops each group's
+    partial batch), then the batches of all groups are shuffled together.
+    """
+
+    def __init__(self, ds: ImageDataset, batch_size: int, *, groups: torch.Tensor,
+                 **kwargs) -> None:
+        super().__init__(ds, batch_size, **kwargs)
+        groups = torch.as_tensor(groups, dtype=torch.long).cpu()
+        if groups.shape != (len(ds),):
+            raise ConfigError(f"groups must give one group per row: {len(ds)} rows, "
+                              f"groups of shape {tuple(groups.shape)}")
+        self.groups = groups
+        self._members = [torch.nonzero(groups == k).flatten() for k in groups.unique()]
+
+    def __len__(self) -> int:
+        bs = self.batch_size
+        return sum(len(m) // bs if self.drop_last else -(-len(m) // bs) for m in self._members)
+
+    def _order(self, g: torch.Generator) -> torch.Tensor:
+        return torch.cat(self._batch_rows(g)) if len(self) else torch.zeros(0, dtype=torch.long)
+
+    def _batch_rows(self, g: torch.Generator) -> list[torch.Tensor]:
+        bs, batches = self.batch_size, []
+        for rows in self._members:
+            if self.shuffle:
+                rows = rows[torch.randperm(len(rows), generator=g)]
+            stop = (len(rows) // bs) * bs if self.drop_last else len(rows)
+            batches += [rows[start : start + bs] for start in range(0, stop, bs)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def group_of(self, idx: torch.Tensor) -> int:
+        """The group of a batch's rows (one group per batch by construction)."""
+        return int(self.groups[idx[0]])

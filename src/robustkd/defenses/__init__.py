@@ -3,7 +3,15 @@
 reach the distill command as teacher transforms (:mod:`robustkd.defenses.transforms`)."""
 
 # importing them registers the defences and RobustKD's transform
-from robustkd.defenses import anp, finetune, fst, ibau, nad, robustkd_transform  # noqa: F401
+from robustkd.defenses import (  # noqa: F401
+    anp,
+    crossfit,
+    finetune,
+    fst,
+    ibau,
+    nad,
+    robustkd_transform,
+)
 from robustkd.defenses.registry import (
     TEACHER_DEFENSES,
     DefenseContext,

@@ -27,6 +27,7 @@ from robustkd.data.loader import DeviceLoader
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.io import load_state_dict, read_json, save_tensors, write_json
+from robustkd.models.folded import FoldedTeacher
 from robustkd.settings import make_settings as settings_from
 from robustkd.triggers import Trigger
 
@@ -97,17 +98,21 @@ class TeacherDefense:
     # raised when a fix changes what the defence computes under the same settings, so
     # benchmark plans name new runs instead of taking the old records for current ones
     revision: int = 1
+    # False: its result serves distillation only (a cross-fitted teacher is tied to the
+    # defender's images), so ``robustkd defend`` cannot save it as a model
+    standalone: bool = True
 
 
 TEACHER_DEFENSES: dict[str, TeacherDefense] = {}
 
 
 def register_teacher_defense(name: str, settings: type, help: str = "",
-                             revision: int = 1) -> Callable[[DefenseFn], DefenseFn]:
+                             revision: int = 1, standalone: bool = True
+                             ) -> Callable[[DefenseFn], DefenseFn]:
     """Decorator: register ``fn(teacher, ctx, settings) -> (cleaned_copy, details)``."""
 
     def deco(fn: DefenseFn) -> DefenseFn:
-        TEACHER_DEFENSES[name] = TeacherDefense(name, settings, fn, help, revision)
+        TEACHER_DEFENSES[name] = TeacherDefense(name, settings, fn, help, revision, standalone)
         return fn
 
     return deco
@@ -182,6 +187,8 @@ def _load_saved(run_dir: Path, teacher: nn.Module, name: str,
     saved = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
     if report.get("name") != name or report.get("settings") != saved:
         return None
-    cleaned = copy.deepcopy(teacher)
+    folded = report.get("folded")
+    cleaned = (FoldedTeacher.like(teacher, folded["copies"], folded["rows"]) if folded
+               else copy.deepcopy(teacher))
     cleaned.load_state_dict(load_state_dict(weights))
     return cleaned.eval(), {**report, "reused": True}

@@ -25,6 +25,9 @@ class DistillSetup:
     also append rows (perturbed copies of the batch's first rows), which FKD trains on their
     labels alone. ``logit_teacher``, when set, is the model a method's logit term reads
     instead of the teacher (frozen in eval mode; ``teacher_replace`` does not apply to it).
+    ``teachers``, when given, are interchangeable copies of ``teacher`` (the first is
+    ``teacher``) of which each batch reads one (:meth:`Distiller.use_teacher`): a
+    cross-fitted teacher's.
     """
 
     teacher: nn.Module
@@ -36,6 +39,7 @@ class DistillSetup:
     # transforms the (normalised) batch the student sees; the teacher sees the original
     student_input: Callable[[torch.Tensor], torch.Tensor] | None = None
     logit_teacher: nn.Module | None = None
+    teachers: Sequence[nn.Module] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class Distiller(nn.Module):
         object.__setattr__(self, "teacher", setup.teacher)
         object.__setattr__(self, "student", setup.student)
         object.__setattr__(self, "_taps", {})
+        object.__setattr__(self, "teachers", list(setup.teachers) or [setup.teacher])
+        if self.teachers[0] is not setup.teacher:
+            raise ConfigError("DistillSetup.teachers must start with DistillSetup.teacher")
+        self.active_teacher = 0
         # optimizer steps of the whole run, set by the loop before training (a method whose
         # loss changes along the schedule reads it)
         self.total_steps: int | None = None
@@ -77,6 +85,11 @@ class Distiller(nn.Module):
         for taps in self._taps.values():
             taps.close()
         self._taps.clear()
+
+    def use_teacher(self, k: int) -> None:
+        """Read copy ``k`` of :attr:`teachers` from the next step on."""
+        self.active_teacher = k
+        object.__setattr__(self, "teacher", self.teachers[k])
 
     def prepare(self, probe: torch.Tensor) -> None:
         """Called once with a batch before training (shapes, margins)."""

@@ -107,11 +107,7 @@ class FeatureDistillation(Distiller):
         with tap(self.student, self.s_names, detach=True) as s_feats:
             self.student(probe)
         self.student.train(was_training)
-        margins = []
-        bns = resolve_modules(self.teacher, [layer.bn for layer in self.setup.teacher_layers
-                                             if layer.bn])
-        for t_layer, t_name, s_name in zip(self.setup.teacher_layers, self.t_names,
-                                           self.s_names, strict=True):
+        for t_name, s_name in zip(self.t_names, self.s_names, strict=True):
             t, s = t_feats[t_name], s_feats[s_name]
             if t.dim() != 4 or s.dim() != 4:
                 raise ConfigError(f"FKD needs [B, C, H, W] features; teacher {t_name} gives "
@@ -122,6 +118,21 @@ class FeatureDistillation(Distiller):
                     f"{s_name} is {s.shape[2]}x{s.shape[3]}; pick layers of equal spatial size "
                     "or pass the FKD option spatial=pool to average-pool the larger map")
             self.connectors.append(connector(s.shape[1], t.shape[1]).to(probe.device))
+        # each copy of a cross-fitted teacher has its own BNs, hence its own margins
+        for k in range(len(self.teachers)):
+            self.use_teacher(k)
+            feats = t_feats if k == 0 else self.teacher_forward(probe, self.t_names)[1]
+            for i, margin in enumerate(self._teacher_margins(feats)):
+                self.register_buffer(self._margin_name(i, k), margin.to(probe.device))
+        self.use_teacher(0)
+
+    def _teacher_margins(self, t_feats) -> list[torch.Tensor]:
+        """The active teacher's margin per layer: from the BN after it, else measured."""
+        bns = resolve_modules(self.teacher, [layer.bn for layer in self.setup.teacher_layers
+                                             if layer.bn])
+        margins = []
+        for t_layer, t_name in zip(self.setup.teacher_layers, self.t_names, strict=True):
+            t = t_feats[t_name]
             if t_layer.bn:
                 bn = bns[t_layer.bn]
                 margin = bn_margin(bn.weight, bn.bias)
@@ -130,12 +141,16 @@ class FeatureDistillation(Distiller):
             if margin.numel() != t.shape[1]:
                 raise ConfigError(f"margin BN {t_layer.bn} has {margin.numel()} channels but "
                                   f"feature {t_name} has {t.shape[1]}")
-            margins.append(margin.to(probe.device))
-        for i, margin in enumerate(margins):
-            self.register_buffer(f"margin{i}", margin)
+            margins.append(margin)
+        return margins
+
+    @staticmethod
+    def _margin_name(layer: int, teacher: int) -> str:
+        return f"margin{layer}" if teacher == 0 else f"margin{layer}_t{teacher}"
 
     def margins(self) -> list[torch.Tensor]:
-        return [getattr(self, f"margin{i}") for i in range(len(self.t_names))]
+        return [getattr(self, self._margin_name(i, self.active_teacher))
+                for i in range(len(self.t_names))]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from robustkd.data.dataset import ImageDataset
+from robustkd.data.loader import DeviceLoader, GroupedLoader
 from robustkd.data.streaming import StreamedImageFolder, loader_for
 from robustkd.distill.base import Distiller, DistillSetup, get_method
+from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import evaluate_model
+from robustkd.models.folded import FoldedTeacher
 from robustkd.models.layers import frozen_teacher, layers_of
 from robustkd.models.taps import Replacement
 from robustkd.training.loop import EpochResult, fit
@@ -34,15 +37,42 @@ def build_distiller(method: str, teacher: nn.Module, student: nn.Module, *,
                     teacher_replace: Mapping[str, Replacement] | None = None,
                     student_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     logit_teacher: nn.Module | None = None) -> Distiller:
+    """The method's distiller; a :class:`FoldedTeacher` hands it all its copies (the first
+    read by default, :meth:`Distiller.use_teacher` picks another)."""
     cls = get_method(method)
     needs_layers = method not in ("ce", "kd")
+    teachers = list(teacher.copies) if isinstance(teacher, FoldedTeacher) else [teacher]
+    if len(teachers) > 1 and teacher_replace:
+        raise ConfigError("a cross-fitted teacher (--defense crossfit) is distilled as it is: "
+                          "RobustKD's detoxification does not apply to it")
     setup = DistillSetup(
-        teacher=teacher, student=student,
-        teacher_layers=layers_of(teacher, teacher_layers) if needs_layers else [],
+        teacher=teachers[0], student=student,
+        teacher_layers=layers_of(teachers[0], teacher_layers) if needs_layers else [],
         student_layers=layers_of(student, student_layers) if needs_layers else [],
         options=dict(options or {}), teacher_replace=dict(teacher_replace or {}),
-        student_input=student_input, logit_teacher=logit_teacher)
+        student_input=student_input, logit_teacher=logit_teacher, teachers=teachers)
     return cls(setup)
+
+
+def _fold_loader(teacher: nn.Module, train: ImageDataset | StreamedImageFolder,
+                 **kwargs: Any) -> DeviceLoader | None:
+    """For a cross-fitted teacher, batches of one fold each (else None)."""
+    if not isinstance(teacher, FoldedTeacher):
+        return None
+    if not isinstance(train, ImageDataset):
+        raise ConfigError("a cross-fitted teacher (--defense crossfit) needs in-memory data: "
+                          "its folds are rows of the defender's images")
+    if len(teacher.folds) != len(train):
+        raise ConfigError(f"the cross-fitted teacher's folds cover {len(teacher.folds)} images "
+                          f"but distillation reads {len(train)}: distil on the images it was "
+                          "cleaned on")
+    kwargs.pop("workers", None)
+    loader = GroupedLoader(train, groups=teacher.folds, **kwargs)
+    if len(loader) == 0:
+        raise ConfigError(f"every fold of the {len(train)} clean images is smaller than a "
+                          f"batch ({kwargs['batch_size']}): lower --batch-size or give more "
+                          "clean images (--clean-fraction)")
+    return loader
 
 
 @dataclass(frozen=True)
@@ -92,9 +122,11 @@ def distill_student(
                                 student_layers=student_layers, options=options,
                                 teacher_replace=teacher_replace, student_input=student_input,
                                 logit_teacher=logit_teacher)
-    loader = loader_for(train, batch_size, device=device, mean=mean, std=std, shuffle=True,
-                        augment=loop.augment, drop_last=len(train) > batch_size, seed=seed,
-                        channels_last=loop.channels_last, workers=workers)
+    batches = {"device": device, "mean": mean, "std": std, "shuffle": True,
+               "augment": loop.augment, "drop_last": len(train) > batch_size, "seed": seed,
+               "channels_last": loop.channels_last, "workers": workers}
+    folds = _fold_loader(teacher, train, batch_size=batch_size, **batches)
+    loader = folds if folds is not None else loader_for(train, batch_size, **batches)
     # the distiller's hooks live for the run and are removed with it
     logits_frozen = (frozen_teacher(logit_teacher, "eval") if logit_teacher is not None
                      else nullcontext())
@@ -121,7 +153,13 @@ def distill_student(
         params = list(student.parameters()) + list(distiller.parameters())
         # the taps are registered once (PersistentTap), so one compiled graph serves every step
         loss = torch.compile(distiller.loss) if loop.compile else distiller.loss
-        history = fit(params, lambda x, y, _idx: loss(x, y), loader, epochs, run.optim,
+
+        def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+            if folds is not None:  # each batch from the copy that never saw its fold
+                distiller.use_teacher(folds.group_of(idx))
+            return loss(x, y)
+
+        history = fit(params, step, loader, epochs, run.optim,
                       train_modules=[student, distiller],
                       state_modules={"student": student, "distiller": distiller},
                       device=device, amp=loop.amp, on_epoch_end=epoch_end,
