@@ -54,6 +54,17 @@ def per_class_subset(
     Exactly one of ``fraction`` (in (0, 1]) and ``per_class`` (>= 1) must be given.
     Classes without rows stay empty.
     """
+    index = per_class_rows(ds, fraction, per_class, seed)
+    return ds.subset(torch.from_numpy(index.astype(np.int64)))
+
+
+def per_class_rows(
+    ds: _Rows,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """The sorted rows of ``ds`` that :func:`per_class_subset` keeps."""
     if (fraction is None) == (per_class is None):
         raise ConfigError("per_class_subset: give exactly one of fraction and per_class")
     if fraction is not None and not 0.0 < fraction <= 1.0:
@@ -67,8 +78,7 @@ def per_class_subset(
             continue
         k = max(1, round(fraction * n)) if fraction is not None else per_class
         keep.append(_shuffled(rows, seed, c)[: min(k, n)])
-    index = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
-    return ds.subset(torch.from_numpy(index.astype(np.int64)))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
 def split_validation(

@@ -130,7 +130,7 @@ SMOKE = Scale(
     },
     robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200, "prune_iterations": 5,
                     "prune_student_iterations": 5},
-    defense_sizes={"finetune": {"epochs": 1}, "fst": {"epochs": 1},
+    defense_sizes={"finetune": {"epochs": 1}, "fst": {"epochs": 1}, "crossfit": {"epochs": 1},
                    "nad": {"teacher_epochs": 1, "epochs": 1}},
     scan_samples=50,
     benchmark=BenchSizes(
@@ -141,7 +141,7 @@ SMOKE = Scale(
                         "lba": {"trigger_epochs": 1, "trigger_images": 200}},
         robustkd_sizes={"inversion_epochs": 1, "inversion_images": 200, "prune_iterations": 5,
                         "prune_student_iterations": 5},
-        defense_sizes={"finetune": {"epochs": 1}, "fst": {"epochs": 1},
+        defense_sizes={"finetune": {"epochs": 1}, "fst": {"epochs": 1}, "crossfit": {"epochs": 1},
                        "nad": {"teacher_epochs": 1, "epochs": 1},
                        "anp": {"iterations": 5}, "ibau": {"rounds": 1}}),
 )

@@ -74,6 +74,9 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     Recipe("nad", "NAD + FKD", "fkd", defense="nad"),
     # fine-tuning that shifts the features (a new classifier turned away from the old one)
     Recipe("fst", "FST + FKD", "fkd", defense="fst"),
+    # FST cross-fitted: two copies, each tuned on half the images, each image distilled
+    # from the copy that never saw it (a tuned teacher is fitted to its tuning images)
+    Recipe("crossfit", "cross-fitted FST + FKD", "fkd", defense="crossfit"),
     Recipe("anp", "ANP + FKD", "fkd", defense="anp"),
     # ANP's masks within issue 15's time budget (1.5x FKD): 150 mask batches, not 500
     Recipe("anp-short", "ANP (150 iterations) + FKD", "fkd", defense="anp",
