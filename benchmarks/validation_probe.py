@@ -44,6 +44,9 @@ def main() -> None:
     p.add_argument("--defense", default=None, help="teacher defence first (e.g. anp)")
     p.add_argument("--defense-set", action="append", default=[], metavar="KEY=VALUE",
                    help="setting of that defence (repeatable)")
+    p.add_argument("--layers", default=None, metavar="NAMES",
+                   help="comma-separated layers distilled, the same names in teacher and "
+                        "student (default: the models' own distillation layers)")
     p.add_argument("--clean-val", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", default="mini")
@@ -60,6 +63,10 @@ def main() -> None:
     if args.defense:
         params.update(defense=args.defense, defense_options=overrides(args.defense_set))
         name = "-".join([args.defense, *args.defense_set, name]).replace("=", "")
+    if args.layers:
+        layers = [n.strip() for n in args.layers.split(",") if n.strip()]
+        params.update(teacher_layers=layers, student_layers=layers)
+        name = f"{name}-layers-{'+'.join(layers)}"
     out = Path(args.out) / f"{args.teacher}-{name}-s{args.seed}"
     rec = api.distill(teacher=run_dir(Path(args.bench), node.parents["teacher"]), **params,
                       device="cpu", progress=False, resume=True, out=str(out))
