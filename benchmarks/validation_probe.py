@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--defense", default=None, help="teacher defence first (e.g. anp)")
     p.add_argument("--defense-set", action="append", default=[], metavar="KEY=VALUE",
                    help="setting of that defence (repeatable)")
+    p.add_argument("--method-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the distillation method (e.g. logit_weight=1 for fkd)")
     p.add_argument("--layers", default=None, metavar="NAMES",
                    help="comma-separated layers distilled, the same names in teacher and "
                         "student (default: the models' own distillation layers)")
@@ -63,6 +65,9 @@ def main() -> None:
     if args.defense:
         params.update(defense=args.defense, defense_options=overrides(args.defense_set))
         name = "-".join([args.defense, *args.defense_set, name]).replace("=", "")
+    if args.method_set:
+        params["options"] = overrides(args.method_set)
+        name = "-".join([name, *args.method_set]).replace("=", "")
     if args.layers:
         layers = [n.strip() for n in args.layers.split(",") if n.strip()]
         params.update(teacher_layers=layers, student_layers=layers)
