@@ -264,3 +264,30 @@ def test_kd_reads_the_logit_teacher_when_one_is_given(digits):
             from_teacher = kd_loss(student(x), teacher(x), y, kd.temperature, kd.alpha)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(loss.item() - from_teacher.item()) > 1e-3
+
+
+def test_fkd_skip_deepest_is_fkd_on_every_layer_but_the_deepest(digits, teacher):
+    """``skip_deepest`` leaves the last distillation layer out: the same loss as FKD given
+    only the other layers, and a different one from FKD on all of them."""
+    student = build_model("wrn10_1", num_classes=10, in_channels=1)
+    x = (digits.train.images[:32].float() / 255 - digits.mean[0]) / digits.std[0]
+    y = digits.train.labels[:32]
+    every = ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"]
+    skipped = build_distiller("fkd", teacher, student, options={"skip_deepest": True})
+    named = build_distiller("fkd", teacher, student, teacher_layers=every[:2],
+                            student_layers=every[:2])
+    full = build_distiller("fkd", teacher, student)
+    assert skipped.t_names == every[:2] == skipped.s_names and full.t_names == every
+    student.eval()
+    with frozen_teacher(teacher, "train"):
+        for d in (skipped, named, full):
+            torch.manual_seed(0)  # the same connectors for the shared layers
+            d.prepare(x)
+        losses = [d.loss(x, y)[0].item() for d in (skipped, named, full)]
+    for d in (skipped, named, full):
+        d.close()
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert abs(losses[2] - losses[0]) > 1e-3
+    with pytest.raises(ConfigError, match="at least two distillation layers"):
+        build_distiller("fkd", teacher, student, teacher_layers=["bn1"], student_layers=["bn1"],
+                        options={"skip_deepest": True})

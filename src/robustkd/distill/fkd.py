@@ -70,6 +70,9 @@ class FKDSettings:
     logit_weight: float = setting(0.0, "weight of KD's soft-target term (T^2 KL at KD's "
                                        "temperature) on the logit teacher's outputs, added "
                                        "to the loss (not in FKD)", minimum=0.0)
+    skip_deepest: bool = setting(False, "leave the deepest distillation layer out of the "
+                                        "feature loss (not in FKD; the backdoors that cross "
+                                        "FKD cross there, docs/RESULTS.md)")
 
 
 @register_method
@@ -87,8 +90,14 @@ class FeatureDistillation(Distiller):
                 f"({', '.join(d.prerelu for d in setup.student_layers)}); name equally many "
                 "layers of equal resolution (API teacher_layers=/student_layers=, CLI "
                 "--teacher-layers/--student-layers), e.g. the deeper model's last ones")
-        self.t_names = [layer.prerelu for layer in setup.teacher_layers]
-        self.s_names = [layer.prerelu for layer in setup.student_layers]
+        self.t_layers, s_layers = list(setup.teacher_layers), list(setup.student_layers)
+        if self.options["skip_deepest"]:
+            if len(self.t_layers) < 2:
+                raise ConfigError("FKD's skip_deepest needs at least two distillation layers; "
+                                  f"got {len(self.t_layers)}")
+            self.t_layers, s_layers = self.t_layers[:-1], s_layers[:-1]
+        self.t_names = [layer.prerelu for layer in self.t_layers]
+        self.s_names = [layer.prerelu for layer in s_layers]
         self.connectors = nn.ModuleList()
         self.register_buffer("_margins_ready", torch.zeros((), dtype=torch.bool))
         # steps taken (kept in the resume state), for feature_share < 1
@@ -128,10 +137,9 @@ class FeatureDistillation(Distiller):
 
     def _teacher_margins(self, t_feats) -> list[torch.Tensor]:
         """The active teacher's margin per layer: from the BN after it, else measured."""
-        bns = resolve_modules(self.teacher, [layer.bn for layer in self.setup.teacher_layers
-                                             if layer.bn])
+        bns = resolve_modules(self.teacher, [layer.bn for layer in self.t_layers if layer.bn])
         margins = []
-        for t_layer, t_name in zip(self.setup.teacher_layers, self.t_names, strict=True):
+        for t_layer, t_name in zip(self.t_layers, self.t_names, strict=True):
             t = t_feats[t_name]
             if t_layer.bn:
                 bn = bns[t_layer.bn]

@@ -66,6 +66,9 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     # the same, plus KD's soft targets from the original teacher's logits
     Recipe("robustkd-fst-logits", "RobustKD (FST + the original teacher's logits)",
            "robustkd", {"preset": "fst-logits"}),
+    # no teacher cleaning: FKD on every layer but the deepest, plus KD's soft targets
+    Recipe("robustkd-shallow-kd", "RobustKD (FKD without the deepest layer + KD)", "robustkd",
+           {"preset": "shallow-kd"}),
     Recipe("robustkd-blind", "RobustKD (blind tau)", "robustkd",
            {"preset": "paper", "taus": [0.1, 0.2, 0.5, 1.0], "selection": "blind"}),
     Recipe("robustkd-oracle", "RobustKD (oracle tau)", "robustkd",
