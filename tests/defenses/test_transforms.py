@@ -35,11 +35,11 @@ def test_every_defence_and_robustkd_are_transforms():
 
 def test_an_unknown_name_is_refused_naming_the_choices():
     with pytest.raises(ConfigError, match=r"unknown teacher transform 'prune'; available: "
-                                          r"\['anp', 'finetune', 'fst', 'ibau', 'nad', "
+                                          r"\['anp', 'crossfit', 'finetune', 'fst', 'ibau', 'nad', "
                                           r"'robustkd'\]"):
         get_transform("prune")
     with pytest.raises(ConfigError, match=r"unknown teacher defence 'prune'; available: "
-                                          r"\['anp', 'finetune', 'fst', 'ibau', 'nad'\]"):
+                                          r"\['anp', 'crossfit', 'finetune', 'fst', 'ibau', 'nad'\]"):
         chosen_transform("defense", {"defense": "prune"})
 
 
