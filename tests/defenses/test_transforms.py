@@ -39,7 +39,8 @@ def test_an_unknown_name_is_refused_naming_the_choices():
                                           r"'robustkd'\]"):
         get_transform("prune")
     with pytest.raises(ConfigError, match=r"unknown teacher defence 'prune'; available: "
-                                          r"\['anp', 'crossfit', 'finetune', 'fst', 'ibau', 'nad'\]"):
+                                          r"\['anp', 'crossfit', 'finetune', 'fst', 'ibau', "
+                                          r"'nad'\]"):
         chosen_transform("defense", {"defense": "prune"})
 
 
