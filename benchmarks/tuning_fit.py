@@ -33,6 +33,7 @@ from robustkd.data.loader import normalize
 from robustkd.data.subsets import per_class_rows
 from robustkd.io import read_json
 from robustkd.models.folded import FoldedTeacher
+from robustkd.runs import load_run
 
 
 @torch.no_grad()
@@ -102,8 +103,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--clean-seed", type=int, default=0, help="the seed that chose it")
     p.add_argument("--images", type=int, default=5000, help="images of each kind")
     args = p.parse_args(argv)
-    from robustkd.runs import load_run
-
     teacher = load_run(args.teacher, "cpu")
     splits, _ = run_data(teacher.meta, args.data_root)
     train = splits.train

@@ -12,6 +12,7 @@ from robustkd.cli import main
 from robustkd.errors import ConfigError, TrainingError
 from robustkd.io import read_json, write_json
 from robustkd.outputs import prepare_out, run_state, write_job
+from tests.run_dirs import as_if_killed
 
 TINY = {"dataset": "digits", "model": "wrn10_1", "epochs": 1, "device": "cpu",
         "progress": False, "eval_every": 0}
@@ -89,17 +90,11 @@ def test_an_interrupted_attack_resumes_with_its_resolved_defaults(tmp_path):
     kw = {"attack": "badnets", "teacher": tmp_path / "t", "out": tmp_path / "bd",
           "device": "cpu", "progress": False, "eval_every": 0, "epochs": 2}
     api.attack(**kw)
-    (tmp_path / "bd" / "record.json").unlink()  # as if killed before the end
-    meta = read_json(tmp_path / "bd" / "meta.json")
-    meta.pop("complete")
-    write_json(tmp_path / "bd" / "meta.json", meta)
+    as_if_killed(tmp_path / "bd")
     again = api.attack(**kw, resume=True)  # lr/schedule left to their defaults both times
     assert again["config"]["lr"] == 0.008 and again["config"]["schedule"] == "constant"
     with pytest.raises(ConfigError, match="poison_ratio 0.02 -> 0.5"):
-        (tmp_path / "bd" / "record.json").unlink()
-        meta = read_json(tmp_path / "bd" / "meta.json")
-        meta.pop("complete")
-        write_json(tmp_path / "bd" / "meta.json", meta)
+        as_if_killed(tmp_path / "bd")
         api.attack(**kw, resume=True, poison_ratio=0.5)
 
 
@@ -114,10 +109,6 @@ def test_a_resumed_run_reports_its_total_time(tmp_path):
     api.train(out=out, **{**TINY, "epochs": 2})
     first = read_json(out / "record.json")["seconds"]
     # as if killed after epoch 1 of a run that had spent 1000 s: resume adds up
-    (out / "record.json").unlink()
-    meta = read_json(out / "meta.json")
-    meta.pop("complete")
-    meta.update(epochs_done=2, elapsed_seconds=1000.0)
-    write_json(out / "meta.json", meta)
+    as_if_killed(out, epochs_done=2, elapsed_seconds=1000.0)
     again = api.train(out=out, resume=True, **{**TINY, "epochs": 2})
     assert again["seconds"] >= 1000.0 and first < 1000.0

@@ -2,7 +2,6 @@
 trained on its images, and the defence end to end on digits (resumed from its saved copies)."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from robustkd.models.folded import FoldedTeacher, assign_folds
 from robustkd.runs import load_run
 from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig
+from tests.run_dirs import as_if_killed
 
 
 def test_folds_deal_every_class_evenly_and_are_seeded():
@@ -147,10 +147,7 @@ def test_distill_with_crossfit_end_to_end_and_resumed(digits_teacher_run, tmp_pa
     assert "acc" in report["cleaned_teacher_metrics"] and "reused" not in report
     assert record["history"] and record["history"][-1]["loss"] > 0  # it did distil
     # interrupted after the defence: resume loads the two saved copies instead of tuning
-    (tmp_path / "a" / "record.json").unlink()
-    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    meta.pop("complete")
-    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    as_if_killed(tmp_path / "a")
     again = api.distill(**kw, resume=True)
     assert again["defense"]["reused"] is True
     assert again["defense"]["cleaned_teacher_metrics"] == report["cleaned_teacher_metrics"]

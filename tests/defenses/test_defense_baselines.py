@@ -18,6 +18,7 @@ from robustkd.evaluation.metrics import accuracy, attack_success_rate
 from robustkd.runs import run_meta, save_run_model
 from robustkd.training.classifier import train_classifier
 from robustkd.training.optim import OptimConfig
+from tests.run_dirs import as_if_killed
 
 
 def test_attention_loss_golden_value():
@@ -189,10 +190,7 @@ def test_api_finetune_then_fkd_and_resume_reuses_the_defence(tmp_path, bd_dir):
     assert d["settings"]["schedule"] == "constant" and d["seconds"] > 0
     assert {"acc", "asr"} <= set(d["cleaned_teacher_metrics"]) and "reused" not in d
     # interrupted after the defence (no final record, no complete mark): resume reuses it
-    (tmp_path / "ft" / "record.json").unlink()
-    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
-    meta.pop("complete")
-    (tmp_path / "ft" / "meta.json").write_text(json.dumps(meta))
+    as_if_killed(tmp_path / "ft")
     again = api.distill(**kw, resume=True)
     assert again["defense"]["reused"] is True
     assert again["defense"]["cleaned_teacher_metrics"] == d["cleaned_teacher_metrics"]

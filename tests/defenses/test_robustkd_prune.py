@@ -172,29 +172,10 @@ def test_the_logit_term_reads_the_original_or_the_tuned_teacher(digits, monkeypa
                                                                 logit_teacher):
     """``fst-logits``: FKD's features from the FST-tuned copy, KD's soft targets from the
     teacher the user gave (or, ``defended``, from the tuned copy's own logits)."""
-    import robustkd.defenses.robustkd as rkd
-    from robustkd.data.subsets import per_class_subset
-    from robustkd.distill import DistillRun
-    from robustkd.training.loop_settings import LoopSettings
-    from robustkd.training.optim import OptimConfig
-    from tests.toy_models import TinyNet
-
     cfg = robustkd_config({"preset": "fst-logits", "logit_teacher": logit_teacher})
     assert (cfg.prune, cfg.masks, cfg.logit_weight) == ("fst", False, 1.0)
     assert not cfg.only_prunes()  # not the same runs as the fst column
-    seen = {}
-
-    def record(teacher, student, clean, test, **kw):
-        seen.update(kw, feature_teacher=teacher)
-
-    monkeypatch.setattr(rkd, "distill_student", record)
-    torch.manual_seed(0)
-    teacher, student = TinyNet(width=16), TinyNet(width=8)
-    rkd.run_robustkd(teacher, student, per_class_subset(digits.train, per_class=10), None, cfg,
-                     loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=32,
-                                       progress=False),
-                     run=DistillRun(epochs=1, optim=OptimConfig(lr=0.05)),
-                     teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
+    teacher, seen = _what_fkd_receives(cfg, digits, monkeypatch)
     assert seen["feature_teacher"] is not teacher  # FKD reads the tuned copy
     assert seen["options"] == {"logit_weight": 1.0}
     expected = teacher if logit_teacher == "original" else None
@@ -205,6 +186,19 @@ def test_the_shallow_kd_preset_distils_the_teacher_itself_without_its_deepest_la
         digits, monkeypatch):
     """``shallow-kd``: no cleaning of the teacher; FKD on every layer but the deepest plus
     KD's soft targets from the same teacher."""
+    cfg = robustkd_config({"preset": "shallow-kd"})
+    assert (cfg.prune, cfg.masks, cfg.skip_deepest, cfg.logit_weight) == \
+        ("none", False, True, 1.0)
+    assert not cfg.distils_plainly() and not cfg.only_prunes()
+    teacher, seen = _what_fkd_receives(cfg, digits, monkeypatch)
+    assert seen["feature_teacher"] is teacher and seen["logit_teacher"] is None
+    assert seen["options"] == {"logit_weight": 1.0, "skip_deepest": True}
+
+
+def _what_fkd_receives(cfg, digits, monkeypatch):
+    """Run RobustKD configuration ``cfg`` on tiny nets with its distillation replaced by a
+    recorder; returns the teacher given and the distillation's arguments (the teacher it
+    reads as ``feature_teacher``)."""
     import robustkd.defenses.robustkd as rkd
     from robustkd.data.subsets import per_class_subset
     from robustkd.distill import DistillRun
@@ -212,18 +206,14 @@ def test_the_shallow_kd_preset_distils_the_teacher_itself_without_its_deepest_la
     from robustkd.training.optim import OptimConfig
     from tests.toy_models import TinyNet
 
-    cfg = robustkd_config({"preset": "shallow-kd"})
-    assert (cfg.prune, cfg.masks, cfg.skip_deepest, cfg.logit_weight) == \
-        ("none", False, True, 1.0)
-    assert not cfg.distils_plainly() and not cfg.only_prunes()
     seen = {}
     monkeypatch.setattr(rkd, "distill_student",
                         lambda teacher, *a, **kw: seen.update(kw, feature_teacher=teacher))
+    torch.manual_seed(0)
     teacher, student = TinyNet(width=16), TinyNet(width=8)
     rkd.run_robustkd(teacher, student, per_class_subset(digits.train, per_class=10), None, cfg,
                      loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=32,
                                        progress=False),
                      run=DistillRun(epochs=1, optim=OptimConfig(lr=0.05)),
                      teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
-    assert seen["feature_teacher"] is teacher and seen["logit_teacher"] is None
-    assert seen["options"] == {"logit_weight": 1.0, "skip_deepest": True}
+    return teacher, seen

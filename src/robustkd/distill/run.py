@@ -66,7 +66,6 @@ def _fold_loader(teacher: nn.Module, train: ImageDataset | StreamedImageFolder,
         raise ConfigError(f"the cross-fitted teacher's folds cover {len(teacher.folds)} images "
                           f"but distillation reads {len(train)}: distil on the images it was "
                           "cleaned on")
-    kwargs.pop("workers", None)
     loader = GroupedLoader(train, groups=teacher.folds, **kwargs)
     if len(loader) == 0:
         raise ConfigError(f"every fold of the {len(train)} clean images is smaller than a "
@@ -124,9 +123,10 @@ def distill_student(
                                 logit_teacher=logit_teacher)
     batches = {"device": device, "mean": mean, "std": std, "shuffle": True,
                "augment": loop.augment, "drop_last": len(train) > batch_size, "seed": seed,
-               "channels_last": loop.channels_last, "workers": workers}
+               "channels_last": loop.channels_last}
     folds = _fold_loader(teacher, train, batch_size=batch_size, **batches)
-    loader = folds if folds is not None else loader_for(train, batch_size, **batches)
+    loader = (folds if folds is not None
+              else loader_for(train, batch_size, workers=workers, **batches))
     # the distiller's hooks live for the run and are removed with it
     logits_frozen = (frozen_teacher(logit_teacher, "eval") if logit_teacher is not None
                      else nullcontext())
