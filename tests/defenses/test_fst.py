@@ -9,7 +9,8 @@ from robustkd.data import per_class_subset
 from robustkd.defenses import DefenseContext, defend_teacher
 from robustkd.defenses.fst import FSTSettings, alignment_penalty, keep_norm, reinit_linear
 from robustkd.errors import ConfigError
-from robustkd.models.layers import classifier_layer
+from robustkd.models.layers import classifier_layer, held_still, layers_of, modules_through
+from robustkd.models.taps import tap
 
 
 def test_alignment_penalty_golden_value_and_gradient():
@@ -74,7 +75,79 @@ def test_fst_moves_the_features_of_a_copy_and_turns_its_head_away(digits, digits
 def test_fst_settings_are_checked_where_they_enter(digits, digits_teacher):
     ctx = DefenseContext(clean=per_class_subset(digits.train, fraction=0.1, seed=0),
                          mean=digits.mean, std=digits.std, progress=False)
-    for bad in ({"alpha": -0.1}, {"lr": 0.0}, {"schedule": "linear"}):
+    for bad in ({"alpha": -0.1}, {"lr": 0.0}, {"schedule": "linear"}, {"tune": "shallow"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             defend_teacher("fst", digits_teacher, ctx, bad)
     assert FSTSettings().epochs == 10 and FSTSettings().weight_decay == 0.0
+
+
+def test_fst_tuning_only_the_deepest_layer_keeps_the_shallower_features(digits, digits_teacher):
+    before = {k: v.clone() for k, v in digits_teacher.state_dict().items()}
+    clean = per_class_subset(digits.train, fraction=0.2, seed=0)
+    ctx = DefenseContext(clean=clean, mean=digits.mean, std=digits.std, augment=digits.augment,
+                         progress=False)
+    tuned, report = defend_teacher("fst", digits_teacher, ctx,
+                                   {"epochs": 2, "batch_size": 32, "tune": "deepest"})
+    layers = layers_of(digits_teacher)
+    held = report["held"]
+    assert held[-1] == layers[-2].prerelu and "conv1" in held
+    assert not any(name.startswith(layers[-1].stage) and name != layers[-2].prerelu
+                   for name in held)  # the deepest stage itself tunes
+    state = tuned.state_dict()
+    for key, value in state.items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in held:  # weights and BN statistics both
+            assert torch.equal(value, before[key]), f"held {key} moved"
+    moved = [k for k in state if k.rsplit(".", 1)[0] not in held and state[k].is_floating_point()
+             and not torch.equal(state[k], before[k])]
+    assert any(k.startswith(layers[-1].stage) for k in moved)
+    # the shallower distillation features are the original's, the deepest are not
+    x = next(iter(ctx.loader(16)))[0]
+    names = [layer.prerelu for layer in layers]
+    tuned.eval()
+    digits_teacher.eval()
+    with tap(tuned, names, detach=True) as a, torch.no_grad():
+        tuned(x)
+    with tap(digits_teacher, names, detach=True) as b, torch.no_grad():
+        digits_teacher(x)
+    for name in names[:-1]:
+        assert torch.equal(a[name], b[name])
+    assert not torch.allclose(a[names[-1]], b[names[-1]])
+    assert all(p.requires_grad for p in tuned.parameters())  # gradients given back
+
+
+def test_modules_through_follows_the_forward_pass_not_the_code_order():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Linear(4, 4)  # declared first, runs last
+            self.early = nn.Linear(4, 4)
+            self.mid = nn.BatchNorm1d(4)
+            self.act = nn.ReLU()  # no weights: not listed
+
+        def forward(self, x):
+            return self.late(self.act(self.mid(self.early(x))))
+
+    model = Branchy()
+    assert modules_through(model, "mid", torch.randn(2, 4)) == ["early", "mid"]
+    assert modules_through(model, "act", torch.randn(2, 4)) == ["early", "mid", "act"]
+    with pytest.raises(KeyError, match="no module named"):
+        modules_through(model, "nope", torch.randn(2, 4))
+
+
+def test_held_still_keeps_weights_and_bn_statistics_in_train_mode():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with held_still([model[0], model[1]]):
+        model.train()
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 3)).sum().backward()
+            opt.step()
+    after = model.state_dict()
+    for key in ("0.weight", "1.weight", "1.running_mean", "1.running_var",
+                "1.num_batches_tracked"):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+    assert model[1].momentum == 0.1 and model[0].weight.requires_grad

@@ -21,6 +21,7 @@ from robustkd.data.subsets import per_class_subset
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.distill.losses import soft_target_loss
 from robustkd.errors import ConfigError
+from robustkd.models.layers import layers_of, modules_through
 from robustkd.settings import setting
 from robustkd.training.classifier import ExtraLoss, classification_step
 from robustkd.training.loop import EpochResult, fit
@@ -44,6 +45,27 @@ class FinetuneSettings:
     data_fraction: float = setting(1.0, "share of each class of the defender's images the "
                                         "fine-tuning uses (the student still distils on all)",
                                    above=0.0, maximum=1.0)
+
+
+TUNE_CHOICES = ("all", "deepest")
+
+
+def held_modules(model: nn.Module, ctx: DefenseContext, tune: str
+                 ) -> list[tuple[str, nn.Module]]:
+    """The modules a tuning leaves as they are: none for ``all``; for ``deepest`` every module
+    that computes the last-but-one distillation layer (found by running a clean batch), so
+    only the deepest distillation layer's features can move — the layer through which
+    backdoors cross FKD (docs/RESULTS.md)."""
+    if tune == "all":
+        return []
+    layers = layers_of(model, ctx.layers)
+    if len(layers) < 2:
+        raise ConfigError(f"tune=deepest needs at least two distillation layers; "
+                          f"{type(model).__name__} has {len(layers)}")
+    probe = next(iter(ctx.loader(2)))[0]
+    names = modules_through(model, layers[-2].prerelu, probe)
+    table = dict(model.named_modules())
+    return [(n, table[n]) for n in names]
 
 
 def anchored_step(model: nn.Module, anchor: nn.Module, weight: float):

@@ -21,9 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from robustkd.defenses.finetune import finetune_model, finetune_optim
+from robustkd.defenses.finetune import (
+    TUNE_CHOICES,
+    finetune_model,
+    finetune_optim,
+    held_modules,
+)
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
-from robustkd.models.layers import classifier_layer
+from robustkd.models.layers import classifier_layer, held_still
 from robustkd.settings import setting
 from robustkd.training.classifier import ExtraLoss
 
@@ -41,6 +46,10 @@ class FSTSettings:
     batch_size: int = setting(128, "batch size", minimum=1)
     alpha: float = setting(0.2, "weight of the penalty on the new classifier's inner product "
                                 "with the original one", minimum=0.0)
+    tune: str = setting("all", "which weights tune: all, or only those after the last-but-one "
+                               "distillation layer (deepest: the shallower distillation "
+                               "features stay the original's; not in FST)",
+                        choices=TUNE_CHOICES)
 
 
 def reinit_linear(layer: nn.Linear, generator: torch.Generator) -> None:
@@ -80,8 +89,11 @@ def fst_defense(teacher: nn.Module, ctx: DefenseContext,
     extra = ExtraLoss(lambda _f, _logits, _y, _idx: alignment_penalty(head.weight, original,
                                                                       cfg.alpha),
                       name="fst_penalty")
-    history = finetune_model(model, ctx, epochs=cfg.epochs,
-                             optim=finetune_optim(cfg, nesterov=False),
-                             batch_size=cfg.batch_size, desc="feature shift tuning",
-                             after_step=lambda m: keep_norm(head, norm), extra_loss=extra)
-    return model, {"classifier": name, "history": [h.as_dict() for h in history]}
+    held = held_modules(model, ctx, cfg.tune)
+    with held_still([m for _, m in held]):
+        history = finetune_model(model, ctx, epochs=cfg.epochs,
+                                 optim=finetune_optim(cfg, nesterov=False),
+                                 batch_size=cfg.batch_size, desc="feature shift tuning",
+                                 after_step=lambda m: keep_norm(head, norm), extra_loss=extra)
+    return model, {"classifier": name, "history": [h.as_dict() for h in history],
+                   "held": [n for n, _ in held]}

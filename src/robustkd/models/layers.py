@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from robustkd.errors import ConfigError
@@ -31,24 +32,22 @@ def layers_of(model: nn.Module, names: Sequence[str] | None = None) -> list[Dist
 
 
 @contextmanager
-def frozen_teacher(teacher: nn.Module, mode: str):
-    """Teacher in ``mode`` with gradients off; in train mode BN uses batch statistics but its
-    running statistics are left untouched (momentum 0), so the teacher is not altered."""
-    if mode not in ("train", "eval"):
-        raise ConfigError(f"teacher BN mode must be 'train' or 'eval', got {mode!r}")
-    was_training = teacher.training
-    grads = [(p, p.requires_grad) for p in teacher.parameters()]
-    bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def held_still(modules: Sequence[nn.Module]):
+    """Gradients off in ``modules`` and their BN running statistics unchanged (momentum 0,
+    the batch count restored), whatever mode they run in; all restored on exit."""
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    grads = [(p, p.requires_grad) for p in params]
+    bns = list({id(b): b for m in modules for b in m.modules()
+                if isinstance(b, nn.modules.batchnorm._BatchNorm)}.values())
     momenta = [m.momentum for m in bns]
     tracked = [m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
                for m in bns]
     try:
         for p, _ in grads:
             p.requires_grad_(False)
-        teacher.train(mode == "train")
         for m in bns:
             m.momentum = 0.0
-        yield teacher
+        yield
     finally:
         for p, flag in grads:
             p.requires_grad_(flag)
@@ -56,7 +55,55 @@ def frozen_teacher(teacher: nn.Module, mode: str):
             m.momentum = momentum
             if count is not None:
                 m.num_batches_tracked.copy_(count)
+
+
+@contextmanager
+def frozen_teacher(teacher: nn.Module, mode: str):
+    """Teacher in ``mode`` with gradients off; in train mode BN uses batch statistics but its
+    running statistics are left untouched (momentum 0), so the teacher is not altered."""
+    if mode not in ("train", "eval"):
+        raise ConfigError(f"teacher BN mode must be 'train' or 'eval', got {mode!r}")
+    was_training = teacher.training
+    try:
+        with held_still([teacher]):
+            teacher.train(mode == "train")
+            yield teacher
+    finally:
         teacher.train(was_training)
+
+
+@torch.no_grad()
+def modules_through(model: nn.Module, name: str, probe: torch.Tensor) -> list[str]:
+    """Names of the modules holding their own weights or buffers that a forward pass on
+    ``probe`` runs before module ``name`` returns (``name`` included), in call order: what
+    computes that layer's output. Found by running the model, not from the code's order."""
+    target = resolve_modules(model, [name])[name]
+    order: list[str] = []
+    reached = False
+
+    def record(module_name: str, module: nn.Module):
+        def hook(*_):
+            nonlocal reached
+            if not reached and module_name not in order:
+                order.append(module_name)
+            reached = reached or module is target
+        return hook
+
+    owners = [(n, m) for n, m in model.named_modules()
+              if m is target or next(m.parameters(recurse=False), None) is not None
+              or next(m.buffers(recurse=False), None) is not None]
+    handles = [m.register_forward_hook(record(n, m)) for n, m in owners]
+    was_training = model.training
+    try:
+        model.eval()
+        model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not reached:
+        raise ConfigError(f"module {name!r} did not run in {type(model).__name__}'s forward pass")
+    return order
 
 
 def classifier_layer(model: nn.Module) -> tuple[str, nn.Linear]:
