@@ -18,10 +18,11 @@ the students trained now and those restored later see the same teacher. ``restor
 back to these copies when the store lacks a teacher.
 
 ``restore --records FILE`` also puts back the students and evaluations a results folder
-recorded (``records.jsonl``): each as a record-only run (``node.json`` + ``record.json``,
-no weights), which the harness counts as finished and the report reads, so a later
-session adds runs to the same report instead of recomputing them. A run other runs read
-(the CE student) is not put back: they need its weights.
+recorded (``records.jsonl``): each as a record-only run (``node.json`` + ``record.json``
++ a ``record_only`` marker, no weights), which the harness counts as finished and the
+report reads, so a later session adds runs to the same report instead of recomputing them.
+A run that reads one's weights (a CE student's evaluations, a student pruned after FKD)
+recomputes it first.
 
     python benchmarks/bench_store.py save --out runs/bench [--partial] [--compact]
     python benchmarks/bench_store.py restore --out runs/bench [--records FILE ...]
@@ -40,7 +41,7 @@ import torch
 from safetensors.torch import load_file
 
 from robustkd.experiments import plan
-from robustkd.experiments.runner import NODE_FILE, is_finished, run_dir
+from robustkd.experiments.runner import NODE_FILE, RECORD_ONLY_FILE, is_finished, run_dir
 from robustkd.io import RECORD_FILE, WEIGHTS_FILE, read_json, save_tensors, write_json
 
 STORE = Path(os.environ.get("ROBUSTKD_CACHE_DIR", "~/.cache/robustkd")).expanduser() \
@@ -110,11 +111,11 @@ def copy_run(src: Path, dst: Path, skip: tuple[str, ...] = SKIP,
 
 def restore_records(records: Path, out: Path, scale: str) -> None:
     """Record-only runs for the nodes of the current plan that ``records`` holds and
-    ``out`` lacks. Left out: a node no longer planned, and one another node reads (the CE
-    student, which each teacher's trigger is evaluated on: it needs its weights)."""
+    ``out`` lacks (a node no longer planned is left out). Each is marked record-only: the
+    report reads it, and a run that reads its weights (a CE student's evaluations, a
+    student pruned after FKD) recomputes it first (``runner.run_nodes``)."""
     nodes = [c.node for c in plan(["benchmark"], scale, seeds=3)["benchmark"]]
-    read = {p.id for n in nodes for p in n.parents.values()}
-    planned = {n.id for n in nodes} - read
+    planned = {n.id for n in nodes} | {p.id for n in nodes for p in n.parents.values()}
     for line in records.read_text().splitlines():
         item = json.loads(line)
         node = item["node"]
@@ -122,6 +123,7 @@ def restore_records(records: Path, out: Path, scale: str) -> None:
         if node["id"] not in planned or (d / RECORD_FILE).exists():
             continue
         write_json(d / NODE_FILE, node)
+        write_json(d / RECORD_ONLY_FILE, {"restored_from": str(records)})
         write_json(d / RECORD_FILE, item["record"])
         print(f"restored the record of {node['id']}")
 

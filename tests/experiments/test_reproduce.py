@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,14 @@ from robustkd.experiments import plan, reproduce
 from robustkd.experiments.cells import interval
 from robustkd.experiments.plan import Planner
 from robustkd.experiments.report import load_records
-from robustkd.experiments.runner import RECORDS_FILE, Shard, ordered_nodes
+from robustkd.experiments.runner import (
+    RECORD_ONLY_FILE,
+    RECORDS_FILE,
+    Shard,
+    is_finished,
+    is_record_only,
+    ordered_nodes,
+)
 from robustkd.experiments.scales import MINI, SMOKE
 from robustkd.experiments.specs import STUDIES
 
@@ -256,3 +264,35 @@ def test_sweep_report_renders_every_value_from_records(tmp_path):
     assert row.split(" | ")[2:] == ["61.0 / 72.0", "60.0 / 31.0", "59.0 / 22.0", "– / –",
                                     "– / – |"]
     assert (tmp_path / "fig4.png").stat().st_size > 1000
+
+
+def test_a_record_only_parent_is_recomputed_when_a_run_reads_its_weights(tmp_path):
+    out = tmp_path / "rep"
+    logged: list[str] = []
+    kw = {"scale": "smoke", "out": out, "attacks": ["ckd"], "device": "cpu",
+          "progress": False, "log": logged.append}
+    reproduce(["table4"], **kw)
+    nodes = ordered_nodes([c for cs in plan(["table4"], "smoke", attacks=["ckd"]).values()
+                           for c in cs])
+    child = next(n for n in nodes if n.kind == "distill" and n.params["method"] == "fkd")
+    parent = next(iter(child.parents.values()))
+    other = next(n for n in nodes if n.kind == "distill" and n is not child)
+    # the state a results file restores: the parent's record without its weights
+    pdir, cdir = out / "runs" / parent.id, out / "runs" / child.id
+    for f in pdir.iterdir():
+        if f.name not in ("node.json", "record.json"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    (pdir / RECORD_ONLY_FILE).write_text("{}")
+    parent_record = (pdir / "record.json").stat().st_mtime_ns
+    other_record = (out / "runs" / other.id / "record.json").stat().st_mtime_ns
+    assert is_finished(out, parent) and is_record_only(out, parent)
+    shutil.rmtree(cdir)  # the child must run again and read the parent
+    logged.clear()
+    result = reproduce(["table4"], **kw)
+    assert result["run"] == 1  # the child; its parent is recomputed on the way
+    assert any(line.startswith(f"recomputing {parent.id}") for line in logged)
+    assert list(pdir.glob("*.safetensors")) and not is_record_only(out, parent)
+    assert (pdir / "record.json").stat().st_mtime_ns != parent_record
+    assert is_finished(out, child)
+    # a finished run that reads no record-only parent is left alone
+    assert (out / "runs" / other.id / "record.json").stat().st_mtime_ns == other_record

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,9 @@ from robustkd.io import RECORD_FILE, atomic_write, read_json, write_json
 NODE_FILE = "node.json"
 LOCK_FILE = "run.lock"
 RECORDS_FILE = "records.jsonl"
+# beside node.json and record.json: a run put back from a results file without its weights
+# (benchmarks/bench_store.py); finished for reports, recomputed when another run reads it
+RECORD_ONLY_FILE = "record_only"
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,11 @@ def ordered_nodes(cells: Iterable[Cell], shard: Shard | None = None) -> list[Run
 
 def run_dir(out: Path, node: RunNode) -> Path:
     return out / "runs" / node.id
+
+
+def is_record_only(out: Path, node: RunNode) -> bool:
+    """Whether a finished run holds its record but no weights (restored from results)."""
+    return (run_dir(out, node) / RECORD_ONLY_FILE).exists()
 
 
 def is_finished(out: Path, node: RunNode) -> bool:
@@ -196,7 +205,6 @@ def run_nodes(nodes: list[RunNode], out: str | Path, *, data_root: str | None = 
     out = Path(out)
     counts = {"run": 0, "skipped": 0, "total": len(nodes)}
     for i, node in enumerate(nodes, 1):
-        where = run_dir(out, node)
         if is_finished(out, node):
             counts["skipped"] += 1
             log(f"[{i}/{len(nodes)}] done already: {node.id}")
@@ -204,21 +212,49 @@ def run_nodes(nodes: list[RunNode], out: str | Path, *, data_root: str | None = 
         if max_runs is not None and counts["run"] >= max_runs:
             log(f"stopping after {max_runs} runs (max_runs)")
             break
-        where.mkdir(parents=True, exist_ok=True)
-        lock = where / LOCK_FILE
-        _take_lock(lock, log)
-        try:
-            if is_finished(out, node):  # another shard finished it while we waited
-                counts["skipped"] += 1
-                continue
-            write_json(where / NODE_FILE, node.spec())
-            log(f"[{i}/{len(nodes)}] {node.kind}: {node.id}")
-            started = time.perf_counter()
-            _call(node, out, data_root, device, progress)
-            log(f"[{i}/{len(nodes)}] finished {node.id} in {time.perf_counter() - started:.0f} s")
+        _restore_weights(node, out, data_root, device, progress, log)
+        if _run_one(node, out, data_root, device, progress, log, f"[{i}/{len(nodes)}] "):
             counts["run"] += 1
-        finally:
-            lock.unlink(missing_ok=True)
+        else:
+            counts["skipped"] += 1
         write_records(out)
     write_records(out)
     return counts
+
+
+def _restore_weights(node: RunNode, out: Path, data_root: str | None, device: str,
+                     progress: bool, log: Callable[[str], None]) -> None:
+    """Recompute the parents of ``node`` that are finished as records only (and theirs in
+    turn): ``node`` reads their weights."""
+    for parent in node.parents.values():
+        if not (is_finished(out, parent) and is_record_only(out, parent)):
+            continue
+        _restore_weights(parent, out, data_root, device, progress, log)
+        log(f"recomputing {parent.id}: restored as a record only, and {node.id} reads its "
+            "weights")
+        d = run_dir(out, parent)
+        (d / RECORD_FILE).unlink(missing_ok=True)  # unfinished first, then the rest
+        for f in d.iterdir():
+            if f.name not in (NODE_FILE, LOCK_FILE):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        _run_one(parent, out, data_root, device, progress, log, "")
+
+
+def _run_one(node: RunNode, out: Path, data_root: str | None, device: str, progress: bool,
+             log: Callable[[str], None], prefix: str) -> bool:
+    """Compute one node under its lock; False when another shard finished it meanwhile."""
+    where = run_dir(out, node)
+    where.mkdir(parents=True, exist_ok=True)
+    lock = where / LOCK_FILE
+    _take_lock(lock, log)
+    try:
+        if is_finished(out, node):  # another shard finished it while we waited
+            return False
+        write_json(where / NODE_FILE, node.spec())
+        log(f"{prefix}{node.kind}: {node.id}")
+        started = time.perf_counter()
+        _call(node, out, data_root, device, progress)
+        log(f"{prefix}finished {node.id} in {time.perf_counter() - started:.0f} s")
+        return True
+    finally:
+        lock.unlink(missing_ok=True)
