@@ -72,7 +72,8 @@ def test_salt_and_pepper_touches_the_requested_share_of_pixels():
 def test_presets_and_overrides():
     paper = robustkd_config({"preset": "paper"})
     assert paper.tau == 0.2 and paper.consistency == 0 and paper.inversion_classes == "all"
-    assert robustkd_config().extra["preset"] == "anp-prune"
+    assert robustkd_config().extra["preset"] == "fst"
+    assert robustkd_config().prune == "fst" and not robustkd_config().masks
     cfg = robustkd_config({"preset": "improved", "tau": 0.3})
     assert cfg.tau == 0.3 and cfg.consistency == PRESETS["improved"]["consistency"] > 0
     assert cfg.extra["preset"] == "improved"

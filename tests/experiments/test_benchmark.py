@@ -253,9 +253,10 @@ def test_a_column_that_prunes_the_student_last_cleans_another_columns_student():
         assert later.params == {"defense": "anp", "options": {"iterations": 150},
                                 "clean_fraction": 0.2, "clean_seed": 0, "seed": seed}
         both = by[("robustkd-prune-both/sig-scratch", seed)]
-        # after the default's teacher pruning: its student (the anp-short runs) is cleaned
+        # after the anp-prune teacher pruning: its student (the anp-short runs) is cleaned
         assert both.parents["run"] is by[("anp-short/sig-scratch", seed)]
-        assert both.parents["run"] is by[("robustkd-default/sig-scratch", seed)]
+        # the default (FST + FKD) shares the FST baseline's runs
+        assert by[("robustkd-default/sig-scratch", seed)] is by[("fst/sig-scratch", seed)]
     from robustkd.experiments.benchmark import BenchPlanner
     from robustkd.experiments.scales import get_scale
     from robustkd.experiments.specs import Recipe

@@ -271,10 +271,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# What ``--method robustkd`` runs when no preset is named: the blind configuration that came
-# closest to the benchmark's bars on its crossing teachers over three seeds (docs/RESULTS.md;
-# ``improved`` missed SIG's target); ``paper`` stays one flag away.
-DEFAULT_PRESET = "anp-prune"
+# What ``--method robustkd`` runs when no preset is named: of the two candidates session 20
+# named, FST + FKD and ``anp-prune``, the one that removed the crossing backdoors on the
+# validation splits and on all four admitted teachers over three seeds (docs/RESULTS.md,
+# session 24); ``anp-prune`` left 19-51% there. ``paper`` stays one flag away.
+DEFAULT_PRESET = "fst"
 
 
 def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
