@@ -6,6 +6,7 @@ from robustkd.attacks import (  # noqa: F401  (registers the attacks)
     blended,
     ckd,
     clean_label,
+    collision,
     graded,
     htba,
     lba,

@@ -126,6 +126,11 @@ BENCH_TEACHERS = (
     # its teacher fires with a margin
     BenchTeacher("blended-stripes-graded-scratch", "blended-graded",
                  options={"alpha": 0.3, "blend_pattern": "stripes", "strength_min": 0.3}),
+    # issue 15's adaptive attack (b) against the default FST: Blended-stripes (FST + FKD
+    # 0.7% over three seeds) with its poisoned images' deepest features pulled onto the
+    # target class's, so a re-initialised head reads the trigger as the target
+    BenchTeacher("blended-stripes-collision-scratch", "blended-collision",
+                 options={"alpha": 0.3, "blend_pattern": "stripes"}),
 )
 
 
