@@ -122,7 +122,7 @@ def test_the_pruning_is_logged(digits_teacher_run, tmp_path, capsys):
     assert "teacher channels (anp); pruned teacher {'acc'" in printed.out + printed.err
 
 
-def test_the_python_api_prunes_a_copy_and_leaves_the_users_teacher(digits):
+def test_the_python_api_cleans_a_copy_and_leaves_the_users_teacher(digits):
     from robustkd.data.subsets import per_class_subset
     from robustkd.defenses.robustkd import run_robustkd
     from robustkd.distill import DistillRun
@@ -134,12 +134,12 @@ def test_the_python_api_prunes_a_copy_and_leaves_the_users_teacher(digits):
     teacher, student = TinyNet(width=16), TinyNet(width=8)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     report = run_robustkd(teacher, student, per_class_subset(digits.train, per_class=20), None,
-                          robustkd_config({"prune_iterations": ITERATIONS}),  # the default
+                          robustkd_config(),  # the default: FST on a copy, then FKD
                           loop=LoopSettings(mean=digits.mean, std=digits.std, batch_size=32,
                                             progress=False),
                           run=DistillRun(epochs=1, optim=OptimConfig(lr=0.05)),
                           teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
-    assert report["prune"]["name"] == "anp" and report["teacher"] is not teacher
+    assert report["prune"]["name"] == "fst" and report["teacher"] is not teacher
     assert report["masks"] is None  # the default trains no masks
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
