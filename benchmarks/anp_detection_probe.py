@@ -2,11 +2,12 @@
 
 ANP perturbs the BN neurons adversarially on clean images; a backdoored network so perturbed
 tends to predict its target class. The defence counts where its perturbed predictions go
-(``perturbed_flips`` in its report, no extra pass). This probe runs the default preset's
-pruning on each teacher run, on the benchmark's defender subset, without the test set, and
-prints one JSON line per teacher: the class the perturbed errors go to most, its share and
-robust z (over all mask batches and the first tenth), channels pruned, seconds. The attack's
-target is printed beside, read from the teacher's meta for the reading only.
+(``perturbed_flips`` in its report, no extra pass). This probe runs a preset's ANP pruning
+(``anp-prune``, the former default, unless ``--preset`` names another) on each teacher run,
+on the benchmark's defender subset, without the test set, and prints one JSON line per
+teacher: the class the perturbed errors go to most, its share and robust z (over all mask
+batches and the first tenth), channels pruned, seconds. The attack's target is printed
+beside, read from the teacher's meta for the reading only.
 
     OMP_NUM_THREADS=1 python benchmarks/anp_detection_probe.py --data-root ../shared/data \\
         --teacher runs/bench/runs/bench-cifar10-wrn16_2-clean-da91618240 --save runs/det.jsonl
@@ -32,7 +33,7 @@ BENCH = get_scale("mini").benchmark
 
 
 def probe(teacher_dir: str, args: argparse.Namespace) -> dict:
-    options = {} if args.preset is None else {"preset": args.preset}
+    options = {"preset": args.preset}
     if args.prune_iterations is not None:
         options["prune_iterations"] = args.prune_iterations
     cfg = robustkd_config(options)
@@ -64,7 +65,7 @@ def main() -> None:
     p.add_argument("--clean-seed", type=int, default=BENCH.clean_seed)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default=None, help="RobustKD preset (default: the default)")
+    p.add_argument("--preset", default="anp-prune", help="RobustKD preset with an ANP pruning")
     p.add_argument("--prune-iterations", type=int, default=None)
     p.add_argument("--save", default=None, help="append each line to this JSONL file too")
     args = p.parse_args()

@@ -20,8 +20,8 @@ def run(monkeypatch, capsys, *args):
 
 def test_reports_the_pruning_of_the_default_on_a_teacher_run(monkeypatch, capsys,
                                                            digits_teacher_run):
-    line = run(monkeypatch, capsys, "--teacher", str(digits_teacher_run),
-               "--prune-iterations", "3", "--clean-fraction", "0.2")
+    line = run(monkeypatch, capsys, "--teacher", str(digits_teacher_run), "--preset",
+               "anp-prune", "--prune-iterations", "3", "--clean-fraction", "0.2")
     assert line["prune"] == "anp" and line["options"] == {"iterations": 3}
     assert 0 <= line["pruned"] <= line["channels"] and line["channels"] > 0
     assert 0.0 <= line["test_acc_after"] <= 1.0 and line["test_acc_before"] > 0.1

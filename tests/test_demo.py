@@ -91,7 +91,7 @@ def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, m
                                clean_fraction=0.004)
     monkeypatch.setattr(demo, "get_scale",
                         lambda _name: type("S", (), {"benchmark": tiny})())
-    settings = demo.DemoSettings(dataset="cifar10", prune_iterations=2)
+    settings = demo.DemoSettings(dataset="cifar10", prune_epochs=1)
     summary = demo.run_demo(tmp_path, settings, device="cpu", progress=False,
                             data_root=str(SHARED_DATA))
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -111,4 +111,4 @@ def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, m
     assert record["config"]["epochs"] == 1 and record["clean_images"] == 200
     # the summary records the settings the students were distilled with
     assert saved["settings"]["epochs"] == 1 and saved["settings"]["student"] == "wrn16_1"
-    assert saved["settings"]["robustkd"]["prune_iterations"] == 2
+    assert saved["settings"]["robustkd"] == {"preset": "fst", "prune_epochs": 1}

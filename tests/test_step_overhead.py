@@ -1,4 +1,4 @@
-"""The step-overhead benchmark times the default RobustKD's real step: FKD from its pruned
+"""The step-overhead benchmark times the default RobustKD's real step: FKD from its cleaned
 teacher copy, one JSON line per method."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from tests.bench_scripts import load_script
 
 
-def test_robustkd_step_is_fkd_from_a_pruned_copy_and_prints_ratios(monkeypatch, capsys):
+def test_robustkd_step_is_fkd_from_a_cleaned_copy_and_prints_ratios(monkeypatch, capsys):
     step = load_script("step_overhead")
     monkeypatch.setattr(sys, "argv", ["step_overhead", "--methods", "fkd,robustkd",
                                       "--teacher", "wrn10_2", "--student", "wrn10_1",

@@ -56,7 +56,8 @@ class DemoSettings:
     poison_ratio: float = 0.1
     robustkd_config: str = DEFAULT_PRESET
     detox_epochs: int = 10
-    prune_iterations: int | None = None  # None: the preset's
+    prune_iterations: int | None = None  # None: the preset's (an ANP pruning's batches)
+    prune_epochs: int | None = None  # None: the preset's (an FST tuning's epochs)
     seed: int = 0
 
 
@@ -196,8 +197,9 @@ def _cifar_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
 
 def _robustkd_options(s: DemoSettings) -> dict[str, Any]:
     options: dict[str, Any] = {"preset": s.robustkd_config}
-    if s.prune_iterations is not None:
-        options["prune_iterations"] = s.prune_iterations
+    for key in ("prune_iterations", "prune_epochs"):
+        if getattr(s, key) is not None:
+            options[key] = getattr(s, key)
     return options
 
 

@@ -217,3 +217,11 @@ def _what_fkd_receives(cfg, digits, monkeypatch):
                      run=DistillRun(epochs=1, optim=OptimConfig(lr=0.05)),
                      teacher_layers=["bn1", "bn2"], student_layers=["bn1", "bn2"])
     return teacher, seen
+
+
+def test_the_tuning_epochs_reach_fst_and_are_refused_elsewhere():
+    assert robustkd_config({"prune_epochs": 2}).prune_options() == {"epochs": 2}
+    with pytest.raises(ConfigError, match="--robustkd-prune-epochs.*applies to prune 'fst'"):
+        robustkd_config({"preset": "anp-prune", "prune_epochs": 2})
+    with pytest.raises(ConfigError, match="--robustkd-prune-iterations.*applies to prune 'anp'"):
+        robustkd_config({"prune_iterations": 5})  # the default tunes, it does not prune

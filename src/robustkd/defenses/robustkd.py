@@ -51,6 +51,8 @@ PRUNE_CHOICES = ("none", "anp", "fst")
 STUDENT_PRUNE_CHOICES = ("none", "anp")
 # the settings of the teacher's pruning that only ANP has
 ANP_ONLY = ("prune_iterations", "prune_max_acc_drop", "prune_finetune_epochs")
+# the settings of the teacher's tuning that only FST has
+FST_ONLY = ("prune_epochs",)
 INVERSION_CLASSES = ("all", "suspects")
 
 
@@ -80,6 +82,8 @@ class RobustKDConfig:
     prune_finetune_epochs: int | None = setting(None, "fine-tune the pruned copy this many "
                                                       "epochs, pruned channels held at zero "
                                                       "(default: none)", minimum=0)
+    prune_epochs: int | None = setting(None, "epochs of the teacher copy's tuning (prune "
+                                             "'fst'; default: FST's own)", minimum=0)
     prune_student: str = setting("none", "prune the distilled student last: 'anp' removes its "
                                          "BN channels by the same criterion (the student is "
                                          "trained by the defender, so an attacker cannot make "
@@ -185,7 +189,8 @@ class RobustKDConfig:
         """The settings of the teacher's pruning defence over its own defaults."""
         options = {"iterations": self.prune_iterations,
                    "max_acc_drop": self.prune_max_acc_drop,
-                   "finetune_epochs": self.prune_finetune_epochs}
+                   "finetune_epochs": self.prune_finetune_epochs,
+                   "epochs": self.prune_epochs}
         return {key: value for key, value in options.items() if value is not None}
 
     def prune_student_options(self) -> dict[str, Any]:
@@ -292,6 +297,11 @@ def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
             if getattr(cfg, key) is not None:
                 raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "
                                   f"prune 'anp', not {cfg.prune!r}")
+    if cfg.prune not in ("fst", "none"):
+        for key in FST_ONLY:
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "
+                                  f"prune 'fst', not {cfg.prune!r}")
     cfg.extra = {**cfg.extra, "preset": name}
     return cfg
 
