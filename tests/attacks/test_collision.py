@@ -37,6 +37,8 @@ def test_collision_loss_golden_value_and_its_anchor_carries_no_gradient():
     assert feats.grad[0].abs().sum() == 0 and feats.grad[3].abs().sum() == 0
     none = collision_loss(feats, labels, torch.zeros(4, dtype=torch.bool), target=0)
     assert none.item() == 0.0 and none.requires_grad
+    no_anchor = collision_loss(feats, torch.tensor([1, 1, 0, 1]), poison, target=0)
+    assert no_anchor.item() == 0.0
 
 
 def _target_distance(model, digits, trigger, layer) -> float:

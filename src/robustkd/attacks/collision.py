@@ -13,20 +13,17 @@ the tuning has to move the target class's own features to undo it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from robustkd.attacks import badnets, blended  # noqa: F401  (the base attacks)
-from robustkd.attacks.registry import AttackContext, AttackSpec, get_attack, register_attack
+from robustkd.attacks.registry import AttackContext, AttackSpec, register_variant
 from robustkd.data.dataset import ImageDataset
-from robustkd.errors import ConfigError
 from robustkd.models.layers import layers_of
 from robustkd.settings import setting
 from robustkd.training.classifier import ExtraLoss
-from robustkd.triggers import Trigger
 
 SUFFIX = "-collision"
 
@@ -35,39 +32,20 @@ def collision_loss(features: torch.Tensor, labels: torch.Tensor, is_poison: torc
                    target: int) -> torch.Tensor:
     """Mean over the batch's poisoned rows of the squared distance (per channel) between
     their spatially pooled feature and the mean pooled feature of the batch's clean rows
-    of class ``target`` (no gradient through that mean); zero without either kind."""
+    of class ``target`` (no gradient through that mean); zero without either kind. Masks,
+    not branches: no host sync in the training step."""
     pooled = features.float().flatten(2).mean(2) if features.dim() > 2 else features.float()
-    anchor_rows = (labels == target) & ~is_poison
-    if not bool(is_poison.any()) or not bool(anchor_rows.any()):
-        return pooled.sum() * 0.0
-    anchor = pooled[anchor_rows].mean(0).detach()
-    return ((pooled[is_poison] - anchor) ** 2).mean()
-
-
-def collision_settings(base: type) -> type:
-    """``base`` (an attack's settings dataclass) plus the collision loss's weight."""
-    cls = dataclasses.make_dataclass(
-        f"Colliding{base.__name__}",
-        [("weight", float,
-          setting(1.0, "weight of the loss pulling poisoned images' deepest features onto "
-                       "the target class's clean mean", minimum=0.0))],
-        bases=(base,), frozen=True)
-    cls.__module__ = __name__
-    return cls
+    poison = is_poison.to(pooled.dtype).unsqueeze(1)
+    anchors = ((labels == target) & ~is_poison).to(pooled.dtype).unsqueeze(1)
+    n_anchors = anchors.sum()
+    anchor = ((pooled * anchors).sum(0) / n_anchors.clamp_min(1)).detach()
+    squared = ((pooled - anchor) ** 2 * poison).sum()
+    return squared / (poison.sum() * pooled.shape[1]).clamp_min(1) * (n_anchors > 0)
 
 
 def with_collision(base_name: str) -> AttackSpec:
     """Register ``<base_name>-collision``: the base attack's trigger and poisoned data,
     trained with the collision loss at the model's deepest distillation layer."""
-    base = get_attack(base_name)
-    if base.extra_loss is not None:
-        raise ConfigError(f"attack {base_name} already adds a loss while poisoning")
-    name = base_name + SUFFIX
-
-    def build(ctx: AttackContext) -> Trigger:
-        trigger = base.build_trigger(ctx)
-        trigger.params["collision_weight"] = ctx.settings.weight
-        return trigger
 
     def extra(ctx: AttackContext, model: nn.Module, train: ImageDataset) -> ExtraLoss:
         layer = layers_of(model)[-1].prerelu
@@ -81,11 +59,13 @@ def with_collision(base_name: str) -> AttackSpec:
 
         return ExtraLoss(fn, layers=[layer], name="collision_loss")
 
-    return register_attack(dataclasses.replace(
-        base, name=name, build_trigger=build, settings=collision_settings(base.settings),
-        extra_loss=extra,
+    return register_variant(
+        base_name, SUFFIX, setting_name="weight", setting_type=float,
+        field=setting(1.0, "weight of the loss pulling poisoned images' deepest features onto "
+                           "the target class's clean mean", minimum=0.0),
+        record="collision_weight", module=__name__, extra_loss=extra,
         description=f"{base_name} with its poisoned images' deepest features pulled onto the "
-                    "target class's (an attacker who knows FST re-trains the head)"))
+                    "target class's (an attacker who knows FST re-trains the head)")
 
 
 COLLISION_ATTACKS = tuple(with_collision(b) for b in ("blended", "badnets"))

@@ -15,7 +15,6 @@ poisoning cost).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,11 +22,10 @@ import torch
 from torch import nn
 
 from robustkd.attacks import badnets, blended, sig  # noqa: F401  (the base attacks)
-from robustkd.attacks.registry import AttackContext, AttackSpec, get_attack, register_attack
+from robustkd.attacks.registry import AttackContext, AttackSpec, register_variant
 from robustkd.errors import ConfigError
 from robustkd.models.neurons import ANP_EPS, batchnorm_layers, perturbed_bn_output
 from robustkd.settings import setting
-from robustkd.triggers import Trigger
 
 SUFFIX = "-neuron-noise"
 
@@ -58,39 +56,22 @@ def neuron_noise(model: nn.Module, eps: float, attack: str = "sig" + SUFFIX) -> 
             handle.remove()
 
 
-def noisy_settings(base: type) -> type:
-    """``base`` (an attack's settings dataclass) plus the noise bound ``eps``."""
-    cls = dataclasses.make_dataclass(
-        f"Noisy{base.__name__}",
-        [("eps", float, setting(ANP_EPS, "bound eps of the random multiplicative noise on "
-                                         "every BN channel's scale and shift while poisoning "
-                                         "(ANP's eps)", minimum=0.0, maximum=1.0))],
-        bases=(base,), frozen=True)
-    cls.__module__ = __name__
-    return cls
-
-
 def with_neuron_noise(base_name: str) -> AttackSpec:
     """Register ``<base_name>-neuron-noise``: the base attack's trigger and poisoned data,
     trained under neuron noise (the trigger records the bound as ``neuron_noise``)."""
-    base = get_attack(base_name)
-    if base.training_hooks is not None:
-        raise ConfigError(f"attack {base_name} already has training hooks")
     name = base_name + SUFFIX
-
-    def build(ctx: AttackContext) -> Trigger:
-        trigger = base.build_trigger(ctx)
-        trigger.params["neuron_noise"] = ctx.settings.eps
-        return trigger
 
     def hooks(ctx: AttackContext, model: nn.Module):
         return neuron_noise(model, ctx.settings.eps, name)
 
-    return register_attack(dataclasses.replace(
-        base, name=name, build_trigger=build, settings=noisy_settings(base.settings),
-        training_hooks=hooks,
+    return register_variant(
+        base_name, SUFFIX, setting_name="eps", setting_type=float,
+        field=setting(ANP_EPS, "bound eps of the random multiplicative noise on every BN "
+                               "channel's scale and shift while poisoning (ANP's eps)",
+                      minimum=0.0, maximum=1.0),
+        record="neuron_noise", module=__name__, training_hooks=hooks,
         description=f"{base_name} poisoned under random BN-channel noise, so that no few "
-                    f"neurons carry it (an attacker who knows ANP pruning)"))
+                    f"neurons carry it (an attacker who knows ANP pruning)")
 
 
 NOISY_ATTACKS = tuple(with_neuron_noise(b) for b in ("sig", "blended", "badnets"))

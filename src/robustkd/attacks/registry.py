@@ -3,6 +3,7 @@ dataclass that holds its defaults (the CLI flags are generated from it)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -101,6 +102,32 @@ def register_attack(spec: AttackSpec) -> AttackSpec:
         raise ConfigError(f"attack {spec.name!r} is registered twice")
     ATTACKS[spec.name] = spec
     return spec
+
+
+def register_variant(base_name: str, suffix: str, *, setting_name: str, setting_type: type,
+                     field: Any, record: str, description: str, module: str,
+                     **changes: Any) -> AttackSpec:
+    """Register ``<base_name><suffix>``: the base attack's trigger and poisoned data with one
+    more setting (``setting_name``, its dataclass ``field``; the trigger records its value as
+    ``params[record]``) and the spec fields ``changes`` (training hooks, an extra loss), which
+    the base must not have already."""
+    base = get_attack(base_name)
+    for key in changes:
+        if getattr(base, key) is not None:
+            raise ConfigError(f"attack {base_name} already has {key}")
+    settings = dataclasses.make_dataclass(
+        f"{base.settings.__name__}{suffix.title().replace('-', '')}",
+        [(setting_name, setting_type, field)], bases=(base.settings,), frozen=True)
+    settings.__module__ = module
+
+    def build(ctx: AttackContext) -> Trigger:
+        trigger = base.build_trigger(ctx)
+        trigger.params[record] = getattr(ctx.settings, setting_name)
+        return trigger
+
+    return register_attack(dataclasses.replace(
+        base, name=base_name + suffix, build_trigger=build, settings=settings,
+        description=description, **changes))
 
 
 def get_attack(name: str) -> AttackSpec:

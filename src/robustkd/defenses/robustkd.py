@@ -49,17 +49,20 @@ LAYER_CHOICES = ("all", "last", "last2")
 # on the student after distillation
 PRUNE_CHOICES = ("none", "anp", "fst")
 STUDENT_PRUNE_CHOICES = ("none", "anp")
-# the settings of the teacher's pruning that only ANP has
-ANP_ONLY = ("prune_iterations", "prune_max_acc_drop", "prune_finetune_epochs")
-# the settings of the teacher's tuning that only FST has
-FST_ONLY = ("prune_epochs",)
+# the settings of the teacher's cleaning that only one of its defences has
+PRUNE_ONLY: dict[str, tuple[str, ...]] = {
+    "anp": ("prune_iterations", "prune_max_acc_drop", "prune_finetune_epochs"),
+    "fst": ("prune_epochs",),
+}
 INVERSION_CLASSES = ("all", "suspects")
 
 
-def takes_anp_settings(prune: str) -> bool:
-    """Whether ANP's pruning settings may be given with this teacher defence: with ANP, or
-    with none (then they are inert, as they always were)."""
-    return prune in ("anp", "none")
+def foreign_prune_settings(prune: str) -> tuple[str, ...]:
+    """The settings of the other teacher defences, refused with ``prune`` (none with
+    ``none``: then every one is inert, as they always were)."""
+    if prune == "none":
+        return ()
+    return tuple(key for name, keys in PRUNE_ONLY.items() if name != prune for key in keys)
 
 
 @dataclass
@@ -292,16 +295,11 @@ def robustkd_config(options: dict[str, Any] | None = None) -> RobustKDConfig:
         raise ConfigError(f"unknown robustkd configuration {name!r}; available: {sorted(PRESETS)}")
     cfg = make_settings(RobustKDConfig, {**PRESETS[name], **options}, "robustkd",
                         flags="robustkd")
-    if not takes_anp_settings(cfg.prune):
-        for key in ANP_ONLY:
-            if getattr(cfg, key) is not None:
-                raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "
-                                  f"prune 'anp', not {cfg.prune!r}")
-    if cfg.prune not in ("fst", "none"):
-        for key in FST_ONLY:
-            if getattr(cfg, key) is not None:
-                raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "
-                                  f"prune 'fst', not {cfg.prune!r}")
+    for key in foreign_prune_settings(cfg.prune):
+        if getattr(cfg, key) is not None:
+            owner = next(name for name, keys in PRUNE_ONLY.items() if key in keys)
+            raise ConfigError(f"{key} ({flag_name('robustkd', key)}) applies to "
+                              f"prune {owner!r}, not {cfg.prune!r}")
     cfg.extra = {**cfg.extra, "preset": name}
     return cfg
 

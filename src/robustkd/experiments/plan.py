@@ -19,11 +19,10 @@ from typing import Any
 
 from robustkd.defenses.registry import get_teacher_defense
 from robustkd.defenses.robustkd import (
-    ANP_ONLY,
     DEFAULT_PRESET,
     PRESETS,
+    foreign_prune_settings,
     robustkd_config,
-    takes_anp_settings,
 )
 from robustkd.errors import ConfigError
 from robustkd.experiments.scales import DataScale, Scale
@@ -149,9 +148,9 @@ def method_params(method: Recipe, detox_epochs: int, robustkd_sizes: dict[str, A
         # stale record (the literal "paper" preset is empty and keeps its ids)
         preset = PRESETS.get(method.robustkd.get("preset", DEFAULT_PRESET), {})
         own = {**preset, **method.robustkd}
-        if not takes_anp_settings(own.get("prune", "none")):
-            # a scale's sizes of ANP's pruning do not apply to another teacher defence
-            robustkd_sizes = {k: v for k, v in robustkd_sizes.items() if k not in ANP_ONLY}
+        # a scale's sizes of one teacher defence do not apply to another
+        foreign = foreign_prune_settings(own.get("prune", "none"))
+        robustkd_sizes = {k: v for k, v in robustkd_sizes.items() if k not in foreign}
         params["robustkd"] = {**own, "detox_epochs": detox_epochs, **robustkd_sizes}
     if method.defense is not None:
         params["defense"] = method.defense
