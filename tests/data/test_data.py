@@ -29,6 +29,7 @@ from robustkd.data import (
     per_class_subset,
     registry,
     split_validation,
+    synthetic,
 )
 from robustkd.data import cache as cache_mod
 from robustkd.errors import ConfigError, DataError
@@ -747,3 +748,34 @@ def test_cifar100_official_format_bytes_keys(tmp_path):
     train, test = cifar.read_cifar("cifar100", tmp_path / "src")
     assert torch.equal(train.images, splits.train.images)
     assert test.labels.tolist() == expected["test"][1]
+
+
+def test_shapes_is_generated_balanced_and_the_same_every_time():
+    s = load_dataset("shapes")
+    assert s.train.channels == 3 and s.train.image_size == (32, 32)
+    assert s.classes == list(synthetic.SHAPES_CLASSES) and s.source.startswith("generated:")
+    assert (len(s.train), len(s.test)) == (synthetic.SHAPES_TRAIN, synthetic.SHAPES_TEST)
+    assert torch.bincount(s.train.labels, minlength=10).tolist() == [1000] * 10
+    assert s.augment == {"kind": "crop", "pad": 4, "flip": True}
+    again = load_dataset("shapes")
+    assert torch.equal(again.train.images[:64], s.train.images[:64])
+    assert not torch.equal(s.train.images[:64], s.test.images[:64])
+    assert load_dataset("shapes", image_size=16).train.image_size == (16, 16)
+    with pytest.raises(DataError, match="at least 8"):
+        synthetic.load_shapes(4)
+
+
+def test_shapes_classes_differ_where_a_model_can_see_it():
+    """Every class's mask at the same place and size differs from every other's, and the
+    ring and frame are hollow where the disk and square are filled."""
+    n = len(synthetic.SHAPES_CLASSES)
+    px = (torch.arange(32, dtype=torch.float32) + 0.5 - 16) / 8
+    dx, dy = px.view(1, 1, 32).expand(n, 32, 32), px.view(1, 32, 1).expand(n, 32, 32)
+    masks = synthetic._masks(torch.arange(n), dx, dy)
+    for a in range(n):
+        for b in range(a + 1, n):
+            assert (masks[a] ^ masks[b]).sum() >= 20, (a, b)
+    names = list(synthetic.SHAPES_CLASSES)
+    centre = masks[:, 16, 16]
+    assert centre[names.index("disk")] and centre[names.index("square")]
+    assert not centre[names.index("ring")] and not centre[names.index("frame")]

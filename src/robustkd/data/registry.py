@@ -2,7 +2,7 @@
 
 ``load_dataset(name, data_root)`` resolves, in order:
 
-1. ``digits``: the embedded scikit-learn digits (no ``data_root`` needed);
+1. ``digits`` and ``shapes``: built in memory, no ``data_root`` needed (``EMBEDDED``);
 2. ``DATA_ROOT/NAME.tar.gz`` (or ``.tgz``): an ImageFolder archive;
 3. ``DATA_ROOT/NAME/`` with ``train/`` and ``test/`` subfolders (or ``DATA_ROOT`` itself
    when it is called ``NAME`` and has them): an ImageFolder directory;
@@ -22,6 +22,7 @@ from robustkd.data import cache as _cache
 from robustkd.data import cifar as _cifar
 from robustkd.data import embedded as _embedded
 from robustkd.data import imagefolder as _imagefolder
+from robustkd.data import synthetic as _synthetic
 from robustkd.data.dataset import DatasetSplits, ImageDataset
 from robustkd.data.subsets import split_validation
 from robustkd.errors import DataError
@@ -33,6 +34,16 @@ _KNOWN: dict[str, dict[str, Any]] = {
         "classes": 10,
         "image_size": 16,
         "channels": 1,
+        "files": [],
+        "download": False,
+    },
+    "shapes": {
+        "description": "generated: ten shape classes in random colour, place and size on "
+        "backgrounds of random sinusoidal gratings, 10k/2k 32x32 colour images (embedded, no "
+        "files needed; the same images on every machine)",
+        "classes": 10,
+        "image_size": 32,
+        "channels": 3,
         "files": [],
         "download": False,
     },
@@ -95,6 +106,13 @@ _KNOWN: dict[str, dict[str, Any]] = {
     },
 }
 STREAMED = frozenset(n for n, info in _KNOWN.items() if info.get("streamed"))
+# datasets built in memory without files (fast: not cached): loader, default size, source
+EMBEDDED = {
+    "digits": (_embedded.load_digits, _embedded.DIGITS_SIZE,
+               "embedded:sklearn.datasets.load_digits"),
+    "shapes": (_synthetic.load_shapes, _synthetic.SHAPES_SIZE,
+               "generated:robustkd.data.synthetic.load_shapes"),
+}
 
 HOLDOUT_SEED = 20_211_115  # fixed: the validation split must not depend on a run's seed
 _NO_FLIP = frozenset({"digits", "gtsrb"})  # mirrored digits / signs change meaning
@@ -163,7 +181,7 @@ def _not_found(name: str, root: Path | None, tried: list[Path], download: bool) 
         return DataError(
             f"dataset {name!r} needs data files: pass --data-root DIR (data_root=...) pointing "
             f"at a folder with {name}.tar.gz or {name}/train + {name}/test "
-            f"(built-in without files: digits; known names: {known})"
+            f"(built-in without files: {', '.join(EMBEDDED)}; known names: {known})"
         )
     folder = root / name
     if folder.is_dir() and not _has_splits(folder):
@@ -241,10 +259,9 @@ def load_dataset(
     data: tuple[ImageDataset, ImageDataset] | None = None
     source = ""
     tried: list[Path] = []
-    if key_name == "digits":
-        # Built from scikit-learn's bundled array in well under a second: not cached.
-        data = _embedded.load_digits(image_size or _embedded.DIGITS_SIZE)
-        source = "embedded:sklearn.datasets.load_digits"
+    if key_name in EMBEDDED:
+        loader, default_size, source = EMBEDDED[key_name]
+        data = loader(image_size or default_size)
     elif root is not None:
         data, source = _resolve_files(name, key_name, root, image_size, download, cache, tried)
     if data is None:
@@ -253,7 +270,7 @@ def load_dataset(
     train, test = data
     if holdout:
         train, test = split_validation(train, holdout, seed=HOLDOUT_SEED)
-    out_name = "digits" if key_name == "digits" else name
+    out_name = key_name if key_name in EMBEDDED else name
     mean, std = channel_stats(train.images)
     return DatasetSplits(
         train=train,
