@@ -21,7 +21,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_the_shipped_teacher_is_an_ordinary_run(tmp_path):
-    out = shipped.materialise("sig-cifar10", tmp_path / "t")
+    out = shipped.materialise("blended-stripes-cifar10", tmp_path / "t")
     run = load_run(out)
     assert run.meta["arch"] == "wrn16_2" and run.target == 0 and run.trigger is not None
     assert run.meta["dataset"]["name"] == "cifar10" and run.meta["dataset"]["data_root"] is None
@@ -33,14 +33,14 @@ def test_the_shipped_teacher_is_an_ordinary_run(tmp_path):
     for key, value in weights.items():
         if value.is_floating_point() and not key.startswith("extra."):
             assert torch.equal(value.half().float(), value)
-    assert shipped.materialise("sig-cifar10", out) == out  # reused, not rewritten
+    assert shipped.materialise("blended-stripes-cifar10", out) == out  # reused, not rewritten
 
 
 def test_materialise_refuses_a_folder_holding_something_else(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
-        shipped.materialise("sig-cifar10", tmp_path / "busy")
+        shipped.materialise("blended-stripes-cifar10", tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="no shipped teacher 'badnets'"):
         shipped.materialise("badnets", tmp_path / "x")
@@ -48,13 +48,13 @@ def test_materialise_refuses_a_folder_holding_something_else(tmp_path):
 
 def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
     copy = tmp_path / "assets"
-    shutil.copytree(shipped.asset_folder(shipped.shipped_teacher("sig-cifar10")), copy)
+    shutil.copytree(shipped.asset_folder(shipped.shipped_teacher("blended-stripes-cifar10")), copy)
     raw = bytearray((copy / shipped.SHIPPED_WEIGHTS).read_bytes())
     raw[-1] ^= 0xFF
     (copy / shipped.SHIPPED_WEIGHTS).write_bytes(bytes(raw))
     monkeypatch.setattr(shipped, "asset_folder", lambda _teacher: copy)
     with pytest.raises(DataError, match="damaged"):
-        shipped.materialise("sig-cifar10", tmp_path / "t")
+        shipped.materialise("blended-stripes-cifar10", tmp_path / "t")
     assert not (tmp_path / "t").exists()
 
 
@@ -70,7 +70,7 @@ def test_cifar10_demo_needs_its_data_root(tmp_path):
 
 
 def test_the_verdict_tells_the_user_what_crossing_and_removal_mean():
-    rows = [{"model": "SIG teacher (shipped)", "acc": 0.83, "asr": 0.99},
+    rows = [{"model": "Blended-stripes teacher (shipped)", "acc": 0.83, "asr": 0.99},
             {"model": "FKD student", "acc": 0.814, "asr": 0.47},
             {"model": "RobustKD student", "acc": 0.804, "asr": 0.014}]
     crossed, words = demo.verdict(rows, demo.removal_rate(0.47, 0.014))
@@ -95,18 +95,18 @@ def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, m
     summary = demo.run_demo(tmp_path, settings, device="cpu", progress=False,
                             data_root=str(SHARED_DATA))
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["model"] for r in saved["rows"]] == ["SIG teacher (shipped)", "FKD student",
-                                                   "RobustKD student"]
+    assert [r["model"] for r in saved["rows"]] == ["Blended-stripes teacher (shipped)",
+                                                   "FKD student", "RobustKD student"]
     assert saved["rows"][0]["asr"] > 0.9  # the shipped backdoor, on the user's test set
     ex = saved["examples"]
     assert len(ex["labels"]) == demo.EXAMPLES and ex["target"] == 0
     assert all(label != 0 for label in ex["labels"])  # non-target images only
-    assert set(ex["predictions"]) == {"sig-teacher", "fkd-student", "robustkd-student"}
+    assert set(ex["predictions"]) == {"shipped-teacher", "fkd-student", "robustkd-student"}
     # the examples span the test set (several classes); the teacher sends most to 0
     assert len(set(ex["labels"])) >= 4
-    assert sum(p == 0 for p in ex["predictions"]["sig-teacher"]) >= demo.EXAMPLES // 2
+    assert sum(p == 0 for p in ex["predictions"]["shipped-teacher"]) >= demo.EXAMPLES // 2
     assert (tmp_path / "summary.png").stat().st_size > 5000
-    assert "SIG teacher (shipped)" in demo.format_summary(summary)
+    assert "Blended-stripes teacher (shipped)" in demo.format_summary(summary)
     record = json.loads((tmp_path / "fkd-student" / "record.json").read_text())
     assert record["config"]["epochs"] == 1 and record["clean_images"] == 200
     # the summary records the settings the students were distilled with

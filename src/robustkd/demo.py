@@ -28,7 +28,7 @@ from robustkd.experiments.scales import get_scale
 from robustkd.io import RECORD_FILE, read_json, write_json
 from robustkd.plotting import pyplot, save_png
 from robustkd.runs import load_run
-from robustkd.shipped import materialise
+from robustkd.shipped import materialise, shipped_teacher
 
 SUMMARY_FILE = "summary.json"
 FIGURE_FILE = "summary.png"
@@ -36,7 +36,7 @@ FIGURE_FILE = "summary.png"
 
 DATASETS = ("digits", "cifar10")
 # the cifar10 demo's teacher (robustkd.shipped) and the benchmark scale its students follow
-CIFAR_TEACHER = "sig-cifar10"
+CIFAR_TEACHER = "blended-stripes-cifar10"
 CIFAR_SCALE = "mini"
 EXAMPLES = 8  # triggered test images drawn with the three models' predictions
 
@@ -66,7 +66,7 @@ DIGITS_ONLY = ("teacher_model", "student_model", "teacher_epochs", "attack_epoch
                "student_epochs", "batch_size", "poison_ratio", "detox_epochs")
 
 STAGES = {"digits": ("teacher", "ckd-teacher", "fkd-student", "robustkd-student"),
-          "cifar10": ("sig-teacher", "fkd-student", "robustkd-student")}
+          "cifar10": ("shipped-teacher", "fkd-student", "robustkd-student")}
 
 
 def _stage(out: Path, name: str, fn, resume: bool, overwrite: bool,
@@ -173,9 +173,9 @@ def _digits_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
 
 def _cifar_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
                   data_root: str | None) -> tuple[list[dict], dict[str, dict], dict]:
-    """The shipped SIG teacher, then the benchmark's FKD and RobustKD students of it; the
+    """The shipped teacher, then the benchmark's FKD and RobustKD students of it; the
     stages' records and the settings they used."""
-    teacher = materialise(CIFAR_TEACHER, out / "sig-teacher")
+    teacher = materialise(CIFAR_TEACHER, out / "shipped-teacher")
     b = get_scale(CIFAR_SCALE).benchmark
     student = {"teacher": str(teacher), "student": b.student_model, "epochs": b.student_epochs,
                "lr": b.student_lr, "schedule": b.student_schedule, "batch_size": b.batch_size,
@@ -185,8 +185,8 @@ def _cifar_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
     rkd = _stage(out, "robustkd-student", api.distill, **stage, method="robustkd",
                  robustkd=_robustkd_options(s), **student)
     shipped = fkd["teacher_metrics"]  # measured on the user's CIFAR-10 test set
-    rows = [{"model": "SIG teacher (shipped)", "acc": shipped["acc"], "asr": shipped["asr"],
-             "seconds": None},
+    rows = [{"model": f"{shipped_teacher(CIFAR_TEACHER).label} (shipped)",
+             "acc": shipped["acc"], "asr": shipped["asr"], "seconds": None},
             _student_row("FKD student", fkd), _student_row("RobustKD student", rkd)]
     used = {"dataset": s.dataset, "teacher": CIFAR_TEACHER, "seed": s.seed,
             "robustkd": _robustkd_options(s),
@@ -313,7 +313,7 @@ def _draw_example(ax, examples: dict[str, Any], i: int) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     classes, target = examples["classes"], examples["target"]
-    short = {"sig-teacher": "teacher", "ckd-teacher": "teacher", "fkd-student": "FKD",
+    short = {"shipped-teacher": "teacher", "ckd-teacher": "teacher", "fkd-student": "FKD",
              "robustkd-student": "RobustKD"}
     ax.set_title(f"true: {classes[examples['labels'][i]]}", fontsize=7)
     for k, (stage, preds) in enumerate(examples["predictions"].items()):
