@@ -82,6 +82,18 @@ def test_the_verdict_tells_the_user_what_crossing_and_removal_mean():
     assert not crossed and "did not reach" in words
 
 
+
+def test_the_printed_table_keeps_its_columns_for_a_long_model_name():
+    rows = [{"model": "Blended-stripes teacher (shipped)", "acc": 0.842, "asr": 1.0,
+             "seconds": None},
+            {"model": "FKD student", "acc": 0.815, "asr": 0.587, "seconds": 2650.0},
+            {"model": "RobustKD student", "acc": 0.801, "asr": 0.0, "seconds": 3300.0}]
+    text = demo.format_summary({"rows": rows, "removal_rate": demo.removal_rate(0.587, 0.0)})
+    table = text.splitlines()[:4]
+    assert len({len(line) for line in table}) == 1  # every row as wide as the header
+    acc_ends = table[0].index("ACC") + len("ACC")  # right-aligned under their header
+    assert all(line.index("%") + 1 == acc_ends for line in table[1:])
+
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, monkeypatch):

@@ -255,10 +255,11 @@ def verdict(rows: list[dict[str, Any]], rate: float | None) -> tuple[bool, str]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's table and a one-line verdict, as printed by ``robustkd demo``."""
-    lines = [f"{'model':<24}{'ACC':>9}{'ASR':>9}{'time':>9}"]
+    w = max(24, *(len(r["model"]) + 2 for r in summary["rows"]))
+    lines = [f"{'model':<{w}}{'ACC':>9}{'ASR':>9}{'time':>9}"]
     for r in summary["rows"]:
         took = "shipped" if r["seconds"] is None else f"{r['seconds']:.0f}s"
-        lines.append(f"{r['model']:<24}{r['acc']:>9.2%}{r['asr']:>9.2%}{took:>9}")
+        lines.append(f"{r['model']:<{w}}{r['acc']:>9.2%}{r['asr']:>9.2%}{took:>9}")
     lines.append("ASR: share of triggered non-target test images classified as the target class")
     lines.append(verdict(summary["rows"], summary["removal_rate"])[1])
     return "\n".join(lines)
