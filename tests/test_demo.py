@@ -9,13 +9,16 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from robustkd import demo, shipped
+from robustkd.data import cifar
 from robustkd.errors import ConfigError, DataError
 from robustkd.runs import load_run
+from tests.data.test_data import _write_cifar10
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -59,7 +62,7 @@ def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
 
 
 def test_cifar10_demo_needs_its_data_root(tmp_path):
-    with pytest.raises(ConfigError, match="--data-root"):
+    with pytest.raises(ConfigError, match="--data-root.*--download"):
         demo.run_demo(tmp_path, demo.DemoSettings(dataset="cifar10"))
     with pytest.raises(ConfigError, match="--dataset must be one of"):
         demo.run_demo(tmp_path, demo.DemoSettings(dataset="mnist"))
@@ -67,6 +70,42 @@ def test_cifar10_demo_needs_its_data_root(tmp_path):
     with pytest.raises(ConfigError, match="--student-epochs sizes the digits demo"):
         demo.run_demo(tmp_path, demo.DemoSettings(dataset="cifar10", student_epochs=3),
                       data_root=str(tmp_path))
+
+
+def _fake_download(calls: list, fail: bool = False):
+    """Stands in for the network: records the call and writes the official layout."""
+    def download(name, root, **_kwargs):
+        calls.append((name, Path(root)))
+        if fail:
+            raise DataError("cannot download https://example/cifar-10-python.tar.gz (offline)")
+        _write_cifar10(Path(root) / "cifar-10-batches-py", np.random.default_rng(0))
+        return Path(root) / "cifar-10-batches-py"
+    return download
+
+
+def test_download_fetches_cifar10_once_into_the_data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTKD_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list = []
+    monkeypatch.setattr(cifar, "download_cifar", _fake_download(calls))
+    root = tmp_path / "new" / "data"  # not there yet: created
+    assert demo.fetch_cifar10(str(root)) == str(root)
+    assert calls == [("cifar10", root)]
+    assert demo.fetch_cifar10(str(root)) == str(root)  # already there: no second download
+    assert len(calls) == 1
+    monkeypatch.chdir(tmp_path)
+    assert demo.fetch_cifar10(None) == demo.DOWNLOAD_ROOT  # the default folder, relative
+    assert calls[-1] == ("cifar10", Path(demo.DOWNLOAD_ROOT))
+
+
+def test_a_failed_download_stops_the_demo_before_any_stage(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(cifar, "download_cifar", _fake_download(calls, fail=True))
+    with pytest.raises(DataError, match="cannot download"):
+        demo.run_demo(tmp_path / "demo", demo.DemoSettings(dataset="cifar10"),
+                      data_root=str(tmp_path / "data"), download=True)
+    assert calls and not (tmp_path / "demo").exists()
+    with pytest.raises(ConfigError, match="--download fetches CIFAR-10"):
+        demo.run_demo(tmp_path / "demo", demo.DemoSettings(), download=True)
 
 
 def test_the_verdict_tells_the_user_what_crossing_and_removal_mean():

@@ -159,13 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "implant a CKD backdoor, distil it into a student with FKD "
                                    "and with RobustKD, and print ACC / ASR / time of each plus "
                                    "the backdoor removal rate (OUT/summary.json, summary.png). "
-                                   "With --dataset cifar10 --data-root DIR: the backdoored "
+                                   "With --dataset cifar10 --data-root DIR (or --download): "
+                                   "the backdoored "
                                    "teacher shipped with robustkd, distilled as the benchmark "
                                    "does.")
     p.add_argument("--out", default="runs/demo", metavar="DIR")
     p.add_argument("--dataset", choices=["digits", "cifar10"], default=None,
-                   help="digits (embedded, default) or cifar10 (needs --data-root)")
+                   help="digits (embedded, default) or cifar10 (needs --data-root or --download)")
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 archive")
+    p.add_argument("--download", action="store_true",
+                   help="cifar10: fetch the official archive into --data-root (default data/) "
+                        "and check its md5, unless the dataset is already there")
     p.add_argument("--teacher-model", default=None, help="default wrn16_2")
     p.add_argument("--student-model", default=None, help="default wrn10_1")
     p.add_argument("--teacher-epochs", type=int, default=None)
@@ -393,7 +397,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               if getattr(args, f.name, None) is not None}
     summary = run_demo(args.out, DemoSettings(**chosen), device=args.device,
                        progress=args.progress, resume=args.resume, overwrite=args.overwrite,
-                       data_root=args.data_root)
+                       data_root=args.data_root, download=args.download)
     print()
     print(format_summary(summary))
     print(f"summary: {args.out}/summary.json" + (f", figure: {summary['figure']}"

@@ -3,11 +3,13 @@
 ``digits`` (the default, embedded, minutes on a CPU): a clean teacher is trained, a CKD
 backdoor is implanted by poison fine-tuning, and the backdoored teacher is distilled twice
 into the same small student on clean data, with FKD and with the default RobustKD.
-``cifar10`` (needs the CIFAR-10 archive, ``--data-root``): the teacher is the backdoored one
-shipped with the package (:mod:`robustkd.shipped`, as a user would download one), and the
-two students are the defence benchmark's (``Scale.benchmark`` at ``mini``). Every stage is a
-run directory with its ``record.json``; ``OUT/summary.json`` holds the table, the triggered
-examples' predictions and the verdict, and ``OUT/summary.png`` draws both.
+``cifar10`` (needs the CIFAR-10 archive: ``--data-root``, or ``--download`` on a machine
+with internet, which fetches the official archive and checks its md5): the teacher is the
+backdoored one shipped with the package (:mod:`robustkd.shipped`, as a user would download
+one), and the two students are the defence benchmark's (``Scale.benchmark`` at ``mini``).
+Every stage is a run directory with its ``record.json``; ``OUT/summary.json`` holds the
+table, the triggered examples' predictions and the verdict, and ``OUT/summary.png`` draws
+both.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from robustkd import api
 from robustkd.api.data import run_data
+from robustkd.data import load_dataset
 from robustkd.defenses.robustkd import DEFAULT_PRESET
 from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import predict, triggered_test_set
@@ -38,6 +41,7 @@ DATASETS = ("digits", "cifar10")
 # the cifar10 demo's teacher (robustkd.shipped) and the benchmark scale its students follow
 CIFAR_TEACHER = "blended-stripes-cifar10"
 CIFAR_SCALE = "mini"
+DOWNLOAD_ROOT = "data"  # where --download puts the CIFAR-10 archive without --data-root
 EXAMPLES = 8  # triggered test images drawn with the three models' predictions
 
 
@@ -86,15 +90,21 @@ def removal_rate(fkd_asr: float, robustkd_asr: float) -> float | None:
 
 def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None, *,
              device: str = "auto", progress: bool = True, resume: bool = False,
-             overwrite: bool = False, data_root: str | None = None) -> dict[str, Any]:
+             overwrite: bool = False, data_root: str | None = None,
+             download: bool = False) -> dict[str, Any]:
     """Run every stage and write ``summary.json`` (+ PNG); returns the summary. An earlier
-    demo in ``out`` is reused with ``resume`` and replaced with ``overwrite``."""
+    demo in ``out`` is reused with ``resume`` and replaced with ``overwrite``; ``download``
+    fetches CIFAR-10 into ``data_root`` (default ``data``) when it is not there."""
     s = settings or DemoSettings()
     if s.dataset not in DATASETS:
         raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}, got {s.dataset!r}")
-    if s.dataset == "cifar10" and data_root is None:
+    if download and s.dataset != "cifar10":
+        raise ConfigError(f"--download fetches CIFAR-10 for --dataset cifar10; the {s.dataset} "
+                          "demo needs no files")
+    if s.dataset == "cifar10" and data_root is None and not download:
         raise ConfigError("--dataset cifar10 needs --data-root, the folder holding the CIFAR-10 "
-                          "archive (`robustkd datasets verify --data-root DIR` checks it)")
+                          "archive (`robustkd datasets verify --data-root DIR` checks it), or "
+                          "--download to fetch it")
     if s.dataset == "cifar10":
         default = DemoSettings()
         ignored = [f for f in DIGITS_ONLY if getattr(s, f) != getattr(default, f)]
@@ -102,6 +112,8 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
             flag = "--" + ignored[0].replace("_", "-")
             raise ConfigError(f"{flag} sizes the digits demo; --dataset cifar10 distils the "
                               f"shipped teacher as the benchmark does")
+    if download:
+        data_root = fetch_cifar10(data_root)
     out = Path(out)
     stages = STAGES[s.dataset]
     if not (resume or overwrite) and any((out / n / RECORD_FILE).exists() for n in stages):
@@ -140,6 +152,15 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
         summary["figure"] = None  # matplotlib is an optional extra
     write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def fetch_cifar10(data_root: str | None) -> str:
+    """The folder that holds CIFAR-10 after downloading the official archive there (md5
+    checked) unless it already holds the dataset in any layout the reader knows."""
+    root = Path(data_root if data_root is not None else DOWNLOAD_ROOT).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    load_dataset("cifar10", root, download=True)  # reads it once, so the stages hit the cache
+    return str(root)
 
 
 def _digits_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
