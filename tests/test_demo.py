@@ -118,7 +118,7 @@ def test_the_verdict_tells_the_user_what_crossing_and_removal_mean():
     assert "NOT removed" in demo.verdict(rows, demo.removal_rate(0.47, 0.4))[1]
     rows[1]["asr"] = 0.05
     crossed, words = demo.verdict(rows, None)
-    assert not crossed and "did not reach" in words
+    assert not crossed and "did not reach" in words and "--dataset cifar10 --download" in words
 
 
 

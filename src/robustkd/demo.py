@@ -262,8 +262,9 @@ def verdict(rows: list[dict[str, Any]], rate: float | None) -> tuple[bool, str]:
     if fkd["asr"] <= level:
         return False, (f"the backdoor did not reach the FKD student (ASR {fkd['asr']:.1%}"
                        + (f"; clean teacher {base:.1%}" if "clean teacher" in by else "")
-                       + "): nothing for RobustKD to remove on this data (robustkd demo "
-                       "--dataset cifar10 shows a backdoor that crosses; docs/RESULTS.md)")
+                       + "): nothing for RobustKD to remove on this data (`robustkd demo "
+                       "--dataset cifar10 --download` shows a backdoor that crosses and its "
+                       "removal; docs/RESULTS.md)")
     if rkd["asr"] <= level:
         return True, (f"plain distillation (FKD) hands the teacher's backdoor to the student "
                       f"(ASR {fkd['asr']:.1%}); RobustKD's student does not take it "
