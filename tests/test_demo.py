@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,20 @@ from robustkd.runs import load_run
 from tests.data.test_data import _write_cifar10
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_the_shipped_weights_are_not_git_ignored():
+    """The weights must reach a clean checkout: `*.safetensors` is ignored repo-wide, so an
+    asset only ships if .gitignore excepts it (twice a session's copy never reached CI)."""
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for teacher in shipped.SHIPPED_TEACHERS.values():
+        weights = shipped.asset_folder(teacher) / shipped.SHIPPED_WEIGHTS
+        assert weights.is_file()
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(weights)],
+                                 cwd=repo, check=False)
+        assert ignored.returncode == 1, f"{weights} is git-ignored: it would not ship"
 
 
 def test_the_shipped_teacher_is_an_ordinary_run(tmp_path):
