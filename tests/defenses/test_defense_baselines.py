@@ -112,11 +112,12 @@ def test_defense_settings_are_checked(digits, digits_teacher):
 
 @pytest.mark.slow
 def test_nad_lowers_the_asr_of_a_badnets_teacher(digits, digits_teacher):
-    """BadNets digits teacher (ACC 0.98, ASR 1.0), NAD defaults but 2 + 3 epochs on 20% of
-    the training set. Observed in four runs (loader seeds 0-2 on a copy of this teacher, and
-    this test): NAD ASR 0.000 / 0.015 / 0.003 / 0.158 at ACC 0.933-0.978, while its attention
-    teacher (plain fine-tuning at the same lr) kept ASR 1.0 every time. Asserted margin:
-    ASR <= 0.5 (down from >= 0.9) with ACC within 0.1 of the backdoored teacher's."""
+    """BadNets digits teacher (ACC 0.98, ASR 1.0), NAD defaults but 2 + 3 epochs on the whole
+    digits training set. One NAD run here is a coin with a bent edge: on 20% of the set its
+    ASR ranged 0.02-0.92 over eight loader seeds, and CI's processor (other numerics) drew
+    1.0. On the whole set eight loader seeds gave 0.00-0.37 at ACC 0.975-0.986, while the
+    attention teacher (plain fine-tuning at the same lr) kept ASR 1.0 every time. Asserted:
+    the mean ASR of two loader seeds <= 0.5 (down from >= 0.9), ACC within 0.1."""
     model = digits_teacher
     trigger = patch_trigger(digits.train.image_size, 1, size=3, position="br")
     poisoned = poison_dataset(digits.train, trigger, target=0, ratio=0.1, seed=0)
@@ -126,14 +127,17 @@ def test_nad_lowers_the_asr_of_a_badnets_teacher(digits, digits_teacher):
     acc0 = accuracy(model, digits.test, digits.mean, digits.std)
     asr0 = attack_success_rate(model, digits.test, trigger, 0, digits.mean, digits.std)
     assert asr0 >= 0.9
-    ctx = _ctx(digits, 0.2, test=digits.test, trigger=trigger, target=0)
-    torch.manual_seed(0)
-    _, report = defend_teacher("nad", model, ctx, {"teacher_epochs": 2, "epochs": 3})
-    m = report["cleaned_teacher_metrics"]
-    print(f"backdoored ASR {asr0:.3f}; attention teacher {report['attention_teacher_metrics']}; "
-          f"NAD {m}")
-    assert m["asr"] <= 0.5
-    assert m["acc"] >= acc0 - 0.1
+    asrs = []
+    for seed in (0, 1):
+        ctx = _ctx(digits, 1.0, test=digits.test, trigger=trigger, target=0, seed=seed)
+        torch.manual_seed(seed)
+        _, report = defend_teacher("nad", model, ctx, {"teacher_epochs": 2, "epochs": 3})
+        m = report["cleaned_teacher_metrics"]
+        print(f"seed {seed}: backdoored ASR {asr0:.3f}; attention teacher "
+              f"{report['attention_teacher_metrics']}; NAD {m}")
+        assert m["acc"] >= acc0 - 0.1
+        asrs.append(m["asr"])
+    assert sum(asrs) / len(asrs) <= 0.5
 
 
 @pytest.fixture

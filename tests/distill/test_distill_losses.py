@@ -26,6 +26,40 @@ def test_partial_l2_by_hand():
     assert partial_l2(s, t).item() == pytest.approx(0.25 + 0.25 + 1.0)
 
 
+def _partial_l2_reference(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The definition, left to autograd: (s - t)^2 where s > t or t > 0."""
+    s, t = s.float(), t.float()
+    return ((s - t) ** 2 * ((s > t) | (t > 0))).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_l2_value_and_gradients_match_autograd(dtype):
+    g = torch.Generator().manual_seed(0)
+    s0 = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
+    t0 = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
+    t0[0, 0, 0, :2] = s0[0, 0, 0, :2]  # ties: no contribution, zero gradient
+    results = []
+    for fn in (partial_l2, _partial_l2_reference):
+        s, t = s0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+        value = fn(s, t)
+        (3.0 * value).backward()
+        assert s.grad.dtype == dtype and t.grad.dtype == dtype
+        results.append((value.detach(), s.grad, t.grad))
+    (v, gs, gt), (v_ref, gs_ref, gt_ref) = results
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert v.dtype == torch.float32
+    assert v.item() == pytest.approx(v_ref.item(), rel=1e-5)
+    assert torch.allclose(gs.float(), gs_ref.float(), rtol=rtol)
+    assert torch.allclose(gt.float(), gt_ref.float(), rtol=rtol)
+    assert torch.equal(gs[0, 0, 0, :2], torch.zeros(2, dtype=dtype))
+
+
+def test_partial_l2_gradient_is_finite_difference_exact():
+    s = torch.tensor([0.3, -2.0, -0.5, 3.0, -0.2], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.5, -1.0, -1.0, 4.0, -0.1], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: partial_l2(a, t).double(), (s,))
+
+
 def test_margin_relu_per_channel():
     f = torch.tensor([[[[-3.0]], [[-0.1]]]])  # [1, 2, 1, 1]
     out = margin_relu(f, torch.tensor([-1.0, -0.5]))
