@@ -3,7 +3,8 @@
 (a) bare: teacher forward without grad + student forward/backward + optimiser step on one
 static, already-normalised batch; (b) loop: ``distill_student`` for one epoch of random
 CIFAR-sized images (batching, augmentation, taps, the method's loss, connectors, logging).
-Both in one process, the same models, batch size and precision; each figure is the median
+Both in one process, the same models, batch size, precision and memory format (channels_last,
+as ``robustkd distill`` runs them unless ``--no-channels-last``); each figure is the median
 of ``--repeats`` timings after a warm-up. One JSON line per method:
 ``method, bare_img_s, loop_img_s, ratio`` (the loop's epoch as it times itself), and
 ``call_img_s, call_ratio`` (the whole ``distill_student`` call, with the run's one-off setup,
@@ -29,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from robustkd.api.models import prepare_model
 from robustkd.data.dataset import ImageDataset
 from robustkd.defenses.registry import DefenseContext, defend_teacher, get_teacher_defense
 from robustkd.defenses.robustkd import robustkd_config
@@ -51,9 +53,11 @@ def random_images(n: int, classes: int, seed: int = 0) -> ImageDataset:
 
 
 def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
-              classes: int) -> float:
+              classes: int, channels_last: bool) -> float:
     """Images/s of the compute alone: no data movement, no taps, a logit loss."""
     x = torch.randn(batch_size, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch_size,), device=device)
     opt = build_optimizer(student.parameters(), OptimConfig())
     teacher.eval()
@@ -83,7 +87,8 @@ def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
 SHORT_TRANSFORM = {"iterations": 4, "epochs": 1}
 
 
-def step_models(method: str, teacher, data: ImageDataset, device, amp: bool):
+def step_models(method: str, teacher, data: ImageDataset, device, amp: bool,
+                channels_last: bool):
     """The teacher and the distillation method a timed step of ``method`` runs."""
     if method != "robustkd":
         return teacher, method
@@ -92,7 +97,7 @@ def step_models(method: str, teacher, data: ImageDataset, device, amp: bool):
         raise SystemExit("step_overhead: the default RobustKD preset is not a pruned "
                          "teacher + FKD; time it with the benchmark instead")
     ctx = DefenseContext(clean=data, mean=MEAN, std=STD, augment=AUGMENT, device=device,
-                         amp=amp, progress=False)
+                         amp=amp, channels_last=channels_last, progress=False)
     spec = get_teacher_defense(cfg.prune)
     short = {k: v for k, v in SHORT_TRANSFORM.items()
              if k in {f.name for f in dataclasses.fields(spec.settings)}}
@@ -101,13 +106,13 @@ def step_models(method: str, teacher, data: ImageDataset, device, amp: bool):
 
 
 def loop_rate(method: str, teacher, student, data: ImageDataset, device, batch_size: int,
-              amp: bool) -> tuple[float, float]:
+              amp: bool, channels_last: bool) -> tuple[float, float]:
     """Images/s of one epoch of the loop as the loop times it (batching, augmentation, taps,
     loss, connectors, optimiser, logging), and of the whole call, which adds the run's
     one-off setup (connectors and margins sized on a probe batch, hooks registered)."""
     started = time.perf_counter()
     loop = LoopSettings(mean=MEAN, std=STD, augment=AUGMENT, batch_size=batch_size,
-                        device=device, amp=amp, progress=False)
+                        device=device, amp=amp, channels_last=channels_last, progress=False)
     history, _ = distill_student(teacher, student, data, None, loop=loop,
                                  run=DistillRun(epochs=1, eval_every=0), method=method)
     if device.type == "cuda":
@@ -126,24 +131,30 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="contiguous tensors (distill's --no-channels-last)")
     args = p.parse_args()
     device = resolve_device(args.device)
     classes = 10
     torch.manual_seed(0)
-    teacher = build_model(args.teacher, num_classes=classes).to(device)
-    student = build_model(args.student, num_classes=classes).to(device)
+    teacher = build_model(args.teacher, num_classes=classes)
+    student = build_model(args.student, num_classes=classes)
+    cl = args.channels_last
+    prepare_model(teacher, device, cl)
+    prepare_model(student, device, cl)
     data = random_images(args.images, classes)
     steps = max(1, args.images // args.batch_size)
     for method in args.methods.split(","):
-        step_teacher, step_method = step_models(method, teacher, data, device, args.amp)
+        step_teacher, step_method = step_models(method, teacher, data, device, args.amp,
+                                                  cl)
         loop_rate(step_method, step_teacher, student, random_images(2 * args.batch_size, classes),
-                  device, args.batch_size, args.amp)  # warm-up
+                  device, args.batch_size, args.amp, cl)  # warm-up
         bare, loop, call = [], [], []
         for _ in range(args.repeats):  # interleaved, so a slow spell hits both alike
             bare.append(bare_rate(step_teacher, student, device, args.batch_size, steps, args.amp,
-                                  classes))
+                                  classes, cl))
             epoch_rate, call_rate = loop_rate(step_method, step_teacher, student, data, device,
-                                              args.batch_size, args.amp)
+                                              args.batch_size, args.amp, cl)
             loop.append(epoch_rate)
             call.append(call_rate)
         b, lo, c = statistics.median(bare), statistics.median(loop), statistics.median(call)
@@ -151,6 +162,7 @@ def main() -> None:
                           "loop_img_s": round(lo, 1), "ratio": round(lo / b, 3),
                           "call_img_s": round(c, 1), "call_ratio": round(c / b, 3),
                           "device": describe_device(device), "amp": args.amp,
+                          "channels_last": cl,
                           "threads": torch.get_num_threads(), "repeats": args.repeats,
                           "images": args.images, "batch_size": args.batch_size}), flush=True)
 

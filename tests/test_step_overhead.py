@@ -21,6 +21,7 @@ def test_robustkd_step_is_fkd_from_a_cleaned_copy_and_prints_ratios(monkeypatch,
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["method"] for line in lines] == ["fkd", "robustkd"]
     for line in lines:
+        assert line["channels_last"] is True  # as `robustkd distill` runs by default
         assert line["bare_img_s"] > 0 and line["loop_img_s"] > 0
         assert line["ratio"] == pytest.approx(line["loop_img_s"] / line["bare_img_s"],
                                               rel=0.01)
@@ -36,7 +37,7 @@ def test_a_preset_whose_step_is_not_fkd_is_refused(monkeypatch):
     monkeypatch.setattr(step, "robustkd_config",
                         lambda: rkd.robustkd_config({"preset": "improved"}))
     with pytest.raises(SystemExit, match="not a pruned teacher"):
-        step.step_models("robustkd", None, None, "cpu", False)
+        step.step_models("robustkd", None, None, "cpu", False, False)
 
 
 def test_the_default_step_distils_by_fkd_from_a_copy():
@@ -44,6 +45,6 @@ def test_the_default_step_distils_by_fkd_from_a_copy():
     from robustkd.models import build_model
     teacher = build_model("wrn10_2", num_classes=10)
     data = step.random_images(64, 10)
-    pruned, method = step.step_models("robustkd", teacher, data, "cpu", False)
+    pruned, method = step.step_models("robustkd", teacher, data, "cpu", False, True)
     assert method == "fkd" and pruned is not teacher
-    assert step.step_models("kd", teacher, data, "cpu", False) == (teacher, "kd")
+    assert step.step_models("kd", teacher, data, "cpu", False, True) == (teacher, "kd")
