@@ -132,21 +132,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="contiguous tensors (distill's --no-channels-last)")
+                   default=None, help="contiguous tensors (distill's --no-channels-last; "
+                                      "else distill's default)")
     args = p.parse_args()
     device = resolve_device(args.device)
     classes = 10
     torch.manual_seed(0)
     teacher = build_model(args.teacher, num_classes=classes)
     student = build_model(args.student, num_classes=classes)
-    cl = args.channels_last
-    prepare_model(teacher, device, cl)
+    cl = prepare_model(teacher, device, args.channels_last)  # distill's default, in one place
     prepare_model(student, device, cl)
     data = random_images(args.images, classes)
     steps = max(1, args.images // args.batch_size)
     for method in args.methods.split(","):
-        step_teacher, step_method = step_models(method, teacher, data, device, args.amp,
-                                                  cl)
+        step_teacher, step_method = step_models(method, teacher, data, device, args.amp, cl)
         loop_rate(step_method, step_teacher, student, random_images(2 * args.batch_size, classes),
                   device, args.batch_size, args.amp, cl)  # warm-up
         bare, loop, call = [], [], []
