@@ -9,7 +9,13 @@ from robustkd.data import per_class_subset
 from robustkd.defenses import DefenseContext, defend_teacher
 from robustkd.defenses.fst import FSTSettings, alignment_penalty, keep_norm, reinit_linear
 from robustkd.errors import ConfigError
-from robustkd.models.layers import classifier_layer, held_still, layers_of, modules_through
+from robustkd.models.layers import (
+    classifier_layer,
+    held_still,
+    layers_of,
+    mix_back,
+    modules_through,
+)
 from robustkd.models.taps import tap
 
 
@@ -151,3 +157,52 @@ def test_held_still_keeps_weights_and_bn_statistics_in_train_mode():
         assert torch.equal(after[key], before[key]), key
     assert not torch.equal(after["2.weight"], before["2.weight"])
     assert model[1].momentum == 0.1 and model[0].weight.requires_grad
+
+
+def test_mix_back_averages_weights_and_bn_statistics_but_not_the_skipped_head():
+    torch.manual_seed(0)
+    tuned = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    original = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with torch.no_grad():
+        original[1].running_mean.fill_(2.0)
+        original[1].running_var.fill_(3.0)
+        original[1].num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in tuned.state_dict().items()}
+    kept = {k: v.clone() for k, v in original.state_dict().items()}
+    mixed = mix_back(tuned, original, 0.25, skip=["2"])
+    state = tuned.state_dict()
+    # 0.25 * original + 0.75 * tuned, by hand for two entries
+    assert torch.allclose(state["0.weight"], 0.25 * kept["0.weight"] + 0.75 * before["0.weight"])
+    assert torch.allclose(state["1.running_mean"], torch.full((4,), 0.5))  # 0.25 * 2 + 0.75 * 0
+    assert torch.allclose(state["1.running_var"], torch.full((4,), 1.5))  # 0.25 * 3 + 0.75 * 1
+    assert int(state["1.num_batches_tracked"]) == 0  # a count, not averaged
+    assert torch.equal(state["2.weight"], before["2.weight"])  # the skipped head stays tuned
+    assert "2.weight" not in mixed and "0.bias" in mixed
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, kept[key]), f"original {key} changed"
+    with pytest.raises(ConfigError, match="keep must be in"):
+        mix_back(tuned, original, 1.5)
+    with pytest.raises(ConfigError, match="keys differ"):
+        mix_back(tuned, nn.Sequential(nn.Linear(3, 4)), 0.5)
+
+
+def test_fst_original_share_averages_the_tuned_copy_with_the_original(digits, digits_teacher):
+    clean = per_class_subset(digits.train, fraction=0.1, seed=0)
+    ctx = DefenseContext(clean=clean, mean=digits.mean, std=digits.std, augment=digits.augment,
+                         progress=False)
+    settings = {"epochs": 1, "batch_size": 32}
+    plain, _ = defend_teacher("fst", digits_teacher, ctx, settings)
+    half, report = defend_teacher("fst", digits_teacher, ctx, {**settings, "original_share": 0.5})
+    whole, _ = defend_teacher("fst", digits_teacher, ctx, {**settings, "original_share": 1.0})
+    head = classifier_layer(digits_teacher)[0]
+    assert report["settings"]["original_share"] == 0.5
+    a, b, o, w = (m.state_dict() for m in (plain, half, digits_teacher, whole))
+    features = [k for k in o if o[k].is_floating_point() and not k.startswith(f"{head}.")]
+    assert any(not torch.equal(a[k], o[k]) for k in features)  # the tuning moved them
+    for key in features:
+        assert torch.allclose(b[key], 0.5 * (a[key] + o[key]), atol=1e-6), key
+        assert torch.equal(w[key], o[key]), key  # share 1: the original's features
+    for key in (f"{head}.weight", f"{head}.bias"):  # the head is FST's, whatever the share
+        assert torch.equal(b[key], a[key]) and torch.equal(w[key], a[key])
+    with pytest.raises(ConfigError, match="original_share"):
+        defend_teacher("fst", digits_teacher, ctx, {"original_share": 1.5})

@@ -28,7 +28,7 @@ from robustkd.defenses.finetune import (
     held_modules,
 )
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
-from robustkd.models.layers import classifier_layer, held_still
+from robustkd.models.layers import classifier_layer, held_still, mix_back
 from robustkd.settings import setting
 from robustkd.training.classifier import ExtraLoss
 
@@ -50,6 +50,11 @@ class FSTSettings:
                                "distillation layer (deepest: the shallower distillation "
                                "features stay the original's; not in FST)",
                         choices=TUNE_CHOICES)
+    original_share: float = setting(0.0, "share of the original teacher in a weight-space "
+                                         "average with the tuned copy, every layer but the "
+                                         "classifier (0: FST's copy; WiSE-FT's "
+                                         "interpolation, not in FST)",
+                                    minimum=0.0, maximum=1.0)
 
 
 def reinit_linear(layer: nn.Linear, generator: torch.Generator) -> None:
@@ -95,5 +100,7 @@ def fst_defense(teacher: nn.Module, ctx: DefenseContext,
                                  optim=finetune_optim(cfg, nesterov=False),
                                  batch_size=cfg.batch_size, desc="feature shift tuning",
                                  after_step=lambda m: keep_norm(head, norm), extra_loss=extra)
+    if cfg.original_share > 0:
+        mix_back(model, teacher, cfg.original_share, skip=[name])
     return model, {"classifier": name, "history": [h.as_dict() for h in history],
                    "held": [n for n, _ in held]}

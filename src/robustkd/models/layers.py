@@ -31,6 +31,33 @@ def layers_of(model: nn.Module, names: Sequence[str] | None = None) -> list[Dist
                       "(API: teacher_layers=[...], CLI: --teacher-layers a,b,c)")
 
 
+@torch.no_grad()
+def mix_back(model: nn.Module, original: nn.Module, keep: float,
+             skip: Sequence[str] = ()) -> list[str]:
+    """Move ``model``'s floating-point weights and buffers (BN statistics) to ``keep *
+    original + (1 - keep) * model``, in place, except under the module names in ``skip``:
+    a weight-space average of a tuned copy with the model it was tuned from (WiSE-FT's
+    interpolation), which keeps more of the original's generalisation. Returns the names
+    mixed. The two models must share an architecture (same state-dict keys and shapes)."""
+    if not 0.0 <= keep <= 1.0:
+        raise ConfigError(f"keep must be in [0, 1], got {keep}")
+    ours, theirs = model.state_dict(), original.state_dict()
+    if ours.keys() != theirs.keys():
+        raise ConfigError("mix_back needs two models of one architecture; their state-dict "
+                          "keys differ")
+    mixed = []
+    for key, value in ours.items():
+        if not value.is_floating_point() or any(key.startswith(f"{n}.") for n in skip):
+            continue
+        other = theirs[key]
+        if other.shape != value.shape:
+            raise ConfigError(f"mix_back: {key} is {tuple(value.shape)} in the copy but "
+                              f"{tuple(other.shape)} in the original")
+        value.lerp_(other.to(device=value.device, dtype=value.dtype), keep)
+        mixed.append(key)
+    return mixed
+
+
 @contextmanager
 def held_still(modules: Sequence[nn.Module]):
     """Gradients off in ``modules`` and their BN running statistics unchanged (momentum 0,
