@@ -15,6 +15,7 @@ from robustkd.models.layers import (
     layers_of,
     mix_back,
     modules_through,
+    reestimate_bn,
 )
 from robustkd.models.taps import tap
 
@@ -186,6 +187,24 @@ def test_mix_back_averages_weights_and_bn_statistics_but_not_the_skipped_head():
         mix_back(tuned, nn.Sequential(nn.Linear(3, 4)), 0.5)
 
 
+def test_reestimate_bn_sets_the_plain_average_of_the_batches_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model.eval()
+    batches = [torch.randn(8, 3) * (i + 1) for i in range(3)]
+    with torch.no_grad():
+        pre = [model[0](x) for x in batches]
+    assert reestimate_bn(model, iter(batches)) == 1
+    bn = model[1]
+    mean = torch.stack([p.mean(0) for p in pre]).mean(0)
+    var = torch.stack([p.var(0, unbiased=True) for p in pre]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, var, atol=1e-4)
+    assert bn.momentum == 0.1 and not model.training  # its settings and mode restored
+    with pytest.raises(ConfigError, match="at least one batch"):
+        reestimate_bn(model, iter([]))
+
+
 def test_fst_original_share_averages_the_tuned_copy_with_the_original(digits, digits_teacher):
     clean = per_class_subset(digits.train, fraction=0.1, seed=0)
     ctx = DefenseContext(clean=clean, mean=digits.mean, std=digits.std, augment=digits.augment,
@@ -197,11 +216,19 @@ def test_fst_original_share_averages_the_tuned_copy_with_the_original(digits, di
     head = classifier_layer(digits_teacher)[0]
     assert report["settings"]["original_share"] == 0.5
     a, b, o, w = (m.state_dict() for m in (plain, half, digits_teacher, whole))
-    features = [k for k in o if o[k].is_floating_point() and not k.startswith(f"{head}.")]
+    params = {k for k, _ in digits_teacher.named_parameters()}
+    features = [k for k in params if not k.startswith(f"{head}.")]
     assert any(not torch.equal(a[k], o[k]) for k in features)  # the tuning moved them
     for key in features:
         assert torch.allclose(b[key], 0.5 * (a[key] + o[key]), atol=1e-6), key
         assert torch.equal(w[key], o[key]), key  # share 1: the original's features
+    # BN statistics are measured again on the mixed network, not averaged
+    stats = [k for k in o if k.endswith("running_mean")]
+    assert stats and any(not torch.allclose(b[k], 0.5 * (a[k] + o[k]), atol=1e-4) for k in stats)
+    # measured on the original's own weights they land near its own statistics
+    for key in stats:
+        spread = o[key.replace("running_mean", "running_var")].sqrt()
+        assert ((w[key] - o[key]).abs() <= 0.5 * spread + 0.05).float().mean() > 0.9, key
     for key in (f"{head}.weight", f"{head}.bias"):  # the head is FST's, whatever the share
         assert torch.equal(b[key], a[key]) and torch.equal(w[key], a[key])
     with pytest.raises(ConfigError, match="original_share"):

@@ -28,9 +28,10 @@ from robustkd.defenses.finetune import (
     held_modules,
 )
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
-from robustkd.models.layers import classifier_layer, held_still, mix_back
+from robustkd.models.layers import classifier_layer, held_still, mix_back, reestimate_bn
 from robustkd.settings import setting
 from robustkd.training.classifier import ExtraLoss
+from robustkd.training.loop import autocast_for
 
 
 @dataclass(frozen=True)
@@ -102,5 +103,8 @@ def fst_defense(teacher: nn.Module, ctx: DefenseContext,
                                  after_step=lambda m: keep_norm(head, norm), extra_loss=extra)
     if cfg.original_share > 0:
         mix_back(model, teacher, cfg.original_share, skip=[name])
+        with autocast_for(ctx.device, ctx.amp):
+            reestimate_bn(model, (x for x, _, _ in ctx.loader(cfg.batch_size)))
+        model.eval()
     return model, {"classifier": name, "history": [h.as_dict() for h in history],
                    "held": [n for n, _ in held]}

@@ -3,7 +3,7 @@ attacks that optimise triggers on a model, and teacher defences."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -56,6 +56,35 @@ def mix_back(model: nn.Module, original: nn.Module, keep: float,
         value.lerp_(other.to(device=value.device, dtype=value.dtype), keep)
         mixed.append(key)
     return mixed
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Recompute every BN layer's running statistics as the plain average over ``batches``
+    (train-mode passes, weights untouched): a weight-space average of two networks changes
+    the activations' statistics non-linearly, so averaged running statistics do not describe
+    the averaged network (REPAIR, Jordan et al. 2023). Returns the number of BN layers reset."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m, m.momentum) for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs equally
+    model.train()
+    seen = 0
+    try:
+        for x in batches:
+            model(x)
+            seen += 1
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise ConfigError("reestimate_bn needs at least one batch")
+    return len(bns)
 
 
 @contextmanager
