@@ -37,38 +37,20 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from robustkd.experiments import plan
 from robustkd.experiments.runner import NODE_FILE, RECORD_ONLY_FILE, is_finished, run_dir
 from robustkd.io import RECORD_FILE, WEIGHTS_FILE, read_json, save_tensors, write_json
+from robustkd.shipped import SHIPPED_WEIGHTS, to_float16, widen
 
 STORE = Path(os.environ.get("ROBUSTKD_CACHE_DIR", "~/.cache/robustkd")).expanduser() \
     / "bench-teachers"
 RESULTS = Path(__file__).resolve().parent / "results" / "bench-teachers"
 TEACHER_KINDS = ("train", "attack")
 SKIP = ("state", "run.lock")
-COMPACT_FILE = "model.fp16.safetensors"
-EXACT_PREFIX = "extra."  # trigger tensors: tiny, and they define the backdoor: kept exact
-
-
-def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Floating weights in float16 (refused where a value would overflow it)."""
-    out = {}
-    for key, value in tensors.items():
-        if value.is_floating_point() and not key.startswith(EXACT_PREFIX):
-            half = value.to(torch.float16)
-            if not torch.isfinite(half).all():
-                raise SystemExit(f"{key}: values outside the float16 range; keep it in the store")
-            value = half
-        out[key] = value
-    return out
-
-
-def expand(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.to(torch.float32) if v.dtype == torch.float16 else v
-            for k, v in tensors.items()}
+COMPACT_FILE = SHIPPED_WEIGHTS
+compact, expand = to_float16, widen  # the shipped assets' float16 copy (robustkd.shipped)
 
 
 def save_compact(src: Path, results: Path) -> None:

@@ -19,6 +19,7 @@ from robustkd import demo, shipped
 from robustkd.data import cifar
 from robustkd.errors import ConfigError, DataError
 from robustkd.runs import load_run
+from tests.bench_scripts import load_script
 from tests.data.test_data import _write_cifar10
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -178,3 +179,47 @@ def test_cifar10_demo_distils_the_shipped_teacher_and_draws_examples(tmp_path, m
     # the summary records the settings the students were distilled with
     assert saved["settings"]["epochs"] == 1 and saved["settings"]["student"] == "wrn16_1"
     assert saved["settings"]["robustkd"] == {"preset": "fst", "prune_epochs": 1}
+
+
+@pytest.mark.slow
+def test_fractals_demo_distils_the_shipped_teacher_offline(tmp_path, monkeypatch):
+    tiny = {**demo.FRACTALS_STUDENTS, "epochs": 1, "clean_fraction": 0.02}
+    monkeypatch.setattr(demo, "FRACTALS_STUDENTS", tiny)
+    summary = demo.run_demo(tmp_path, demo.DemoSettings(prune_epochs=1), device="cpu",
+                            progress=False)  # no data root: the data are generated
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["dataset"] == "fractals"
+    assert [r["model"] for r in saved["rows"]] == ["Blended-stripes teacher (shipped)",
+                                                   "FKD student", "RobustKD student"]
+    assert saved["rows"][0]["asr"] > 0.9 and saved["rows"][0]["acc"] > 0.9
+    record = json.loads((tmp_path / "fkd-student" / "record.json").read_text())
+    assert record["config"]["epochs"] == 1 and record["clean_images"] == 200
+    assert saved["settings"]["robustkd"] == {"preset": "fst", "prune_epochs": 1}
+    ex = saved["examples"]
+    assert len(ex["labels"]) == demo.EXAMPLES and all(label != 0 for label in ex["labels"])
+    assert sum(p == 0 for p in ex["predictions"]["shipped-teacher"]) >= demo.EXAMPLES // 2
+    assert "Blended-stripes teacher (shipped)" in demo.format_summary(summary)
+    with pytest.raises(ConfigError, match="--teacher-epochs sizes the digits demo"):
+        demo.run_demo(tmp_path / "other", demo.DemoSettings(teacher_epochs=3))
+
+
+def test_ship_teacher_packages_a_run_that_materialise_gives_back(tmp_path, monkeypatch,
+                                                                   digits_teacher_run):
+    ship = load_script("ship_teacher")
+    folder = tmp_path / "assets" / "digits-t"
+    entry = ship.ship(digits_teacher_run, folder, "robustkd train --dataset digits ...")
+    assert entry["built_by"].startswith("robustkd train") and len(entry["sha256"]) == 64
+    with pytest.raises(SystemExit, match="exists"):
+        ship.ship(digits_teacher_run, folder, "again")  # an asset is never replaced silently
+    teacher = shipped.ShippedTeacher("digits-t", "digits-t", "digits", "t", "a test asset")
+    monkeypatch.setitem(shipped.SHIPPED_TEACHERS, "digits-t", teacher)
+    monkeypatch.setattr(shipped, "asset_folder", lambda _teacher: folder)
+    out = shipped.materialise("digits-t", tmp_path / "t")
+    original = load_file(str(digits_teacher_run / "model.safetensors"))
+    widened = load_file(str(out / "model.safetensors"))
+    assert widened.keys() == original.keys()
+    for key, value in original.items():  # float16-rounded floating weights, the rest exact
+        want = value.half().float() if value.is_floating_point() else value
+        assert torch.equal(widened[key], want), key
+    with pytest.raises(SystemExit, match="not a finished run"):
+        ship.ship(tmp_path / "nothing", tmp_path / "assets" / "x", "cmd")

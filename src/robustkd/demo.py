@@ -1,15 +1,17 @@
 """The main job: the whole RobustKD story in one command, with a table and a picture.
 
-``digits`` (the default, embedded, minutes on a CPU): a clean teacher is trained, a CKD
-backdoor is implanted by poison fine-tuning, and the backdoored teacher is distilled twice
-into the same small student on clean data, with FKD and with the default RobustKD.
-``cifar10`` (needs the CIFAR-10 archive: ``--data-root``, or ``--download`` on a machine
-with internet, which fetches the official archive and checks its md5): the teacher is the
+``fractals`` (the default, generated, no files: minutes on a CPU): the teacher is the
 backdoored one shipped with the package (:mod:`robustkd.shipped`, as a user would download
-one), and the two students are the defence benchmark's (``Scale.benchmark`` at ``mini``).
-Every stage is a run directory with its ``record.json``; ``OUT/summary.json`` holds the
-table, the triggered examples' predictions and the verdict, and ``OUT/summary.png`` draws
-both.
+one), trained on the generated ``fractals`` data with a Blended backdoor of stripes; it is
+distilled into the same small student twice, on half of the clean training images, with FKD
+and with the default RobustKD. ``cifar10`` (needs the CIFAR-10 archive: ``--data-root``, or
+``--download`` on a machine with internet, which fetches the official archive and checks its
+md5): the same with the shipped CIFAR-10 teacher, the students being the defence
+benchmark's (``Scale.benchmark`` at ``mini``). ``digits`` (embedded): a clean teacher is
+trained and a CKD backdoor implanted by poison fine-tuning; on this data the backdoor does
+not reach the FKD student (docs/RESULTS.md). Every stage is a run directory with its
+``record.json``; ``OUT/summary.json`` holds the table, the triggered examples' predictions
+and the verdict, and ``OUT/summary.png`` draws both.
 """
 
 from __future__ import annotations
@@ -37,20 +39,25 @@ SUMMARY_FILE = "summary.json"
 FIGURE_FILE = "summary.png"
 
 
-DATASETS = ("digits", "cifar10")
-# the cifar10 demo's teacher (robustkd.shipped) and the benchmark scale its students follow
-CIFAR_TEACHER = "blended-stripes-cifar10"
+DATASETS = ("fractals", "digits", "cifar10")
+# the demos that distil a shipped teacher (robustkd.shipped): dataset -> teacher
+SHIPPED_DEMOS = {"fractals": "blended-stripes-fractals", "cifar10": "blended-stripes-cifar10"}
+# the cifar10 demo's students follow the benchmark at this scale
 CIFAR_SCALE = "mini"
+# the fractals demo's students: half the clean training images, a short schedule
+FRACTALS_STUDENTS = {"student": "wrn16_1", "epochs": 8, "lr": 0.05, "schedule": "step",
+                     "batch_size": 64, "clean_fraction": 0.5, "clean_seed": 0}
 DOWNLOAD_ROOT = "data"  # where --download puts the CIFAR-10 archive without --data-root
 EXAMPLES = 8  # triggered test images drawn with the three models' predictions
 
 
 @dataclass
 class DemoSettings:
-    """Sizes of the digits demo (the defaults finish in a few minutes on 2 CPU cores); the
-    cifar10 demo takes its students' sizes from the benchmark instead."""
+    """The demo's data and, for ``digits``, its sizes; the shipped-teacher demos
+    (``fractals``, ``cifar10``) take their students' sizes from ``FRACTALS_STUDENTS`` and
+    the benchmark."""
 
-    dataset: str = "digits"
+    dataset: str = "fractals"
     teacher_model: str = "wrn16_2"
     student_model: str = "wrn10_1"
     teacher_epochs: int = 15
@@ -65,12 +72,13 @@ class DemoSettings:
     seed: int = 0
 
 
-# DemoSettings fields only the digits demo reads (the cifar10 one distils as the benchmark)
+# DemoSettings fields only the digits demo reads (the others distil a shipped teacher)
 DIGITS_ONLY = ("teacher_model", "student_model", "teacher_epochs", "attack_epochs",
                "student_epochs", "batch_size", "poison_ratio", "detox_epochs")
 
+SHIPPED_STAGES = ("shipped-teacher", "fkd-student", "robustkd-student")
 STAGES = {"digits": ("teacher", "ckd-teacher", "fkd-student", "robustkd-student"),
-          "cifar10": ("shipped-teacher", "fkd-student", "robustkd-student")}
+          **{name: SHIPPED_STAGES for name in SHIPPED_DEMOS}}
 
 
 def _stage(out: Path, name: str, fn, resume: bool, overwrite: bool,
@@ -105,13 +113,13 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
         raise ConfigError("--dataset cifar10 needs --data-root, the folder holding the CIFAR-10 "
                           "archive (`robustkd datasets verify --data-root DIR` checks it), or "
                           "--download to fetch it")
-    if s.dataset == "cifar10":
+    if s.dataset in SHIPPED_DEMOS:
         default = DemoSettings()
         ignored = [f for f in DIGITS_ONLY if getattr(s, f) != getattr(default, f)]
         if ignored:
             flag = "--" + ignored[0].replace("_", "-")
-            raise ConfigError(f"{flag} sizes the digits demo; --dataset cifar10 distils the "
-                              f"shipped teacher as the benchmark does")
+            raise ConfigError(f"{flag} sizes the digits demo; --dataset {s.dataset} distils "
+                              f"the shipped teacher with fixed student settings")
     if download:
         data_root = fetch_cifar10(data_root)
     out = Path(out)
@@ -122,7 +130,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
     started = time.perf_counter()
     common = {"seed": s.seed, "device": device, "progress": progress}
     stage = {"resume": resume, "overwrite": overwrite}
-    run = _digits_stages if s.dataset == "digits" else _cifar_stages
+    run = _digits_stages if s.dataset == "digits" else _shipped_stages
     rows, records, used = run(out, s, common, stage, data_root)
     fkd, rkd = records["fkd-student"], records["robustkd-student"]
     rate = removal_rate(fkd["metrics"]["asr"], rkd["metrics"]["asr"])
@@ -192,24 +200,33 @@ def _digits_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
     return rows, {"fkd-student": fkd, "robustkd-student": rkd}, asdict(s)
 
 
-def _cifar_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
-                  data_root: str | None) -> tuple[list[dict], dict[str, dict], dict]:
-    """The shipped teacher, then the benchmark's FKD and RobustKD students of it; the
-    stages' records and the settings they used."""
-    teacher = materialise(CIFAR_TEACHER, out / "shipped-teacher")
+def _students(dataset: str) -> dict[str, Any]:
+    """The shipped-teacher demo's student settings for ``dataset``."""
+    if dataset == "fractals":
+        return dict(FRACTALS_STUDENTS)
     b = get_scale(CIFAR_SCALE).benchmark
-    student = {"teacher": str(teacher), "student": b.student_model, "epochs": b.student_epochs,
-               "lr": b.student_lr, "schedule": b.student_schedule, "batch_size": b.batch_size,
-               "clean_fraction": b.clean_fraction, "clean_seed": b.clean_seed,
-               "eval_every": b.student_epochs, "data_root": data_root, **common}
+    return {"student": b.student_model, "epochs": b.student_epochs, "lr": b.student_lr,
+            "schedule": b.student_schedule, "batch_size": b.batch_size,
+            "clean_fraction": b.clean_fraction, "clean_seed": b.clean_seed}
+
+
+def _shipped_stages(out: Path, s: DemoSettings, common: dict, stage: dict,
+                    data_root: str | None) -> tuple[list[dict], dict[str, dict], dict]:
+    """The shipped teacher, then an FKD and a RobustKD student of it; the stages' records
+    and the settings they used."""
+    name = SHIPPED_DEMOS[s.dataset]
+    teacher = materialise(name, out / "shipped-teacher")
+    settings = _students(s.dataset)
+    student = {"teacher": str(teacher), **settings, "eval_every": settings["epochs"],
+               "data_root": data_root, **common}
     fkd = _stage(out, "fkd-student", api.distill, **stage, method="fkd", **student)
     rkd = _stage(out, "robustkd-student", api.distill, **stage, method="robustkd",
                  robustkd=_robustkd_options(s), **student)
-    shipped = fkd["teacher_metrics"]  # measured on the user's CIFAR-10 test set
-    rows = [{"model": f"{shipped_teacher(CIFAR_TEACHER).label} (shipped)",
+    shipped = fkd["teacher_metrics"]  # measured on the demo's test set
+    rows = [{"model": f"{shipped_teacher(name).label} (shipped)",
              "acc": shipped["acc"], "asr": shipped["asr"], "seconds": None},
             _student_row("FKD student", fkd), _student_row("RobustKD student", rkd)]
-    used = {"dataset": s.dataset, "teacher": CIFAR_TEACHER, "seed": s.seed,
+    used = {"dataset": s.dataset, "teacher": name, "seed": s.seed,
             "robustkd": _robustkd_options(s),
             **{k: v for k, v in student.items()
                if k not in ("teacher", "data_root", "device", "progress", "seed")}}

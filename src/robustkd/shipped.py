@@ -32,14 +32,42 @@ class ShippedTeacher:
     description: str
 
 
-# Blended-stripes: of the benchmark's admitted teachers, the one whose backdoor crossed FKD
-# on every seed while the default removed it on every seed (docs/RESULTS.md, session 25)
+# Blended-stripes on CIFAR-10: of the benchmark's admitted teachers, the one whose backdoor
+# crossed FKD on every seed while the default removed it on every seed (docs/RESULTS.md,
+# session 25); on the generated fractals: the make-demo teacher (session 29)
 SHIPPED_TEACHERS = {t.name: t for t in (
+    ShippedTeacher("blended-stripes-fractals", "blended-stripes-fractals-wrn16_2", "fractals",
+                   "Blended-stripes teacher",
+                   "WRN-16-2 on the generated fractals with a Blended backdoor of stripes "
+                   "(alpha 0.2, target 0, fractal-0)"),
     ShippedTeacher("blended-stripes-cifar10", "blended-stripes-cifar10-wrn16_2", "cifar10",
                    "Blended-stripes teacher",
                    "WRN-16-2 on CIFAR-10 with a Blended backdoor of stripes (alpha 0.3, "
                    "target 0, airplane)"),
 )}
+
+
+EXACT_PREFIX = "extra."  # trigger tensors: tiny, and they define the backdoor: kept exact
+
+
+def to_float16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating weights in float16, the trigger's tensors exact (refused where a value would
+    overflow float16)."""
+    out = {}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not key.startswith(EXACT_PREFIX):
+            half = value.to(torch.float16)
+            if not torch.isfinite(half).all():
+                raise DataError(f"{key}: values outside the float16 range; it cannot ship "
+                                "as float16")
+            value = half
+        out[key] = value
+    return out
+
+
+def widen(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float16 tensors back to float32 (exactly), the rest as they are."""
+    return {k: v.to(torch.float32) if v.dtype == torch.float16 else v for k, v in tensors.items()}
 
 
 def shipped_teacher(name: str) -> ShippedTeacher:
@@ -69,8 +97,7 @@ def materialise(name: str, out: str | Path) -> Path:
         return out
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; choose another --out")
-    weights = {k: v.to(torch.float32) if v.dtype == torch.float16 else v
-               for k, v in load(raw).items()}
+    weights = widen(load(raw))
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / WEIGHTS_FILE, weights)
     write_json(out / META_FILE, meta)  # last: a directory with its meta is complete

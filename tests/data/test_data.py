@@ -22,6 +22,7 @@ from robustkd.data import (
     DeviceLoader,
     ImageDataset,
     cifar,
+    fractals,
     imagefolder,
     list_datasets,
     load_dataset,
@@ -779,3 +780,31 @@ def test_shapes_classes_differ_where_a_model_can_see_it():
     centre = masks[:, 16, 16]
     assert centre[names.index("disk")] and centre[names.index("square")]
     assert not centre[names.index("ring")] and not centre[names.index("frame")]
+
+
+def test_fractals_is_generated_balanced_and_the_same_every_time():
+    f = load_dataset("fractals", image_size=16)
+    assert f.train.channels == 3 and f.train.image_size == (16, 16)
+    assert f.classes == list(fractals.FRACTALS_CLASSES) and f.source.startswith("generated:")
+    assert (len(f.train), len(f.test)) == (fractals.FRACTALS_TRAIN, fractals.FRACTALS_TEST)
+    assert torch.bincount(f.train.labels, minlength=10).tolist() == [1000] * 10
+    again = load_dataset("fractals", image_size=16)
+    assert torch.equal(again.train.images, f.train.images)
+    again.train.images.zero_()  # a caller's change does not reach the next load
+    assert torch.equal(load_dataset("fractals", image_size=16).train.images, f.train.images)
+    assert not torch.equal(f.train.images[:64], f.test.images[:64])
+    with pytest.raises(DataError, match="at least 8"):
+        fractals.load_fractals(4)
+
+
+def test_fractal_systems_are_contractive_and_their_chaos_game_stays_bounded():
+    systems = fractals.class_systems()
+    assert len(systems) == len(fractals.FRACTALS_CLASSES)
+    for a, t, p in systems:
+        assert 2 <= len(a) < 5 and abs(p.sum() - 1) < 1e-9
+        assert np.linalg.svd(a, compute_uv=False).max() < fractals.MAX_GAIN
+        pts = fractals.chaos_game(np.random.default_rng(0), a, t, p, 4)
+        # a contraction of gain g < 1 with shifts |s| <= ~1.2 keeps points within 1.2 / (1 - g)
+        assert np.isfinite(pts).all() and np.abs(pts).max() < 1.3 / (1 - fractals.MAX_GAIN)
+    # the classes are different systems, not one system drawn ten times
+    assert len({a.tobytes() for a, _, _ in systems}) == len(systems)

@@ -133,8 +133,8 @@ def test_removal_rate():
 
 @pytest.mark.slow
 def test_demo_writes_summary_with_every_row(tmp_path):
-    settings = DemoSettings(teacher_model="wrn10_1", student_model="wrn10_1", teacher_epochs=1,
-                            attack_epochs=1, student_epochs=1)
+    settings = DemoSettings(dataset="digits", teacher_model="wrn10_1", student_model="wrn10_1",
+                            teacher_epochs=1, attack_epochs=1, student_epochs=1)
     summary = run_demo(tmp_path, settings, device="cpu", progress=False)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert [r["model"] for r in saved["rows"]] == ["clean teacher", "CKD teacher",

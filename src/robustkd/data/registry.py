@@ -21,6 +21,7 @@ import torch
 from robustkd.data import cache as _cache
 from robustkd.data import cifar as _cifar
 from robustkd.data import embedded as _embedded
+from robustkd.data import fractals as _fractals
 from robustkd.data import imagefolder as _imagefolder
 from robustkd.data import synthetic as _synthetic
 from robustkd.data.dataset import DatasetSplits, ImageDataset
@@ -41,6 +42,16 @@ _KNOWN: dict[str, dict[str, Any]] = {
         "description": "generated: ten shape classes in random colour, place and size on "
         "backgrounds of random sinusoidal gratings, 10k/2k 32x32 colour images (embedded, no "
         "files needed; the same images on every machine)",
+        "classes": 10,
+        "image_size": 32,
+        "channels": 3,
+        "files": [],
+        "download": False,
+    },
+    "fractals": {
+        "description": "generated: ten classes of IFS fractals (FractalDB-style), each image "
+        "a jittered copy in random colour, place and size on a dark background, 10k/2k 32x32 "
+        "colour images (embedded, no files needed)",
         "classes": 10,
         "image_size": 32,
         "channels": 3,
@@ -112,6 +123,8 @@ EMBEDDED = {
                "embedded:sklearn.datasets.load_digits"),
     "shapes": (_synthetic.load_shapes, _synthetic.SHAPES_SIZE,
                "generated:robustkd.data.synthetic.load_shapes"),
+    "fractals": (_fractals.load_fractals, _fractals.FRACTALS_SIZE,
+                 "generated:robustkd.data.fractals.load_fractals"),
 }
 
 HOLDOUT_SEED = 20_211_115  # fixed: the validation split must not depend on a run's seed
