@@ -3,7 +3,7 @@
 ``fractals`` (the default, generated, no files: minutes on a CPU): the teacher is the
 backdoored one shipped with the package (:mod:`robustkd.shipped`, as a user would download
 one), trained on the generated ``fractals`` data with a Blended backdoor of stripes; it is
-distilled into the same small student twice, on half of the clean training images, with FKD
+distilled into the same small student twice, on 30% of the clean training images, with FKD
 and with the default RobustKD. ``cifar10`` (needs the CIFAR-10 archive: ``--data-root``, or
 ``--download`` on a machine with internet, which fetches the official archive and checks its
 md5): the same with the shipped CIFAR-10 teacher, the students being the defence
@@ -44,9 +44,9 @@ DATASETS = ("fractals", "digits", "cifar10")
 SHIPPED_DEMOS = {"fractals": "blended-stripes-fractals", "cifar10": "blended-stripes-cifar10"}
 # the cifar10 demo's students follow the benchmark at this scale
 CIFAR_SCALE = "mini"
-# the fractals demo's students: half the clean training images, a short schedule
+# the fractals demo's students: 30% of the clean training images (3,000), a short schedule
 FRACTALS_STUDENTS = {"student": "wrn16_1", "epochs": 8, "lr": 0.05, "schedule": "step",
-                     "batch_size": 64, "clean_fraction": 0.5, "clean_seed": 0}
+                     "batch_size": 64, "clean_fraction": 0.3, "clean_seed": 0}
 DOWNLOAD_ROOT = "data"  # where --download puts the CIFAR-10 archive without --data-root
 EXAMPLES = 8  # triggered test images drawn with the three models' predictions
 
