@@ -49,19 +49,18 @@ STORE = Path(os.environ.get("ROBUSTKD_CACHE_DIR", "~/.cache/robustkd")).expandus
 RESULTS = Path(__file__).resolve().parent / "results" / "bench-teachers"
 TEACHER_KINDS = ("train", "attack")
 SKIP = ("state", "run.lock")
-COMPACT_FILE = SHIPPED_WEIGHTS
-compact, expand = to_float16, widen  # the shipped assets' float16 copy (robustkd.shipped)
+COMPACT_FILE = SHIPPED_WEIGHTS  # the shipped assets' float16 copy (robustkd.shipped)
 
 
 def save_compact(src: Path, results: Path) -> None:
     """Write the float16 copy to ``results`` and round ``src``'s weights to it in place."""
-    half = compact(load_file(str(src / WEIGHTS_FILE)))
+    half = to_float16(load_file(str(src / WEIGHTS_FILE)))
     save_tensors(results / COMPACT_FILE, half)
-    save_tensors(src / WEIGHTS_FILE, expand(half))
+    save_tensors(src / WEIGHTS_FILE, widen(half))
 
 
 def restore_compact(results: Path, dst: Path) -> None:
-    weights = expand(load_file(str(results / COMPACT_FILE)))
+    weights = widen(load_file(str(results / COMPACT_FILE)))
     copy_run(results, dst, skip=(*SKIP, COMPACT_FILE),
              complete=lambda tmp: save_tensors(tmp / WEIGHTS_FILE, weights))
 

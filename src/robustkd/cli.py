@@ -32,6 +32,8 @@ def _names(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from robustkd.attacks import ATTACKS
+    from robustkd.demo import DATASETS as DEMO_DATASETS
+    from robustkd.demo import DemoSettings
 
     parser = argparse.ArgumentParser(
         prog="robustkd",
@@ -165,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "teacher, distilled as the benchmark does; --dataset digits: "
                                    "train a clean teacher, implant a CKD backdoor, distil it.")
     p.add_argument("--out", default="runs/demo", metavar="DIR")
-    p.add_argument("--dataset", choices=["fractals", "digits", "cifar10"], default=None,
-                   help="fractals (generated, default), digits (embedded) or cifar10 (needs "
-                        "--data-root or --download)")
+    p.add_argument("--dataset", choices=DEMO_DATASETS, default=None,
+                   help=f"{', '.join(DEMO_DATASETS)} (default {DemoSettings.dataset}; cifar10 "
+                        "needs --data-root or --download)")
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 archive")
     p.add_argument("--download", action="store_true",
                    help="cifar10: fetch the official archive into --data-root (default data/) "

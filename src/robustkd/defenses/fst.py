@@ -105,6 +105,5 @@ def fst_defense(teacher: nn.Module, ctx: DefenseContext,
         mix_back(model, teacher, cfg.original_share, skip=[name])
         with autocast_for(ctx.device, ctx.amp):
             reestimate_bn(model, (x for x, _, _ in ctx.loader(cfg.batch_size)))
-        model.eval()
     return model, {"classifier": name, "history": [h.as_dict() for h in history],
                    "held": [n for n, _ in held]}
