@@ -36,7 +36,8 @@ from robustkd.defenses.registry import DefenseContext, defend_teacher, get_teach
 from robustkd.defenses.robustkd import robustkd_config
 from robustkd.distill import DistillRun, distill_student
 from robustkd.models import build_model
-from robustkd.training.loop import autocast_for
+from robustkd.training.host_memory import keep_freed_memory
+from robustkd.training.loop import autocast_for, cpu_has_bf16
 from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig, build_optimizer
 from robustkd.utils import describe_device, resolve_device
@@ -106,13 +107,14 @@ def step_models(method: str, teacher, data: ImageDataset, device, amp: bool,
 
 
 def loop_rate(method: str, teacher, student, data: ImageDataset, device, batch_size: int,
-              amp: bool, channels_last: bool) -> tuple[float, float]:
+              amp: bool, channels_last: bool, compile: bool = False) -> tuple[float, float]:
     """Images/s of one epoch of the loop as the loop times it (batching, augmentation, taps,
     loss, connectors, optimiser, logging), and of the whole call, which adds the run's
     one-off setup (connectors and margins sized on a probe batch, hooks registered)."""
     started = time.perf_counter()
     loop = LoopSettings(mean=MEAN, std=STD, augment=AUGMENT, batch_size=batch_size,
-                        device=device, amp=amp, channels_last=channels_last, progress=False)
+                        device=device, amp=amp, channels_last=channels_last, compile=compile,
+                        progress=False)
     history, _ = distill_student(teacher, student, data, None, loop=loop,
                                  run=DistillRun(epochs=1, eval_every=0), method=method)
     if device.type == "cuda":
@@ -131,11 +133,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--compile", action="store_true",
+                   help="the loop with distill's --compile (its loss compiled); the bare "
+                        "step stays eager")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    default=None, help="contiguous tensors (distill's --no-channels-last; "
                                       "else distill's default)")
     args = p.parse_args()
     device = resolve_device(args.device)
+    kept = keep_freed_memory() if device.type == "cpu" else False  # as the loop does: both alike
+    bf16 = args.amp and (device.type == "cuda" or cpu_has_bf16())
     classes = 10
     torch.manual_seed(0)
     teacher = build_model(args.teacher, num_classes=classes)
@@ -147,13 +154,13 @@ def main() -> None:
     for method in args.methods.split(","):
         step_teacher, step_method = step_models(method, teacher, data, device, args.amp, cl)
         loop_rate(step_method, step_teacher, student, random_images(2 * args.batch_size, classes),
-                  device, args.batch_size, args.amp, cl)  # warm-up
+                  device, args.batch_size, args.amp, cl, args.compile)  # warm-up
         bare, loop, call = [], [], []
         for _ in range(args.repeats):  # interleaved, so a slow spell hits both alike
             bare.append(bare_rate(step_teacher, student, device, args.batch_size, steps, args.amp,
                                   classes, cl))
             epoch_rate, call_rate = loop_rate(step_method, step_teacher, student, data, device,
-                                              args.batch_size, args.amp, cl)
+                                              args.batch_size, args.amp, cl, args.compile)
             loop.append(epoch_rate)
             call.append(call_rate)
         b, lo, c = statistics.median(bare), statistics.median(loop), statistics.median(call)
@@ -161,7 +168,8 @@ def main() -> None:
                           "loop_img_s": round(lo, 1), "ratio": round(lo / b, 3),
                           "call_img_s": round(c, 1), "call_ratio": round(c / b, 3),
                           "device": describe_device(device), "amp": args.amp,
-                          "channels_last": cl,
+                          "bf16": bf16, "freed_memory_kept": kept,
+                          "channels_last": cl, "compile": args.compile,
                           "threads": torch.get_num_threads(), "repeats": args.repeats,
                           "images": args.images, "batch_size": args.batch_size}), flush=True)
 

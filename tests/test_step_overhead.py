@@ -22,6 +22,7 @@ def test_robustkd_step_is_fkd_from_a_cleaned_copy_and_prints_ratios(monkeypatch,
     assert [line["method"] for line in lines] == ["fkd", "robustkd"]
     for line in lines:
         assert line["channels_last"] is True  # as `robustkd distill` runs by default
+        assert line["bf16"] is False  # --no-amp
         assert line["bare_img_s"] > 0 and line["loop_img_s"] > 0
         assert line["ratio"] == pytest.approx(line["loop_img_s"] / line["bare_img_s"],
                                               rel=0.01)

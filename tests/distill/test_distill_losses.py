@@ -10,6 +10,7 @@ from robustkd.distill.losses import (
     bn_margin,
     empirical_margin,
     fkd_feature_loss,
+    flat_view,
     kd_loss,
     margin_relu,
     partial_l2,
@@ -32,11 +33,12 @@ def _partial_l2_reference(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return ((s - t) ** 2 * ((s > t) | (t > 0))).sum()
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_partial_l2_value_and_gradients_match_autograd(dtype):
+def test_partial_l2_value_and_gradients_match_autograd(dtype, memory_format):
     g = torch.Generator().manual_seed(0)
-    s0 = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
-    t0 = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
+    s0 = torch.randn(4, 3, 5, 5, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    t0 = torch.randn(4, 3, 5, 5, generator=g).to(dtype).contiguous(memory_format=memory_format)
     t0[0, 0, 0, :2] = s0[0, 0, 0, :2]  # ties: no contribution, zero gradient
     results = []
     for fn in (partial_l2, _partial_l2_reference):
@@ -52,6 +54,16 @@ def test_partial_l2_value_and_gradients_match_autograd(dtype):
     assert torch.allclose(gs.float(), gs_ref.float(), rtol=rtol)
     assert torch.allclose(gt.float(), gt_ref.float(), rtol=rtol)
     assert torch.equal(gs[0, 0, 0, :2], torch.zeros(2, dtype=dtype))
+    assert gs.is_contiguous(memory_format=memory_format)  # the student's layout, kept
+
+
+def test_flat_view_of_a_channels_last_map_is_a_view_of_every_element():
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    flat = flat_view(x)
+    assert flat.data_ptr() == x.data_ptr() and flat.numel() == x.numel()
+    assert torch.equal(flat.sort().values, x.reshape(-1).sort().values)
+    plain = torch.randn(2, 3, 4, 5)
+    assert torch.equal(flat_view(plain), plain.reshape(-1))
 
 
 def test_partial_l2_gradient_is_finite_difference_exact():

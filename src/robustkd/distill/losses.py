@@ -24,6 +24,15 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
 
 
+def flat_view(x: torch.Tensor) -> torch.Tensor:
+    """The elements of a dense tensor as one vector, in memory order: a view, where
+    ``reshape(-1)`` would copy a channels-last map into NCHW order first."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
 class _PartialL2(torch.autograd.Function):
     """``partial_l2`` with its gradient written out: one float32 difference is kept and reused
     by the backward pass, instead of autograd's chain of casts, masks and powers (FKD's
@@ -36,10 +45,11 @@ class _PartialL2(torch.autograd.Function):
         wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype),
                                    torch.float32)
         diff = student.to(wide) - teacher.to(wide)
-        diff.mul_((diff > 0) | (teacher > 0))
+        # zero where ReLU erases the difference; a boolean mask, not a float one to multiply
+        diff.masked_fill_((diff <= 0) & (teacher <= 0), 0)
         ctx.save_for_backward(diff)
         ctx.dtypes = (student.dtype, teacher.dtype)
-        flat = diff.reshape(-1)
+        flat = flat_view(diff)
         return torch.dot(flat, flat)
 
     @staticmethod

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from robustkd import distributed as ddp
 from robustkd.errors import TrainingError
 from robustkd.io import save_tensors, write_json
+from robustkd.training.host_memory import keep_freed_memory
 from robustkd.training.optim import OptimConfig, build_optimizer, lr_factor, set_lr
 
 StepOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -124,6 +125,8 @@ def fit(
     replicas (buffers broadcast from rank 0, as DDP does); ``state_dir`` is written by rank 0.
     """
     device = torch.device(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # each step's activations reuse the last step's pages
     train_modules = list(train_modules)
     opt = build_optimizer(params, optim)
     history: list[EpochResult] = []
