@@ -201,6 +201,14 @@ def test_fractals_demo_distils_the_shipped_teacher_offline(tmp_path, monkeypatch
     assert "Blended-stripes teacher (shipped)" in demo.format_summary(summary)
     with pytest.raises(ConfigError, match="--teacher-epochs sizes the digits demo"):
         demo.run_demo(tmp_path / "other", demo.DemoSettings(teacher_epochs=3))
+    again = demo.run_demo(tmp_path, demo.DemoSettings(prune_epochs=1), device="cpu",
+                          progress=False, resume=True)  # the same demo: its records reused
+    assert again["rows"] == summary["rows"]
+    monkeypatch.setattr(demo, "FRACTALS_STUDENTS", {**tiny, "epochs": 2})
+    with pytest.raises(ConfigError, match="fkd-student only as it ran; these settings differ: "
+                                          "epochs 1 -> 2"):
+        demo.run_demo(tmp_path, demo.DemoSettings(prune_epochs=1), device="cpu",
+                      progress=False, resume=True)  # changed students: not the old records
 
 
 def test_ship_teacher_packages_a_run_that_materialise_gives_back(tmp_path, monkeypatch,

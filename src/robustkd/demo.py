@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from robustkd import api
+from robustkd.api.context import job_config
 from robustkd.api.data import run_data
 from robustkd.data import load_dataset
 from robustkd.defenses.robustkd import DEFAULT_PRESET
@@ -31,6 +32,7 @@ from robustkd.errors import ConfigError
 from robustkd.evaluation.metrics import predict, triggered_test_set
 from robustkd.experiments.scales import get_scale
 from robustkd.io import RECORD_FILE, read_json, write_json
+from robustkd.outputs import JOB_FILE, changed_settings
 from robustkd.plotting import pyplot, save_png
 from robustkd.runs import load_run
 from robustkd.shipped import materialise, shipped_teacher
@@ -87,6 +89,13 @@ def _stage(out: Path, name: str, fn, resume: bool, overwrite: bool,
     runs it again over an earlier demo's)."""
     run_dir = out / name
     if resume and not overwrite and (run_dir / RECORD_FILE).exists():
+        # reused only if it ran what this demo asks for (its settings, this code's constants)
+        job = job_config(fn.job_type.from_flat({**kwargs, "out": run_dir}))
+        diff = changed_settings(run_dir / JOB_FILE, job)
+        if diff:
+            raise ConfigError(f"--resume reuses the finished stage {run_dir} only as it ran; "
+                              f"these settings differ: {diff} (--overwrite runs the demo "
+                              "again)")
         return read_json(run_dir / RECORD_FILE)
     return fn(out=run_dir, resume=resume and not overwrite, overwrite=overwrite, **kwargs)
 

@@ -417,6 +417,7 @@ def from_job(job: type[Job]) -> Callable[[Callable[[Any], Any]], Callable[..., A
         def run(**kwargs: Any) -> Any:
             return fn(job.from_flat(kwargs))
 
+        run.job_type = job  # type: ignore[attr-defined]  # what a caller may build beforehand
         kind = inspect.Parameter.KEYWORD_ONLY
         run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [inspect.Parameter(k, kind, default=inspect.Parameter.empty if k in job.REQUIRED

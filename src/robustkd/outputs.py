@@ -97,17 +97,22 @@ def _saved_form(job: Mapping[str, Any]) -> dict[str, Any]:
 def _check_resumed_job(path: Path, job: Mapping[str, Any]) -> None:
     """A resumed run continues the saved job: a setting that changed is refused, naming
     it (the record would otherwise claim settings the earlier epochs never used)."""
-    if not path.exists():
-        return
-    saved, new = read_json(path), _saved_form(job)
-    # a setting left to its default (None), or one the saved job does not record, takes
-    # the saved run's value
-    changed = sorted(k for k in saved
-                     if k not in RUNTIME_KEYS and new.get(k) is not None and saved[k] != new[k])
-    if changed:
-        diff = "; ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    diff = changed_settings(path, job)
+    if diff:
         raise ConfigError(f"--resume continues {path.parent} as it was started; these "
                           f"settings differ: {diff} (repeat them, or --overwrite)")
+
+
+def changed_settings(path: Path, job: Mapping[str, Any]) -> str:
+    """``"key saved -> new; ..."`` for the settings of ``job`` that differ from the job saved
+    at ``path`` ("" when none differ or nothing was saved). A setting left to its default
+    (None), or one the saved job does not record, takes the saved run's value."""
+    if not path.exists():
+        return ""
+    saved, new = read_json(path), _saved_form(job)
+    changed = sorted(k for k in saved
+                     if k not in RUNTIME_KEYS and new.get(k) is not None and saved[k] != new[k])
+    return "; ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
 
 
 def write_job(out: str | Path, job: Mapping[str, Any]) -> None:
