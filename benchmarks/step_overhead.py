@@ -2,13 +2,16 @@
 
 (a) bare: teacher forward without grad + student forward/backward + optimiser step on one
 static, already-normalised batch; (b) loop: ``distill_student`` for one epoch of random
-CIFAR-sized images (batching, augmentation, taps, the method's loss, connectors, logging).
-Both in one process, the same models, batch size, precision and memory format (channels_last,
-as ``robustkd distill`` runs them unless ``--no-channels-last``); each figure is the median
-of ``--repeats`` timings after a warm-up. One JSON line per method:
-``method, bare_img_s, loop_img_s, ratio`` (the loop's epoch as it times itself), and
-``call_img_s, call_ratio`` (the whole ``distill_student`` call, with the run's one-off setup,
-which a short timed epoch overweights).
+CIFAR-sized images (batching, augmentation, taps, the method's loss, connectors, logging);
+between them, the method's own step on the static batch (its loss with connectors and
+margins, no loop), which splits (b)'s cost into what the method computes and what the loop
+adds. All in one process, the same models, batch size, precision and memory format
+(channels_last, as ``robustkd distill`` runs them unless ``--no-channels-last``); each figure
+is the median of ``--repeats`` timings after a warm-up. One JSON line per method:
+``method, bare_img_s, loop_img_s, ratio`` (the loop's epoch as it times itself),
+``method_img_s, method_ratio, loop_to_method``, and ``call_img_s, call_ratio`` (the whole
+``distill_student`` call, with the run's one-off setup, which a short timed epoch
+overweights).
 
 ``robustkd`` is the default preset's distillation step: its teacher is first transformed as
 the preset says (cleaned by ``cfg.prune`` - a few ANP mask batches or one FST epoch: the
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import statistics
 import time
+from contextlib import closing
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +38,9 @@ from robustkd.api.models import prepare_model
 from robustkd.data.dataset import ImageDataset
 from robustkd.defenses.registry import DefenseContext, defend_teacher, get_teacher_defense
 from robustkd.defenses.robustkd import robustkd_config
-from robustkd.distill import DistillRun, distill_student
+from robustkd.distill import DistillRun, build_distiller, distill_student
 from robustkd.models import build_model
+from robustkd.models.layers import frozen_teacher
 from robustkd.training.host_memory import keep_freed_memory
 from robustkd.training.loop import autocast_for, cpu_has_bf16
 from robustkd.training.loop_settings import LoopSettings
@@ -56,10 +61,7 @@ def random_images(n: int, classes: int, seed: int = 0) -> ImageDataset:
 def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
               classes: int, channels_last: bool) -> float:
     """Images/s of the compute alone: no data movement, no taps, a logit loss."""
-    x = torch.randn(batch_size, 3, 32, 32, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch_size,), device=device)
+    x, y = static_batch(batch_size, classes, device, channels_last)
     opt = build_optimizer(student.parameters(), OptimConfig())
     teacher.eval()
     student.train()
@@ -81,6 +83,46 @@ def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def static_batch(batch_size: int, classes: int, device, channels_last: bool):
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, classes, (batch_size,), device=device)
+
+
+def method_rate(method: str, teacher, student, device, batch_size: int, steps: int,
+                amp: bool, classes: int, channels_last: bool) -> float:
+    """Images/s of the method's own step on the static batch: the bare compute plus what the
+    method adds to it (FKD: the teacher's BN on batch statistics, connectors, margins, the
+    partial L2), without the loop around it (batching, augmentation, logging, callbacks)."""
+    x, y = static_batch(batch_size, classes, device, channels_last)
+    distiller = build_distiller(method, teacher, student)
+    with frozen_teacher(teacher, distiller.teacher_mode()), closing(distiller):
+        distiller.prepare(x)
+        distiller.to(device)
+        distiller.total_steps = steps + 2
+        opt = build_optimizer(list(student.parameters()) + list(distiller.parameters()),
+                              OptimConfig())
+        student.train()
+        distiller.train()
+
+        def step() -> None:
+            with autocast_for(device, amp):
+                loss, _ = distiller.loss(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(2):
+            step()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return steps * batch_size / (time.perf_counter() - started)
 
 
@@ -155,17 +197,22 @@ def main() -> None:
         step_teacher, step_method = step_models(method, teacher, data, device, args.amp, cl)
         loop_rate(step_method, step_teacher, student, random_images(2 * args.batch_size, classes),
                   device, args.batch_size, args.amp, cl, args.compile)  # warm-up
-        bare, loop, call = [], [], []
-        for _ in range(args.repeats):  # interleaved, so a slow spell hits both alike
+        bare, own, loop, call = [], [], [], []
+        for _ in range(args.repeats):  # interleaved, so a slow spell hits all alike
             bare.append(bare_rate(step_teacher, student, device, args.batch_size, steps, args.amp,
                                   classes, cl))
+            own.append(method_rate(step_method, step_teacher, student, device, args.batch_size,
+                                   steps, args.amp, classes, cl))
             epoch_rate, call_rate = loop_rate(step_method, step_teacher, student, data, device,
                                               args.batch_size, args.amp, cl, args.compile)
             loop.append(epoch_rate)
             call.append(call_rate)
         b, lo, c = statistics.median(bare), statistics.median(loop), statistics.median(call)
+        m = statistics.median(own)
         print(json.dumps({"method": method, "bare_img_s": round(b, 1),
                           "loop_img_s": round(lo, 1), "ratio": round(lo / b, 3),
+                          "method_img_s": round(m, 1), "method_ratio": round(m / b, 3),
+                          "loop_to_method": round(lo / m, 3),
                           "call_img_s": round(c, 1), "call_ratio": round(c / b, 3),
                           "device": describe_device(device), "amp": args.amp,
                           "bf16": bf16, "freed_memory_kept": kept,

@@ -26,6 +26,9 @@ def test_robustkd_step_is_fkd_from_a_cleaned_copy_and_prints_ratios(monkeypatch,
         assert line["bare_img_s"] > 0 and line["loop_img_s"] > 0
         assert line["ratio"] == pytest.approx(line["loop_img_s"] / line["bare_img_s"],
                                               rel=0.01)
+        assert line["method_img_s"] > 0
+        assert line["loop_to_method"] == pytest.approx(
+            line["loop_img_s"] / line["method_img_s"], rel=0.01)
         # the whole call adds the run's setup to the same epoch: never faster than the epoch
         assert 0 < line["call_img_s"] <= line["loop_img_s"]
         assert line["call_ratio"] == pytest.approx(line["call_img_s"] / line["bare_img_s"],
