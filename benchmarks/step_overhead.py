@@ -42,7 +42,7 @@ from robustkd.distill import DistillRun, build_distiller, distill_student
 from robustkd.models import build_model
 from robustkd.models.layers import frozen_teacher
 from robustkd.training.host_memory import keep_freed_memory
-from robustkd.training.loop import autocast_for, cpu_has_bf16
+from robustkd.training.loop import autocast_for, bf16_in_effect
 from robustkd.training.loop_settings import LoopSettings
 from robustkd.training.optim import OptimConfig, build_optimizer
 from robustkd.utils import describe_device, resolve_device
@@ -58,20 +58,21 @@ def random_images(n: int, classes: int, seed: int = 0) -> ImageDataset:
                         [str(i) for i in range(classes)])
 
 
-def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
-              classes: int, channels_last: bool) -> float:
-    """Images/s of the compute alone: no data movement, no taps, a logit loss."""
-    x, y = static_batch(batch_size, classes, device, channels_last)
-    opt = build_optimizer(student.parameters(), OptimConfig())
-    teacher.eval()
-    student.train()
+def static_batch(batch_size: int, classes: int, device, channels_last: bool):
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, classes, (batch_size,), device=device)
+
+
+def timed_rate(loss_of_batch, params, device, batch_size: int, steps: int, amp: bool) -> float:
+    """Images/s of ``steps`` optimiser steps on the static batch's ``loss_of_batch()``, after
+    two warm-up steps."""
+    opt = build_optimizer(params, OptimConfig())
 
     def step() -> None:
         with autocast_for(device, amp):
-            with torch.no_grad():
-                t = teacher(x)
-            s = student(x)
-            loss = F.cross_entropy(s, y) + F.mse_loss(s.float(), t.float())
+            loss = loss_of_batch()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -86,11 +87,20 @@ def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def static_batch(batch_size: int, classes: int, device, channels_last: bool):
-    x = torch.randn(batch_size, 3, 32, 32, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, classes, (batch_size,), device=device)
+def bare_rate(teacher, student, device, batch_size: int, steps: int, amp: bool,
+              classes: int, channels_last: bool) -> float:
+    """Images/s of the compute alone: no data movement, no taps, a logit loss."""
+    x, y = static_batch(batch_size, classes, device, channels_last)
+    teacher.eval()
+    student.train()
+
+    def loss() -> torch.Tensor:
+        with torch.no_grad():
+            t = teacher(x)
+        s = student(x)
+        return F.cross_entropy(s, y) + F.mse_loss(s.float(), t.float())
+
+    return timed_rate(loss, student.parameters(), device, batch_size, steps, amp)
 
 
 def method_rate(method: str, teacher, student, device, batch_size: int, steps: int,
@@ -104,26 +114,11 @@ def method_rate(method: str, teacher, student, device, batch_size: int, steps: i
         distiller.prepare(x)
         distiller.to(device)
         distiller.total_steps = steps + 2
-        opt = build_optimizer(list(student.parameters()) + list(distiller.parameters()),
-                              OptimConfig())
         student.train()
         distiller.train()
-
-        def step() -> None:
-            with autocast_for(device, amp):
-                loss, _ = distiller.loss(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(2):
-            step()
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
+        params = list(student.parameters()) + list(distiller.parameters())
+        return timed_rate(lambda: distiller.loss(x, y)[0], params, device, batch_size, steps,
+                          amp)
 
 
 # the teacher transform's shortest useful settings (its cost is not the step's)
@@ -184,7 +179,7 @@ def main() -> None:
     args = p.parse_args()
     device = resolve_device(args.device)
     kept = keep_freed_memory() if device.type == "cpu" else False  # as the loop does: both alike
-    bf16 = args.amp and (device.type == "cuda" or cpu_has_bf16())
+    bf16 = bf16_in_effect(device, args.amp)
     classes = 10
     torch.manual_seed(0)
     teacher = build_model(args.teacher, num_classes=classes)

@@ -83,3 +83,12 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         assert torch.allclose(value.float(), resumed_model.state_dict()[key].float(),
                               atol=1e-5), key
     assert resumed[-1].loss == pytest.approx(full[-1].loss, rel=1e-4)
+
+
+def test_bf16_is_in_effect_on_cuda_and_on_cpus_with_native_bf16_only():
+    from robustkd.training.loop import bf16_in_effect, cpu_has_bf16
+
+    assert bf16_in_effect(torch.device("cuda"), True)
+    assert not bf16_in_effect(torch.device("cuda"), False)
+    assert bf16_in_effect(torch.device("cpu"), True) == cpu_has_bf16()
+    assert not bf16_in_effect(torch.device("cpu"), False)

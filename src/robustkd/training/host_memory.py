@@ -3,8 +3,8 @@
 A training step allocates and frees the same large activations (tens of MB) every step.
 glibc's malloc serves such blocks with ``mmap`` and hands them back with ``munmap``, or trims
 the heap's top once enough of it is free; either way the next step faults every page in
-again, and the kernel zeroes each one. On some machines that costs a fifth of the step
-(docs/RESULTS.md). Telling malloc never to ``mmap`` and to trim only above 2 GiB makes freed
+again, and the kernel zeroes each one (a visible share of a one-thread CPU step:
+docs/RESULTS.md). Telling malloc never to ``mmap`` and to trim only above 2 GiB makes freed
 blocks stay in the heap for the next step, the way CUDA's caching allocator keeps GPU memory.
 The price is that the process keeps its peak heap, which a training process reaches anyway.
 

@@ -79,14 +79,19 @@ _CPU_BF16 = cpu_has_bf16()
 _TERMINAL = sys.stderr.isatty()
 
 
-def autocast_for(device: torch.device, amp: bool):
-    """bf16 autocast (no grad scaler needed) on CUDA, and on CPUs with native bf16 when
-    enabled; otherwise nothing."""
+def bf16_in_effect(device: torch.device, amp: bool) -> bool:
+    """Whether ``amp`` means bf16 autocast on ``device``: on CUDA, and on CPUs with native
+    bf16; elsewhere the step stays in float32."""
     device = torch.device(device)
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if amp and device.type == "cpu" and _CPU_BF16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return amp and (device.type == "cuda" or (device.type == "cpu" and _CPU_BF16))
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """bf16 autocast (no grad scaler needed) where :func:`bf16_in_effect`; otherwise
+    nothing."""
+    device = torch.device(device)
+    if bf16_in_effect(device, amp):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
