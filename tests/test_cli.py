@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from robustkd.cli import build_parser, main
+from robustkd.training.loop import precision_name
 
 
 @pytest.mark.parametrize(
@@ -25,6 +26,7 @@ def test_train_attack_evaluate_write_records(tmp_path, capsys):
                  *common]) == 0
     rec = json.loads((teacher / "record.json").read_text())
     assert {"metrics", "config", "seed", "git_rev", "device", "seconds"} <= set(rec)
+    assert rec["precision"] == precision_name("cpu", True)  # what the steps ran in
     assert 0.0 <= rec["metrics"]["acc"] <= 1.0 and "asr" not in rec["metrics"]
     assert rec["config"]["train_fraction"] == 0.5
     assert (teacher / "model.safetensors").exists() and (teacher / "meta.json").exists()

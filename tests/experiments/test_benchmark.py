@@ -13,7 +13,7 @@ from robustkd.cli import main as cli_main
 from robustkd.data.dataset import ImageDataset
 from robustkd.evaluation.metrics import evaluate_model
 from robustkd.experiments import plan, reproduce
-from robustkd.experiments.bench_report import criteria_line
+from robustkd.experiments.bench_report import benchmark_markdown, criteria_line
 from robustkd.experiments.benchmark import BENCH_SEEDED, BENCH_TEACHERS, TEACHER_FREE
 from robustkd.experiments.report import load_records
 
@@ -94,6 +94,7 @@ def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
     assert s0["config"]["clean_seed"] == s1["config"]["clean_seed"] == 0
     assert s0["seed"] == 0 and s1["seed"] == 1
     assert {"acc", "asr", "racc"} <= set(s0["metrics"])
+    assert s0["precision"] in ("bf16", "fp32")
     text = (out / "report.md").read_text()
     assert "### ckd-scratch" in text and "### badnets-scratch" in text
     assert "| FKD | 2/2 |" in text and "R-ACC %" in text and "Criteria:" in text
@@ -104,6 +105,29 @@ def test_smoke_benchmark_runs_resumes_and_reports(tmp_path):
     assert pruned["command"] == "defend" and pruned["config"]["seed"] == 1
     # its time counts the FKD student it cleaned
     assert pruned["parent_seconds"] == pytest.approx(s1["seconds"])
+
+
+def test_time_against_fkd_is_given_only_between_runs_of_one_arithmetic():
+    layout = {"scale": "smoke", "cells": [
+        {"column": c, "run": f"{c}-{s}", "seed": s}
+        for c in ("teacher/t", "fkd/t", "finetune/t", "nad/t") for s in (0, 1)]}
+
+    def rec(seconds, precision=None):
+        r = {"metrics": {"acc": 0.8, "asr": 0.1}, "seconds": seconds}
+        return r | ({"precision": precision} if precision else {})
+
+    records = {"teacher/t-0": rec(50), "teacher/t-1": rec(50),
+               "fkd/t-0": rec(100, "bf16"), "fkd/t-1": rec(100, "bf16"),
+               "finetune/t-0": rec(150, "bf16"), "finetune/t-1": rec(130, "bf16"),
+               "nad/t-0": rec(400, "fp32")}
+    rows = {line.split(" |")[0]: line for line in benchmark_markdown(layout, records).splitlines()
+            if line.startswith("| ")}
+    assert rows["| fine-tuning + FKD"].endswith("| 1.40 |")
+    # an fp32 run against bf16 FKD runs: no ratio, and why
+    assert rows["| NAD + FKD"].endswith("| – (bf16 vs fp32) |")
+    # records older than the field compare among themselves only
+    records["fkd/t-1"] = rec(100)
+    assert "– (bf16 vs unrecorded) |" in benchmark_markdown(layout, records)
 
 
 def test_criteria_marks_met_failed_and_missing():

@@ -11,7 +11,7 @@ def item(run_id, params, metrics, parents=None, seed=0):
     return {"node": {"id": run_id, "kind": "distill", "params": params,
                      "parents": parents or {}},
             "record": {"metrics": metrics, "seed": seed, "seconds": 1.5, "device": "cpu",
-                       "git_rev": "abc"}}
+                       "precision": "fp32", "git_rev": "abc"}}
 
 
 def test_rows_keep_varying_settings_and_every_metric(tmp_path):
@@ -27,3 +27,4 @@ def test_rows_keep_varying_settings_and_every_metric(tmp_path):
     assert [r["id"] for r in read] == ["a", "b"] and read[0]["parents"] == "teacher=t"
     assert read[1]["metric.asr"] == "" and read[1]["setting.options.beta"] == "2.0"
     assert read[1]["seed"] == "1" and read[0]["seconds"] == "1.5"
+    assert read[0]["precision"] == "fp32"

@@ -19,7 +19,7 @@ from robustkd.io import RECORD_FILE, read_json
 from robustkd.jobs import Job
 from robustkd.outputs import earlier_seconds, finish_run, prepare_out, write_job
 from robustkd.runs import save_run_model, write_record
-from robustkd.training.loop import EpochResult
+from robustkd.training.loop import EpochResult, precision_name
 from robustkd.triggers import Trigger
 from robustkd.utils import describe_device
 
@@ -94,6 +94,7 @@ class RunContext:
     def _write(self, metrics: dict[str, float], extra: dict[str, Any]) -> None:
         write_record(self.out, command=self.command, metrics=metrics, config=self.config,
                      seed=self.seed, device=describe_device(self.device),
+                     precision=precision_name(self.device, bool(self.config.get("amp", False))),
                      seconds=self.seconds(), **extra)
 
 

@@ -86,13 +86,23 @@ def _seconds(records, runs: list[str]) -> str:
     return f"{m:.0f}" if h is None else f"{m:.0f} ± {h:.0f}"
 
 
+def _precisions(records, runs: list[str]) -> set[str]:
+    """The arithmetic the finished runs recorded (``unrecorded`` for records older than the
+    field)."""
+    return {records[r].get("precision") or "unrecorded" for r in runs if r in records}
+
+
 def _time_ratio(records, runs: list[str], fkd_runs: list[str]) -> str:
     """Mean seconds of the method over the FKD student's mean seconds (issue 15's budget is
-    1.5x FKD's)."""
+    1.5x FKD's); none where the runs used different arithmetic (bf16 and fp32 steps differ
+    about twofold in speed)."""
     secs = [run_seconds(records[r]) for r in runs if r in records]
     base = [run_seconds(records[r]) for r in fkd_runs if r in records]
     if not secs or not base:
         return "–"
+    mixed = _precisions(records, runs) | _precisions(records, fkd_runs)
+    if len(mixed) > 1:
+        return f"– ({' vs '.join(sorted(mixed))})"
     return f"{(sum(secs) / len(secs)) / (sum(base) / len(base)):.2f}"
 
 

@@ -1,8 +1,9 @@
 """``results.csv``: every finished run as one row, for a spreadsheet or pandas.
 
-Columns: the run's id, kind, parents, seed, device, git revision and seconds; every metric
-any run recorded; and every setting (nested ones as ``options.alpha``) whose value differs
-between the runs - the settings all runs share would only repeat themselves.
+Columns: the run's id, kind, parents, seed, device, arithmetic (bf16/fp32), git revision
+and seconds; every metric any run recorded; and every setting (nested ones as
+``options.alpha``) whose value differs between the runs - the settings all runs share would
+only repeat themselves.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from robustkd.io import atomic_write
 
-FIXED = ("id", "kind", "parents", "seed", "device", "git_rev", "seconds")
+FIXED = ("id", "kind", "parents", "seed", "device", "precision", "git_rev", "seconds")
 CSV_FILE = "results.csv"
 
 
@@ -42,7 +43,8 @@ def rows(items: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, 
         row = {"id": node["id"], "kind": node["kind"],
                "parents": ";".join(f"{k}={v}" for k, v in sorted(node["parents"].items())),
                "seed": record.get("seed"), "device": record.get("device"),
-               "git_rev": record.get("git_rev"), "seconds": record.get("seconds")}
+               "precision": record.get("precision"), "git_rev": record.get("git_rev"),
+               "seconds": record.get("seconds")}
         row.update({f"metric.{k}": v for k, v in record.get("metrics", {}).items()})
         table.append(row)
         settings.append(flatten(node.get("params", {})))
