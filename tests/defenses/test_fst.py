@@ -82,10 +82,23 @@ def test_fst_moves_the_features_of_a_copy_and_turns_its_head_away(digits, digits
 def test_fst_settings_are_checked_where_they_enter(digits, digits_teacher):
     ctx = DefenseContext(clean=per_class_subset(digits.train, fraction=0.1, seed=0),
                          mean=digits.mean, std=digits.std, progress=False)
-    for bad in ({"alpha": -0.1}, {"lr": 0.0}, {"schedule": "linear"}, {"tune": "shallow"}):
+    for bad in ({"alpha": -0.1}, {"lr": 0.0}, {"schedule": "linear"}, {"tune": "shallow"},
+                {"data_fraction": 0.0}, {"data_fraction": 1.5}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             defend_teacher("fst", digits_teacher, ctx, bad)
     assert FSTSettings().epochs == 10 and FSTSettings().weight_decay == 0.0
+
+
+def test_fst_on_a_share_of_the_clean_images_tunes_on_that_share_only(digits, digits_teacher):
+    ctx = DefenseContext(clean=per_class_subset(digits.train, fraction=0.2, seed=0),
+                         mean=digits.mean, std=digits.std, progress=False, seed=3)
+    _, report = defend_teacher("fst", digits_teacher, ctx,
+                               {"epochs": 1, "batch_size": 32, "data_fraction": 0.5})
+    half = per_class_subset(ctx.clean, 0.5, seed=3)
+    assert report["images"] == len(half) < len(ctx.clean)
+    assert len(half) - 32 < report["history"][0]["images"] <= len(half)
+    _, whole = defend_teacher("fst", digits_teacher, ctx, {"epochs": 1, "batch_size": 32})
+    assert whole["images"] == len(ctx.clean)
 
 
 def test_fst_tuning_only_the_deepest_layer_keeps_the_shallower_features(digits, digits_teacher):

@@ -122,6 +122,14 @@ def finetune_copy(teacher: nn.Module, ctx: DefenseContext, *, epochs: int,
     return model, history
 
 
+def tuning_share(ctx: DefenseContext, fraction: float) -> DefenseContext:
+    """The context a tuning on ``fraction`` of each class of the defender's images reads (the
+    same images for a seed); the student still distils on all of them."""
+    if fraction >= 1.0:
+        return ctx
+    return replace(ctx, clean=per_class_subset(ctx.clean, fraction, seed=ctx.seed))
+
+
 def finetune_optim(cfg: Any, *, nesterov: bool = True) -> OptimConfig:
     """The SGD optimiser of a tuning with settings ``cfg`` (any settings with ``lr``,
     ``momentum``, ``weight_decay`` and ``schedule``: fine-tuning's, FST's)."""
@@ -136,9 +144,7 @@ def finetune_defense(teacher: nn.Module, ctx: DefenseContext,
                      cfg: FinetuneSettings) -> tuple[nn.Module, dict]:
     """The fine-tuned copy, with the fine-tuning history for the record."""
     optim = finetune_optim(cfg)
-    if cfg.data_fraction < 1.0:
-        ctx = replace(ctx, clean=per_class_subset(ctx.clean, cfg.data_fraction,
-                                                 seed=ctx.seed))
+    ctx = tuning_share(ctx, cfg.data_fraction)
     model, history = finetune_copy(teacher, ctx, epochs=cfg.epochs, optim=optim,
                                    batch_size=cfg.batch_size, anchor_weight=cfg.anchor_weight)
     return model, {"history": [h.as_dict() for h in history], "images": len(ctx.clean)}

@@ -26,6 +26,7 @@ from robustkd.defenses.finetune import (
     finetune_model,
     finetune_optim,
     held_modules,
+    tuning_share,
 )
 from robustkd.defenses.registry import DefenseContext, register_teacher_defense, trainable_copy
 from robustkd.models.layers import classifier_layer, held_still, mix_back, reestimate_bn
@@ -56,6 +57,9 @@ class FSTSettings:
                                          "classifier (0: FST's copy; WiSE-FT's "
                                          "interpolation, not in FST)",
                                     minimum=0.0, maximum=1.0)
+    data_fraction: float = setting(1.0, "share of each class of the defender's images the "
+                                        "tuning uses (the student still distils on all; not "
+                                        "in FST)", above=0.0, maximum=1.0)
 
 
 def reinit_linear(layer: nn.Linear, generator: torch.Generator) -> None:
@@ -96,8 +100,9 @@ def fst_defense(teacher: nn.Module, ctx: DefenseContext,
                                                                       cfg.alpha),
                       name="fst_penalty")
     held = held_modules(model, ctx, cfg.tune)
+    tuning = tuning_share(ctx, cfg.data_fraction)
     with held_still([m for _, m in held]):
-        history = finetune_model(model, ctx, epochs=cfg.epochs,
+        history = finetune_model(model, tuning, epochs=cfg.epochs,
                                  optim=finetune_optim(cfg, nesterov=False),
                                  batch_size=cfg.batch_size, desc="feature shift tuning",
                                  after_step=lambda m: keep_norm(head, norm), extra_loss=extra)
@@ -106,4 +111,4 @@ def fst_defense(teacher: nn.Module, ctx: DefenseContext,
         with autocast_for(ctx.device, ctx.amp):
             reestimate_bn(model, (x for x, _, _ in ctx.loader(cfg.batch_size)))
     return model, {"classifier": name, "history": [h.as_dict() for h in history],
-                   "held": [n for n, _ in held]}
+                   "held": [n for n, _ in held], "images": len(tuning.clean)}
