@@ -122,3 +122,38 @@ def test_soft_target_loss_is_kd_without_its_label_term():
     s, t, y = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.5]]), torch.tensor([1])
     assert soft_target_loss(s, t, 3.0).item() == pytest.approx(kd_loss(s, t, y, 3.0, 1.0).item())
     assert soft_target_loss(t, t, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_connector_folds_its_bn_into_the_conv_with_the_same_function(memory_format):
+    """Training mode: BN's batch statistics from the input's mean and covariance, folded
+    into the conv: output, every gradient and the running statistics as conv then BN."""
+    from torch import nn
+
+    from robustkd.distill.fkd import connector
+
+    torch.manual_seed(0)
+    folded = connector(6, 10).double()
+    with torch.no_grad():
+        folded[1].weight.uniform_(0.5, 2.0)
+        folded[1].bias.normal_()
+    plain = nn.Sequential(nn.Conv2d(6, 10, 1, bias=False), nn.BatchNorm2d(10)).double()
+    plain.load_state_dict(folded.state_dict())  # the same keys: checkpoints carry over
+    for _ in range(2):  # the second step reads the running statistics the first one wrote
+        x = (torch.randn(8, 6, 5, 5, dtype=torch.double) * 3 + 2).contiguous(
+            memory_format=memory_format).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, ref = folded(x), plain(x2)
+        g = torch.randn_like(ref)
+        (y * g).sum().backward()
+        (ref * g).sum().backward()
+        torch.testing.assert_close(y, ref)
+        torch.testing.assert_close(x.grad, x2.grad)
+    for (name, a), b in zip(folded.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(folded.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    folded.eval()
+    plain.eval()
+    x = torch.randn(4, 6, 5, 5, dtype=torch.double)
+    torch.testing.assert_close(folded(x), plain(x))  # eval: BN's running statistics

@@ -29,12 +29,56 @@ from robustkd.models.taps import resolve_modules, tap
 from robustkd.settings import setting
 
 
-def connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
+class Connector(nn.Sequential):
+    """FKD's connector, a 1x1 conv (no bias) then BN, whose training-mode forward folds the
+    BN into the conv.
+
+    A 1x1 conv is linear per pixel, so the batch statistics of its output follow from its
+    input's: mean ``W mu`` and variance ``diag(W Sigma W^T)``. Normalising with them is one
+    conv with scaled weights and a bias: the same function of the input as conv then BN (so
+    the same gradients), without BN's own passes over the widest map of the step. The
+    running statistics are updated as BN would; in eval mode it is plain conv then BN.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        conv = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / teacher_channels))
+        super().__init__(conv, nn.BatchNorm2d(teacher_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        if not (self.training and bn.training):
+            return super().forward(x)
+        wide = torch.promote_types(conv.weight.dtype, torch.float32)  # bf16 inputs: float32
+        w = conv.weight.flatten(1).to(wide)
+        with torch.autocast(x.device.type, enabled=False):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(wide)  # channels_last: a view
+            n = rows.shape[0]
+            mu = rows.mean(0)
+            cov = rows.T @ rows / n - torch.outer(mu, mu)
+            mean = w @ mu
+            var = ((w @ cov) * w).sum(1).clamp_min(0)
+            scale = bn.weight * torch.rsqrt(var + bn.eps)
+            weight = (w * scale[:, None]).view_as(conv.weight)
+            bias = bn.bias - mean * scale
+        self._track(bn, mean.detach(), var.detach(), n)
+        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))
+
+    @staticmethod
+    @torch.no_grad()
+    def _track(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """BN's running statistics update (unbiased variance, BN's momentum)."""
+        if not bn.track_running_stats:
+            return
+        bn.num_batches_tracked.add_(1)
+        m = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), m)
+        bn.running_var.lerp_((var * n / max(n - 1, 1)).to(bn.running_var.dtype), m)
+
+
+def connector(student_channels: int, teacher_channels: int) -> Connector:
     """1x1 conv (no bias) + BN mapping student channels to the teacher's."""
-    conv = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
-    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / teacher_channels))
-    bn = nn.BatchNorm2d(teacher_channels)
-    return nn.Sequential(conv, bn)
+    return Connector(student_channels, teacher_channels)
 
 
 def salt_and_pepper(x: torch.Tensor, fraction: float) -> torch.Tensor:
