@@ -94,6 +94,7 @@ class RunContext:
     def _write(self, metrics: dict[str, float], extra: dict[str, Any]) -> None:
         write_record(self.out, command=self.command, metrics=metrics, config=self.config,
                      seed=self.seed, device=describe_device(self.device),
+                     # a command without an amp setting trains nothing: fp32 evaluation
                      precision=precision_name(self.device, bool(self.config.get("amp", False))),
                      seconds=self.seconds(), **extra)
 

@@ -71,7 +71,7 @@ class Connector(nn.Sequential):
         if not bn.track_running_stats:
             return
         bn.num_batches_tracked.add_(1)
-        m = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
+        m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), m)
         bn.running_var.lerp_((var * n / max(n - 1, 1)).to(bn.running_var.dtype), m)
 

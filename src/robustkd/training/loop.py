@@ -86,10 +86,10 @@ def bf16_in_effect(device: torch.device, amp: bool) -> bool:
     return amp and (device.type == "cuda" or (device.type == "cpu" and _CPU_BF16))
 
 
-def precision_name(device: torch.device | str | None, amp: bool) -> str:
+def precision_name(device: torch.device | str, amp: bool) -> str:
     """``bf16`` or ``fp32``: the arithmetic a run's steps used, recorded with its wall time
     (timings of different arithmetic are not comparable)."""
-    return "bf16" if bf16_in_effect(device if device is not None else "cpu", amp) else "fp32"
+    return "bf16" if bf16_in_effect(device, amp) else "fp32"
 
 
 def autocast_for(device: torch.device, amp: bool):
