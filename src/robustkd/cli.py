@@ -219,7 +219,9 @@ def _add_reproduce(sub) -> None:
                         f"{', '.join(sorted(RECIPES))}")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only shard I of N of the final runs (plus what they need)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs, each marked done (finished in OUT) or to run; run "
+                        "nothing")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 

@@ -193,8 +193,29 @@ def test_cli_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
                      "--out", str(tmp_path / "rep")]) == 0
     assert not (tmp_path / "rep").exists()
     out = capsys.readouterr().out
-    assert "train    cifar10-wrn16_2-clean-s0" in out
+    assert "to run train    cifar10-wrn16_2-clean-s0" in out
     assert "robustkd-tau0.1" in out
+    assert " to run, 0 finished in " in out
+
+
+def test_dry_run_marks_what_out_already_holds(tmp_path):
+    """A dry run says what a real one would do: finished runs are skipped, so marked done."""
+    from robustkd.experiments.runner import NODE_FILE, RECORD_FILE, ordered_nodes, run_dir
+
+    out, lines = tmp_path / "rep", []
+    first = reproduce(["table4"], scale="mini", out=out, dry_run=True, log=lines.append)
+    assert first["finished"] == 0 and first["to_run"] == first["runs"] > 1
+    node = ordered_nodes(plan(["table4"], "mini")["table4"])[0]
+    done = run_dir(out, node)
+    done.mkdir(parents=True)
+    (done / NODE_FILE).write_text(json.dumps({"id": node.id}))
+    (done / RECORD_FILE).write_text("{}")
+    lines.clear()
+    second = reproduce(["table4"], scale="mini", out=out, dry_run=True, log=lines.append)
+    assert second["finished"] == 1 and second["to_run"] == first["runs"] - 1
+    assert f"done   {node.kind:8s} {node.id}" in lines
+    assert sum(line.startswith("done") for line in lines) == 1
+    assert not (out / "report.md").exists()  # a dry run writes nothing
 
 
 @pytest.mark.slow

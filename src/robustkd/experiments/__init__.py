@@ -13,7 +13,13 @@ from typing import Any
 from robustkd.experiments.benchmark import plan_benchmark
 from robustkd.experiments.plan import Cell, Planner, plan_study
 from robustkd.experiments.report import report
-from robustkd.experiments.runner import Shard, ordered_nodes, run_nodes, write_layout
+from robustkd.experiments.runner import (
+    Shard,
+    is_finished,
+    ordered_nodes,
+    run_nodes,
+    write_layout,
+)
 from robustkd.experiments.scales import get_scale
 from robustkd.experiments.specs import STUDIES, get_study
 
@@ -58,10 +64,15 @@ def reproduce(targets: list[str], *, scale: str = "mini", out: str | Path = "run
     out = Path(out)
     cells = plan(targets, scale, datasets, seeds, attacks, methods)
     nodes = ordered_nodes([c for cs in cells.values() for c in cs], Shard.parse(shard))
-    if dry_run:
+    if dry_run:  # what a run would do now: OUT's finished runs are skipped, not redone
+        finished = 0
         for node in nodes:
-            log(f"{node.kind:8s} {node.id}")
-        return {"runs": len(nodes), "dry_run": True}
+            done = is_finished(out, node)
+            finished += done
+            log(f"{'done' if done else 'to run':6s} {node.kind:8s} {node.id}")
+        log(f"{len(nodes) - finished} to run, {finished} finished in {out}")
+        return {"runs": len(nodes), "to_run": len(nodes) - finished, "finished": finished,
+                "dry_run": True}
     meta = {"scale": scale, "seeds": list(range(seeds))}
     for name, study_cells in cells.items():
         write_layout(out, name, study_cells, meta)
