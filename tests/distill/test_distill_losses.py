@@ -12,6 +12,7 @@ from robustkd.distill.losses import (
     fkd_feature_loss,
     flat_view,
     kd_loss,
+    margin_partial_l2,
     margin_relu,
     partial_l2,
     soft_target_loss,
@@ -70,6 +71,77 @@ def test_partial_l2_gradient_is_finite_difference_exact():
     s = torch.tensor([0.3, -2.0, -0.5, 3.0, -0.2], dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.5, -1.0, -1.0, 4.0, -0.1], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a: partial_l2(a, t).double(), (s,))
+
+
+def _margin_case(memory_format, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 4, 6, 5, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    t = torch.randn(3, 4, 6, 5, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    t[0, 0, 0, :2] = s[0, 0, 0, :2]  # ties: no contribution
+    return s, t, -torch.rand(4, generator=g) - 0.1
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_margin_partial_l2_is_partial_l2_of_the_margin_relu(fuse, memory_format):
+    """Fused (compiled, one pass) or not: the value and student gradient of the definition;
+    the teacher is a constant."""
+    s0, t0, m = _margin_case(memory_format)
+    s, t = s0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
+    value = margin_partial_l2(s, t, m, fuse=fuse)
+    (2.5 * value).backward()
+    s_ref = s0.clone().requires_grad_(True)
+    ref = _partial_l2_reference(s_ref, margin_relu(t0, m))
+    (2.5 * ref).backward()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(s.grad, s_ref.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(s.grad[0, 0, 0, :2], torch.zeros(2))
+    assert t.grad is None
+    assert s.grad.is_contiguous(memory_format=memory_format)
+
+
+def test_margin_partial_l2_under_bf16_computes_in_float32():
+    s0, t0, m = _margin_case(torch.channels_last, torch.bfloat16)
+    s = s0.clone().requires_grad_(True)
+    value = margin_partial_l2(s, t0, m, fuse=False)
+    value.backward()
+    ref = _partial_l2_reference(s0, margin_relu(t0, m))
+    assert value.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+    assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_large_maps_fuse_and_a_failed_compile_falls_back_once(monkeypatch):
+    """Maps of FUSE_MIN_ELEMENTS or more take the compiled pass; if compiling fails, the
+    unfused loss is computed, with one warning, and fusion is not tried again."""
+    import robustkd.distill.losses as losses
+
+    calls = []
+
+    def broken():
+        def compiled(*args):
+            calls.append(args[0].shape)
+            raise RuntimeError("no C++ compiler found\ndetails")
+        return compiled
+
+    monkeypatch.setattr(losses, "_fused_terms", broken)
+    monkeypatch.setitem(losses._fusion, "usable", True)
+    monkeypatch.setattr(losses, "FUSE_MIN_ELEMENTS", 100)
+    s, t, m = _margin_case(torch.contiguous_format)
+    small_s, small_t = s[:1, :1], t[:1, :1]  # 30 elements: eager, the compiler not asked
+    small = margin_partial_l2(small_s, small_t, m[:1])
+    assert calls == [] and small.item() == pytest.approx(
+        _partial_l2_reference(small_s, margin_relu(small_t, m[:1])).item(), rel=1e-6)
+    with pytest.warns(RuntimeWarning, match="could not be compiled.*no C\\+\\+ compiler"):
+        value = margin_partial_l2(s, t, m)
+    assert calls == [s.shape] and losses._fusion["usable"] is False
+    assert value.item() == pytest.approx(
+        _partial_l2_reference(s, margin_relu(t, m)).item(), rel=1e-5)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        margin_partial_l2(s, t, m)  # no second try, no second warning
+    assert len(calls) == 1
 
 
 def test_margin_relu_per_channel():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -68,6 +70,72 @@ def partial_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return _PartialL2.apply(student, teacher)
 
 
+# a map this large is worth one compiled pass: smaller ones (tests, toy models) stay eager,
+# so they never wait for a compiler
+FUSE_MIN_ELEMENTS = 1 << 20
+_fusion = {"usable": True}
+
+
+def _margin_partial_l2_terms(student: torch.Tensor, teacher: torch.Tensor,
+                             margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``partial_l2(student, margin_relu(teacher, margin))`` and its kept float32 difference,
+    written as one pointwise expression and a sum so that a compiler makes it one pass."""
+    wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    shape = (1, -1, *([1] * (teacher.dim() - 2)))
+    t = torch.maximum(teacher, margin.to(teacher.dtype).view(shape)).to(wide)
+    diff = student.to(wide) - t
+    diff = torch.where((diff <= 0) & (t <= 0), 0.0, diff)
+    return (diff * diff).sum(), diff
+
+
+@functools.cache
+def _fused_terms():
+    """The compiled terms, built at first use (importing the compiler is not free)."""
+    return torch.compile(_margin_partial_l2_terms, dynamic=False, fullgraph=True)
+
+
+class _MarginPartialL2(torch.autograd.Function):
+    """FKD's per-layer term with the teacher as a constant: the forward in one pass when
+    ``fused`` (compiled), the backward one product with the kept difference."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, margin, fused: bool):
+        terms = _fused_terms() if fused else _margin_partial_l2_terms
+        value, diff = terms(student, teacher, margin)
+        ctx.save_for_backward(diff)
+        ctx.dtype = student.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        return (diff * (2 * grad)).to(ctx.dtype), None, None, None
+
+
+def margin_partial_l2(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor,
+                      fuse: bool | None = None) -> torch.Tensor:
+    """``partial_l2(student, margin_relu(teacher, margin))``, no gradient to the teacher.
+
+    Eagerly this is seven passes over FKD's largest maps; compiled it is one. ``fuse=None``
+    fuses maps of at least ``FUSE_MIN_ELEMENTS`` elements. Where compiling fails (no C++
+    compiler, say) the same loss is computed unfused from then on, after one warning.
+    """
+    teacher = teacher.detach()
+    if fuse is None:
+        fuse = (_fusion["usable"] and teacher.numel() >= FUSE_MIN_ELEMENTS
+                and not torch.compiler.is_compiling())  # a compiled loop fuses it itself
+    if fuse:
+        try:
+            return _MarginPartialL2.apply(student, teacher, margin, True)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the unfused loss
+            _fusion["usable"] = False
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            warnings.warn(f"FKD's fused feature loss could not be compiled "
+                          f"({type(err).__name__}: {first[:200]}); computing it unfused",
+                          RuntimeWarning, stacklevel=2)
+    return _MarginPartialL2.apply(student, teacher, margin, False)
+
+
 def margin_relu(feature: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
     """FKD's teacher transform ``max(F, m_c)`` with a per-channel margin ``m`` of shape ``[C]``."""
     shape = (1, -1, *([1] * (feature.dim() - 2)))
@@ -111,7 +179,7 @@ def fkd_feature_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Seque
     weights = stage_weights(len(teacher_feats))
     total = student_feats[0].new_zeros((), dtype=torch.float32)
     for w, s, t, m in zip(weights, student_feats, teacher_feats, margins, strict=True):
-        total = total + w * partial_l2(s, margin_relu(t.detach(), m))
+        total = total + w * margin_partial_l2(s, t, m)
     return total
 
 
