@@ -101,12 +101,13 @@ def test_margin_partial_l2_is_partial_l2_of_the_margin_relu(fuse, memory_format)
     assert s.grad.is_contiguous(memory_format=memory_format)
 
 
-def test_margin_partial_l2_under_bf16_computes_in_float32():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_margin_partial_l2_under_bf16_computes_in_float32(fuse):
     s0, t0, m = _margin_case(torch.channels_last, torch.bfloat16)
     s = s0.clone().requires_grad_(True)
-    value = margin_partial_l2(s, t0, m, fuse=False)
+    value = margin_partial_l2(s, t0, m, fuse=fuse)
     value.backward()
-    ref = _partial_l2_reference(s0, margin_relu(t0, m))
+    ref = _partial_l2_reference(s0, margin_relu(t0.float(), m))  # a float32 margin
     assert value.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
 

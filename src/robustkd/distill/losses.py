@@ -82,7 +82,7 @@ def _margin_partial_l2_terms(student: torch.Tensor, teacher: torch.Tensor,
     written as one pointwise expression and a sum so that a compiler makes it one pass."""
     wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
     shape = (1, -1, *([1] * (teacher.dim() - 2)))
-    t = torch.maximum(teacher, margin.to(teacher.dtype).view(shape)).to(wide)
+    t = torch.maximum(teacher.to(wide), margin.to(wide).view(shape))  # the margin unrounded
     diff = student.to(wide) - t
     diff = torch.where((diff <= 0) & (t <= 0), 0.0, diff)
     return (diff * diff).sum(), diff
