@@ -35,24 +35,54 @@ def flat_view(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1)
 
 
+# a map this large is worth one compiled pass: smaller ones (tests, toy models) stay eager,
+# so they never wait for a compiler
+FUSE_MIN_ELEMENTS = 1 << 20
+_fusion = {"usable": True}
+
+
+def _kept_difference(student: torch.Tensor, teacher: torch.Tensor,
+                     margin: torch.Tensor | None) -> torch.Tensor:
+    """``student - max(teacher, margin)`` in at least float32 (bf16 features under autocast:
+    the sign of the difference is exact), zero where ReLU erases it (student below a
+    non-positive teacher value); one pointwise expression, so a compiler makes it one pass."""
+    wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    t = teacher.to(wide)
+    if margin is not None:  # the margin unrounded (a compiler drops a bf16 round trip)
+        t = torch.maximum(t, margin.to(wide).view(1, -1, *([1] * (teacher.dim() - 2))))
+    diff = student.to(wide) - t
+    return torch.where((diff <= 0) & (t <= 0), 0.0, diff)
+
+
+def _sum_and_difference(student, teacher, margin) -> tuple[torch.Tensor, torch.Tensor]:
+    diff = _kept_difference(student, teacher, margin)
+    return (diff * diff).sum(), diff
+
+
+@functools.cache
+def _fused_terms():
+    """The loss and kept difference compiled into one pass, built at first use (importing
+    the compiler is not free)."""
+    return torch.compile(_sum_and_difference, dynamic=False, fullgraph=True)
+
+
 class _PartialL2(torch.autograd.Function):
     """``partial_l2`` with its gradient written out: one float32 difference is kept and reused
     by the backward pass, instead of autograd's chain of casts, masks and powers (FKD's
-    largest feature maps make this the step's costliest elementwise work)."""
+    largest feature maps make this the step's costliest elementwise work). With a margin the
+    teacher is a constant; ``fused`` computes the forward in one compiled pass."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        # at least float32 (bf16 features under autocast); the sign of the difference is
-        # exact, so diff > 0 is student > teacher
-        wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype),
-                                   torch.float32)
-        diff = student.to(wide) - teacher.to(wide)
-        # zero where ReLU erases the difference; a boolean mask, not a float one to multiply
-        diff.masked_fill_((diff <= 0) & (teacher <= 0), 0)
+    def forward(ctx, student, teacher, margin, fused: bool):
+        if fused:
+            value, diff = _fused_terms()(student, teacher, margin)
+        else:
+            diff = _kept_difference(student, teacher, margin)
+            flat = flat_view(diff)
+            value = torch.dot(flat, flat)  # one read, where diff * diff then sum is two
         ctx.save_for_backward(diff)
         ctx.dtypes = (student.dtype, teacher.dtype)
-        flat = flat_view(diff)
-        return torch.dot(flat, flat)
+        return value
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -61,55 +91,13 @@ class _PartialL2(torch.autograd.Function):
         s_dtype, t_dtype = ctx.dtypes
         grad_s = grad_diff.to(s_dtype) if ctx.needs_input_grad[0] else None
         grad_t = (-grad_diff).to(t_dtype) if ctx.needs_input_grad[1] else None
-        return grad_s, grad_t
+        return grad_s, grad_t, None, None
 
 
 def partial_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """FKD's distance: squared error summed over elements, skipping those where the student is
     already below a non-positive teacher value (ReLU would erase the difference anyway)."""
-    return _PartialL2.apply(student, teacher)
-
-
-# a map this large is worth one compiled pass: smaller ones (tests, toy models) stay eager,
-# so they never wait for a compiler
-FUSE_MIN_ELEMENTS = 1 << 20
-_fusion = {"usable": True}
-
-
-def _margin_partial_l2_terms(student: torch.Tensor, teacher: torch.Tensor,
-                             margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``partial_l2(student, margin_relu(teacher, margin))`` and its kept float32 difference,
-    written as one pointwise expression and a sum so that a compiler makes it one pass."""
-    wide = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
-    shape = (1, -1, *([1] * (teacher.dim() - 2)))
-    t = torch.maximum(teacher.to(wide), margin.to(wide).view(shape))  # the margin unrounded
-    diff = student.to(wide) - t
-    diff = torch.where((diff <= 0) & (t <= 0), 0.0, diff)
-    return (diff * diff).sum(), diff
-
-
-@functools.cache
-def _fused_terms():
-    """The compiled terms, built at first use (importing the compiler is not free)."""
-    return torch.compile(_margin_partial_l2_terms, dynamic=False, fullgraph=True)
-
-
-class _MarginPartialL2(torch.autograd.Function):
-    """FKD's per-layer term with the teacher as a constant: the forward in one pass when
-    ``fused`` (compiled), the backward one product with the kept difference."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, margin, fused: bool):
-        terms = _fused_terms() if fused else _margin_partial_l2_terms
-        value, diff = terms(student, teacher, margin)
-        ctx.save_for_backward(diff)
-        ctx.dtype = student.dtype
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        (diff,) = ctx.saved_tensors
-        return (diff * (2 * grad)).to(ctx.dtype), None, None, None
+    return _PartialL2.apply(student, teacher, None, False)
 
 
 def margin_partial_l2(student: torch.Tensor, teacher: torch.Tensor, margin: torch.Tensor,
@@ -120,20 +108,20 @@ def margin_partial_l2(student: torch.Tensor, teacher: torch.Tensor, margin: torc
     fuses maps of at least ``FUSE_MIN_ELEMENTS`` elements. Where compiling fails (no C++
     compiler, say) the same loss is computed unfused from then on, after one warning.
     """
-    teacher = teacher.detach()
+    teacher = teacher.detach()  # the margin's gradient to the teacher is never needed
     if fuse is None:
         fuse = (_fusion["usable"] and teacher.numel() >= FUSE_MIN_ELEMENTS
                 and not torch.compiler.is_compiling())  # a compiled loop fuses it itself
     if fuse:
         try:
-            return _MarginPartialL2.apply(student, teacher, margin, True)
+            return _PartialL2.apply(student, teacher, margin, True)
         except Exception as err:  # noqa: BLE001 - any compiler failure: the unfused loss
             _fusion["usable"] = False
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             warnings.warn(f"FKD's fused feature loss could not be compiled "
                           f"({type(err).__name__}: {first[:200]}); computing it unfused",
                           RuntimeWarning, stacklevel=2)
-    return _MarginPartialL2.apply(student, teacher, margin, False)
+    return _PartialL2.apply(student, teacher, margin, False)
 
 
 def margin_relu(feature: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
