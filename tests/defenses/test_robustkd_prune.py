@@ -225,3 +225,13 @@ def test_the_tuning_epochs_reach_fst_and_are_refused_elsewhere():
         robustkd_config({"preset": "anp-prune", "prune_epochs": 2})
     with pytest.raises(ConfigError, match="--robustkd-prune-iterations.*applies to prune 'anp'"):
         robustkd_config({"prune_iterations": 5})  # the default tunes, it does not prune
+
+
+def test_the_fst_mixup_preset_distils_the_tuned_copy_on_blended_batches(digits, monkeypatch):
+    """``fst-mixup``: FST's tuned copy, then FKD with mixup (Beta(1, 1)) on its batches."""
+    cfg = robustkd_config({"preset": "fst-mixup"})
+    assert (cfg.prune, cfg.masks, cfg.mixup) == ("fst", False, 1.0)
+    assert not cfg.only_prunes()  # not the same runs as the fst column
+    teacher, seen = _what_fkd_receives(cfg, digits, monkeypatch)
+    assert seen["feature_teacher"] is not teacher and seen["logit_teacher"] is None
+    assert seen["options"] == {"mixup": 1.0}

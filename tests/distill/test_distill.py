@@ -291,3 +291,79 @@ def test_fkd_skip_deepest_is_fkd_on_every_layer_but_the_deepest(digits, teacher)
     with pytest.raises(ConfigError, match="at least two distillation layers"):
         build_distiller("fkd", teacher, student, teacher_layers=["bn1"], student_layers=["bn1"],
                         options={"skip_deepest": True})
+
+
+def test_mixup_blends_the_batch_with_a_permutation_of_itself():
+    """``mixup``: ``lam * x + (1 - lam) * x[perm]`` with one Beta draw per batch, the layout
+    kept; the partners' labels follow the permutation."""
+    from robustkd.distill.fkd import mixup
+
+    x = torch.randn(8, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(8)
+    torch.manual_seed(3)
+    mixed, partner, lam = mixup(x, y, 1.0)
+    torch.manual_seed(3)
+    lam_again = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(8)
+    assert lam == lam_again and 0.0 < lam < 1.0
+    assert torch.equal(partner, y[perm]) and not torch.equal(perm, y)
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm], atol=1e-6)
+    assert mixed.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mixed_cross_entropy_blends_the_two_labels():
+    from robustkd.distill.fkd import mixed_cross_entropy
+
+    torch.manual_seed(0)
+    logits, y, y2 = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor(
+        [3, 2, 1, 0, 3, 2])
+    ce = torch.nn.functional.cross_entropy
+    assert mixed_cross_entropy(logits, y, None, 0.3).item() == pytest.approx(
+        ce(logits, y).item())
+    assert mixed_cross_entropy(logits, y, y2, 0.3).item() == pytest.approx(
+        0.3 * ce(logits, y).item() + 0.7 * ce(logits, y2).item(), rel=1e-6)
+
+
+def test_fkd_with_mixup_asks_the_teacher_about_the_blended_batch(digits):
+    """With ``mixup`` the teacher and the student see the same blend and the CE reads both
+    labels; without it FKD draws no random numbers (runs without it are unchanged)."""
+    from robustkd.distill.fkd import mixed_cross_entropy
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=16), TinyNet(width=8)
+    x = (digits.train.images[:32].float() / 255 - 0.5) / 0.25
+    y = digits.train.labels[:32]
+    layers = {"teacher_layers": ["bn1", "bn2"], "student_layers": ["bn1", "bn2"]}
+    plain = build_distiller("fkd", teacher, student, **layers)
+    mixed = build_distiller("fkd", teacher, student, options={"mixup": 0.4}, **layers)
+    seen = []
+    hook = teacher.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    student.eval()
+    with frozen_teacher(teacher, "train"):
+        for d in (plain, mixed):
+            d.prepare(x)
+            d.load_state_dict(plain.state_dict())
+        seen.clear()
+        torch.manual_seed(5)
+        state = torch.get_rng_state()
+        base, _ = plain.loss(x, y)
+        assert torch.equal(torch.get_rng_state(), state) and torch.equal(seen[-1], x)
+        torch.manual_seed(5)
+        loss, _ = mixed.loss(x, y)
+        torch.manual_seed(5)
+        lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+        perm = torch.randperm(32)
+        blend = x.lerp(x[perm], 1.0 - lam)
+        assert torch.allclose(seen[-1], blend)
+        expected, _ = plain.loss(blend, y)  # FKD on the blend, its CE on the first label ...
+        with torch.no_grad():
+            logits = student(blend)
+        expected = (expected - torch.nn.functional.cross_entropy(logits, y)
+                    + mixed_cross_entropy(logits, y, y[perm], lam))  # ... then on both
+    hook.remove()
+    for d in (plain, mixed):
+        d.close()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - base.item()) > 1e-3
+    with pytest.raises(ConfigError, match="mixup"):
+        build_distiller("fkd", teacher, student, options={"mixup": -0.5}, **layers)

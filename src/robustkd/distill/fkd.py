@@ -94,6 +94,24 @@ def salt_and_pepper(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where((u >= fraction / 2) & (u < fraction), hi, out)
 
 
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Mixup (Zhang et al. 2018) of one batch: ``lam * x + (1 - lam) * x[perm]`` with one
+    ``lam ~ Beta(alpha, alpha)`` per batch; returns the mixed batch, the partners' labels and
+    ``lam``. A teacher asked about blends of the defender's few images labels points it was
+    never tuned on, where a copy tuned on those images only repeats their labels."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], device=x.device)
+    return x.lerp(x[perm], 1.0 - lam), y[perm], lam
+
+
+def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_partner: torch.Tensor | None,
+                        lam: float) -> torch.Tensor:
+    """Cross-entropy on mixup's blended labels (plain CE when nothing was mixed)."""
+    if y_partner is None:
+        return F.cross_entropy(logits, y)
+    return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y_partner)
+
+
 @dataclass(frozen=True)
 class FKDSettings:
     beta: float = setting(1.0, "feature-loss weight", minimum=0.0)
@@ -117,6 +135,10 @@ class FKDSettings:
     skip_deepest: bool = setting(False, "leave the deepest distillation layer out of the "
                                         "feature loss (not in FKD; the backdoors that cross "
                                         "FKD cross there, docs/RESULTS.md)")
+    mixup: float = setting(0.0, "mixup on the feature loss's batches: teacher and student "
+                                "see each image blended with another of the batch by a "
+                                "weight drawn from Beta(a, a), the labels blended alike (not "
+                                "in FKD; 0 = off)", minimum=0.0)
 
 
 @register_method
@@ -225,6 +247,9 @@ class FeatureDistillation(Distiller):
     def loss(self, x: torch.Tensor, y: torch.Tensor):
         if not self.in_feature_phase():
             return self.logit_loss(x, y)
+        y_partner, lam = None, 1.0
+        if self.options["mixup"] > 0:
+            x, y_partner, lam = mixup(x, y, self.options["mixup"])
         t_logits, t_feats = self.teacher_forward(x, self.t_names)
         x_student = x if self.setup.student_input is None else self.setup.student_input(x)
         x_student = salt_and_pepper(x_student, self.options["input_noise"])
@@ -245,9 +270,10 @@ class FeatureDistillation(Distiller):
             t_list.append(t)
         feat = fkd_feature_loss(s_feats, t_list, self.margins())
         feat = feat / (x.shape[0] * self.options["scale"])
-        ce = F.cross_entropy(logits, y)
+        ce = mixed_cross_entropy(logits, y, y_partner, lam)
         if extra:  # appended rows copy the first ones: their labels, no teacher features
-            ce = ce + F.cross_entropy(all_logits[n:], y[:extra])
+            ce = ce + mixed_cross_entropy(all_logits[n:], y[:extra],
+                                          None if y_partner is None else y_partner[:extra], lam)
         loss = ce + self.options["beta"] * feat
         if self.options["logit_weight"] > 0:
             soft = soft_target_loss(logits, self.logit_teacher_forward(x, t_logits),

@@ -56,13 +56,13 @@ BENCH_METHODS = ("ce", "kd", "fkd", "finetune", "fst", "nad", "anp", "ibau", "ro
                  "robustkd-student-uap-small", "robustkd-student-uat", "anp-short",
                  "robustkd-student-prune", "robustkd-prune-both", "robustkd-feature-warmup",
                  "robustkd-anp-prune-acc", "robustkd-anp-prune-ft", "robustkd-fst",
-                 "robustkd-fst-logits", "crossfit", "robustkd-shallow-kd")
+                 "robustkd-fst-logits", "crossfit", "robustkd-shallow-kd", "robustkd-fst-mixup")
 # (KD: on SIG's first seed logit distillation alone left 0.2%, so it needs its seeds too)
 BENCH_SEEDED = ("fkd", "kd", "finetune", "fst", "anp", "ibau", "robustkd-default",
                 "robustkd-student-uat", "anp-short", "robustkd-student-prune",
                 "robustkd-prune-both", "robustkd-feature-warmup",
                 "robustkd-anp-prune-acc", "robustkd-anp-prune-ft", "robustkd-fst",
-                "robustkd-fst-logits", "crossfit", "robustkd-shallow-kd")
+                "robustkd-fst-logits", "crossfit", "robustkd-shallow-kd", "robustkd-fst-mixup")
 
 
 BENCH_TEACHERS = (

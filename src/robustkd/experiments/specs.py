@@ -66,6 +66,9 @@ RECIPES: dict[str, Recipe] = {m.name: m for m in (
     # the same, plus KD's soft targets from the original teacher's logits
     Recipe("robustkd-fst-logits", "RobustKD (FST + the original teacher's logits)",
            "robustkd", {"preset": "fst-logits"}),
+    # the same tuned copy, FKD on mixup's blended batches
+    Recipe("robustkd-fst-mixup", "RobustKD (FST + FKD on mixup batches)", "robustkd",
+           {"preset": "fst-mixup"}),
     # no teacher cleaning: FKD on every layer but the deepest, plus KD's soft targets
     Recipe("robustkd-shallow-kd", "RobustKD (FKD without the deepest layer + KD)", "robustkd",
            {"preset": "shallow-kd"}),
