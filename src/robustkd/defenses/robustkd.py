@@ -38,6 +38,7 @@ from robustkd.defenses.threshold import (  # noqa: F401  (select_*: their old ho
     select_blind,
     select_oracle,
 )
+from robustkd.distill.fkd import FKDSettings
 from robustkd.distill.run import DistillRun, distill_student
 from robustkd.errors import ConfigError
 from robustkd.models.layers import layers_of
@@ -63,6 +64,11 @@ def foreign_prune_settings(prune: str) -> tuple[str, ...]:
     if prune == "none":
         return ()
     return tuple(key for name, keys in PRUNE_ONLY.items() if name != prune for key in keys)
+
+
+# RobustKD settings that are FKD's own options under the same names (defaults read from
+# FKDSettings), handed to FKD where they differ from its defaults
+FKD_SHARED = ("feature_share", "logit_weight", "skip_deepest", "mixup")
 
 
 @dataclass
@@ -95,22 +101,24 @@ class RobustKDConfig:
     prune_student_iterations: int | None = setting(None, "mask-optimisation batches of the "
                                                          "student's pruning (default: ANP's "
                                                          "own)", minimum=1)
-    feature_share: float = setting(1.0, "share of the distillation's steps with FKD's "
-                                        "feature loss; the rest learns from the teacher's "
-                                        "logits (KD) and the labels (not in the paper)",
-                                   above=0.0, maximum=1.0)
-    logit_weight: float = setting(0.0, "weight of a KD soft-target term added to FKD's loss "
-                                       "(not in the paper; 0 = off)", minimum=0.0)
+    feature_share: float = setting(
+        FKDSettings.feature_share, "share of the distillation's steps with FKD's feature "
+        "loss; the rest learns from the teacher's logits (KD) and the labels (not in the "
+        "paper)", above=0.0, maximum=1.0)
+    logit_weight: float = setting(
+        FKDSettings.logit_weight, "weight of a KD soft-target term added to FKD's loss (not in "
+        "the paper; 0 = off)", minimum=0.0)
     logit_teacher: str = setting("defended", "whose logits that term reads: the teacher "
                                              "copy the other steps read, or the original "
                                              "teacher (logit KD from a backdoored teacher "
                                              "carried little of its backdoor)",
                                  choices=("defended", "original"))
-    skip_deepest: bool = setting(False, "leave FKD's deepest distillation layer out of the "
-                                        "feature loss (not in the paper; backdoors that cross "
-                                        "FKD cross there)")
-    mixup: float = setting(0.0, "mixup's Beta(a, a) on FKD's batches (the FKD option mixup; "
-                                "not in the paper; 0 = off)", minimum=0.0)
+    skip_deepest: bool = setting(
+        FKDSettings.skip_deepest, "leave FKD's deepest distillation layer out of the feature "
+        "loss (not in the paper; backdoors that cross FKD cross there)")
+    mixup: float = setting(
+        FKDSettings.mixup, "mixup's Beta(a, a) on FKD's batches (the FKD option mixup; not in "
+        "the paper; 0 = off)", minimum=0.0)
     masks: bool = setting(True, "train detoxification masks (false: FKD reads the teacher "
                                 "as it is and only the other steps act)")
     tau: float = setting(0.2, "mask threshold", above=0.0)
@@ -187,8 +195,14 @@ class RobustKDConfig:
         """Whether the distillation itself is plain FKD: no masks, no synthetic triggers,
         no student perturbation, the feature loss throughout (prunings aside)."""
         return (not self.masks and self.consistency == 0 and self.student_perturbation == 0
-                and self.feature_share == 1.0 and self.logit_weight == 0
-                and not self.skip_deepest and self.mixup == 0)
+                and not self.fkd_options())
+
+    def fkd_options(self) -> dict[str, Any]:
+        """The settings RobustKD shares with FKD (``FKD_SHARED``) where they differ from
+        FKD's own defaults: what the distillation hands to FKD."""
+        plain = FKDSettings()
+        return {name: getattr(self, name) for name in FKD_SHARED
+                if getattr(self, name) != getattr(plain, name)}
 
     def prune_options(self) -> dict[str, Any]:
         """The settings of the teacher's pruning defence over its own defaults."""
@@ -372,14 +386,8 @@ def run_robustkd(teacher: nn.Module, student: nn.Module, clean: ImageDataset,
                                        loop.mean, loop.std, loop.seed)
                     if cfg.student_perturbation > 0 else None)
     student_input = compose(consistent, perturbation)
-    if cfg.feature_share < 1.0:
-        fkd_options = {**(fkd_options or {}), "feature_share": cfg.feature_share}
-    if cfg.logit_weight > 0:
-        fkd_options = {**(fkd_options or {}), "logit_weight": cfg.logit_weight}
-    if cfg.skip_deepest:
-        fkd_options = {**(fkd_options or {}), "skip_deepest": True}
-    if cfg.mixup > 0:
-        fkd_options = {**(fkd_options or {}), "mixup": cfg.mixup}
+    if cfg.fkd_options():
+        fkd_options = {**(fkd_options or {}), **cfg.fkd_options()}
     logit_teacher = (original if cfg.logit_teacher == "original" and original is not teacher
                      else None)
     distill_kw = dict(method="fkd", loop=loop, options=fkd_options, student_input=student_input,
